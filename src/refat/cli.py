@@ -1,0 +1,150 @@
+"""The ``refat`` command: thin wrappers over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from . import catalog
+
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=catalog.DEFAULT_MODEL,
+                   help=f"catalog name ({', '.join(catalog.CATALOG)}), local HF dir, .gguf file or hub id")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: float32)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: best available)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def _data_args(p: argparse.ArgumentParser, *, n_test: bool = True) -> None:
+    p.add_argument("--harmful", default="advbench", help="registry name, .csv/.jsonl/.json file or hf:org/name")
+    p.add_argument("--harmless", default="alpaca", help="registry name, .csv/.jsonl/.json file or hf:org/name")
+    p.add_argument("--n-train", type=int, default=128)
+    p.add_argument("--n-val", type=int, default=32)
+    if n_test:
+        p.add_argument("--n-test", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kl-threshold", type=float, default=0.1)
+    p.add_argument("--induce-refusal-threshold", type=float, default=0.0)
+    p.add_argument("--prune-layer-fraction", type=float, default=0.2)
+    p.add_argument("--screen-prompts", type=int, default=8,
+                   help="score every candidate on this many val prompts first (0: all candidates on all prompts)")
+    p.add_argument("--screen-keep", type=int, default=12)
+
+
+def _rfa_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="project", choices=["project", "mean", "subtract"])
+    p.add_argument("--layers", type=int, nargs="*", default=None, help="blocks to ablate at (default: whole stream)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refat", description="Refusal feature adversarial training toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download and assemble offline catalog models and datasets")
+    p.add_argument("names", nargs="*", default=[catalog.DEFAULT_MODEL],
+                   help=f"catalog models ({', '.join(catalog.CATALOG)}) or dataset names")
+
+    p = sub.add_parser("directions", help="extract and select the refusal direction")
+    _model_args(p), _data_args(p, n_test=False), _selection_args(p)
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("attack", help="run an attack")
+    attacks = p.add_subparsers(dest="attack", required=True)
+    a = attacks.add_parser("rfa", help="refusal rates with and without refusal feature ablation")
+    _model_args(a), _data_args(a), _rfa_args(a)
+    a.add_argument("--directions", required=True, type=Path, help="folder written by `refat directions`")
+    a.add_argument("--out", required=True, type=Path)
+    a.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("orthogonalize", help="write a checkpoint with the refusal direction removed from the weights")
+    _model_args(p)
+    p.add_argument("--directions", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("demo", help="find the refusal direction of the default model, ablate it, report refusal rates")
+    _model_args(p), _data_args(p), _selection_args(p), _rfa_args(p)
+    p.add_argument("--out", default=Path("runs/demo"), type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _load(args):
+    from .models import load
+    return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _configs(args):
+    from .attacks.rfa import RFAConfig
+    from .directions import SelectionConfig
+    from .workflow import DataConfig
+
+    data = DataConfig(args.harmful, args.harmless, args.n_train, args.n_val, getattr(args, "n_test", 0) or 0, args.seed)
+    selection = SelectionConfig(args.kl_threshold, args.induce_refusal_threshold, args.prune_layer_fraction,
+                                args.screen_prompts or None, args.screen_keep) if hasattr(args, "kl_threshold") else None
+    rfa = RFAConfig(args.mode, args.layers, args.max_new_tokens, args.batch_size) if hasattr(args, "mode") else None
+    return data, selection, rfa
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("refat: interrupted; finished outputs are intact", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"refat: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from . import workflow
+
+    if args.command == "fetch":
+        from .data import REGISTRY, load_dataset
+        for name in args.names:
+            if name in REGISTRY:
+                print(f"{name}: {len(load_dataset(name))} prompts")
+            else:
+                print(f"{name}: {catalog.ensure_model(catalog.entry(name).name)}")
+        return 0
+    data, selection, rfa = _configs(args)
+    if args.command == "demo":
+        cfg = workflow.DemoConfig(args.model, args.dtype, args.device, data, selection, rfa)
+        workflow.demo(cfg, args.out, overwrite=args.overwrite)
+        return 0
+    if args.command == "directions":
+        sets = workflow.prompt_sets(data)
+        d = workflow.find_directions(_load(args), sets, selection, args.out)
+        s = d.selection
+        print(f"selected layer {s.layer}, position {s.position}: refusal score {s.baseline_refusal_score:.2f} -> "
+              f"{s.refusal_score:.2f} under ablation (KL {s.kl:.3f}, induced {s.induce_score:.2f}); saved in {args.out}")
+        return 0
+    from .directions import Directions
+    directions = Directions.load(args.directions)
+    if args.command == "attack":
+        from .storage import claim_output
+        claim_output(args.out, "summary.json", overwrite=args.overwrite)
+        sets = workflow.prompt_sets(data)
+        summary = workflow.attack_rfa(_load(args), directions, sets, rfa, args.out, extra={"data": asdict(data)})
+        print(workflow.format_table(summary))
+        return 0
+    if args.command == "orthogonalize":
+        from .orthogonalize import save_orthogonalized
+        out = save_orthogonalized(_load(args), directions.vector(), args.out)
+        print(f"orthogonalized checkpoint written to {out}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

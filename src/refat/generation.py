@@ -1,0 +1,123 @@
+"""Batched greedy generation with left padding and a KV cache; works under any refat hook.
+
+Prompts are sorted by length before batching (less padding), a batch halves itself on
+out-of-memory, and finished rows stop counting. Results come back in input order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import Model
+
+__all__ = ["generate", "batched", "forward_last_logits"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def batched(fn: Callable[[list[T]], list[R]], items: Sequence[T], batch_size: int, *, desc: str | None = None,
+            progress: bool = True) -> list[R]:
+    """Apply ``fn`` to consecutive batches of ``items``; halve the batch on out-of-memory."""
+    out: list[R] = []
+    i = 0
+    bar = tqdm(total=len(items), desc=desc, disable=not progress or desc is None, leave=False)
+    while i < len(items):
+        chunk = list(items[i:i + batch_size])
+        try:
+            out.extend(fn(chunk))
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e) or batch_size == 1:
+                raise
+            batch_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        i += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_last_logits(model: Model, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits at the last position only (skips the vocabulary projection elsewhere)."""
+    out = model.hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                   position_ids=_positions(enc["attention_mask"]), use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def _generate_batch(model: Model, prompts: list[str], max_new_tokens: int) -> list[str]:
+    from transformers import DynamicCache
+
+    enc = model.tokenize(prompts)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    eos = _eos_ids(model)
+    cache = DynamicCache()
+    cache_kw = _cache_keyword(model)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new_tokens = []
+    step_ids, pos = ids, _positions(mask)
+    for _ in range(max_new_tokens):
+        out = model.hf(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                       **{cache_kw: cache})  # the cache is updated in place
+        nxt = out.logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, model.tokenizer.pad_token_id), nxt)
+        new_tokens.append(nxt)
+        done |= torch.isin(nxt, eos)
+        if done.all():
+            break
+        step_ids = nxt.unsqueeze(1)
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    gen = torch.stack(new_tokens, 1).tolist()
+    texts = []
+    eos_set = set(eos.tolist())
+    for row in gen:
+        cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
+        texts.append(model.tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts
+
+
+def _cache_keyword(model: Model) -> str:
+    """transformers 5.x names the KV cache argument ``cache``; earlier versions ``past_key_values``."""
+    params = inspect.signature(model.hf.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _eos_ids(model: Model) -> torch.Tensor:
+    ids = set()
+    cfg = getattr(model.hf, "generation_config", None)
+    for src in (getattr(cfg, "eos_token_id", None), model.tokenizer.eos_token_id):
+        if src is None:
+            continue
+        ids.update(src if isinstance(src, (list, tuple)) else [src])
+    return torch.tensor(sorted(ids), device=model.device)
+
+
+def generate(model: Model, instructions: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+             progress: bool = True, desc: str = "generating") -> list[str]:
+    """Greedy completions of chat-formatted ``instructions`` (in input order)."""
+    if not instructions:
+        raise ValueError("empty prompt set: nothing to generate")
+    lengths = [len(model.tokenizer(model.format(x), add_special_tokens=False)["input_ids"]) for x in instructions]
+    order = sorted(range(len(instructions)), key=lambda i: lengths[i])
+    texts = batched(lambda chunk: _generate_batch(model, chunk, max_new_tokens), [instructions[i] for i in order],
+                    batch_size, desc=desc, progress=progress)
+    result = [""] * len(instructions)
+    for i, t in zip(order, texts):
+        result[i] = t
+    return result

@@ -1,0 +1,262 @@
+"""Load any Hugging Face causal LM and describe it generically: blocks, chat format, positions.
+
+No per-model code: decoder blocks are found as the longest list of identical modules, the
+post-instruction tokens are read off the tokenizer's own chat template, and the modules that
+write into the residual stream are found by shape. Every choice can be overridden.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import catalog
+
+__all__ = ["Model", "load", "wrap", "auto_device", "auto_dtype", "find_blocks", "PromptTooLongError"]
+
+_PLACEHOLDER = "\uE000refat-instruction\uE000"
+_FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% else %}### Response:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+def auto_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has fast bf16 matmuls (GPUs); fp32 on CPU, where bf16 is slow and lossy."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return auto_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or 'auto'")
+    return names[dtype]
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
+    """The decoder blocks: ``path`` if given, else the longest ModuleList of one module class."""
+    if path:
+        try:
+            blocks = _get(model, path)
+        except AttributeError as e:
+            raise ValueError(f"block path {path!r} not found in {type(model).__name__}") from e
+        return blocks
+    best = None
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError(f"no decoder blocks found in {type(model).__name__}; pass blocks='model.layers' or similar")
+    return best
+
+
+def _residual_writers(block: nn.Module, d_model: int) -> list[nn.Module]:
+    """The projections that write into the residual stream: per sub-layer (attention, MLP), the last
+    registered Linear/Conv1D whose output width is the model width (o_proj, down_proj, c_proj, dense...)."""
+    writers = []
+    for child in block.children():
+        last = None
+        for m in child.modules():
+            out = getattr(m, "out_features", None)
+            if out is None and type(m).__name__ == "Conv1D":  # GPT-2 style
+                out = m.weight.shape[1]
+            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+                if out == d_model:
+                    last = m
+        if last is not None:
+            writers.append(last)
+    return writers
+
+
+@dataclass
+class Model:
+    """A loaded causal LM with everything refat needs to know about it."""
+
+    hf: nn.Module
+    tokenizer: object
+    name: str
+    blocks: nn.ModuleList
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 2048
+    source: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @cached_property
+    def d_model(self) -> int:
+        return self.hf.get_input_embeddings().weight.shape[1]
+
+    @cached_property
+    def writers(self) -> list[list[nn.Module]]:
+        """Per block, the modules whose outputs are added to the residual stream."""
+        return [_residual_writers(b, self.d_model) for b in self.blocks]
+
+    def messages(self, instruction: str, response: str | None = None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        msgs.append({"role": "user", "content": instruction})
+        if response is not None:
+            msgs.append({"role": "assistant", "content": response})
+        return msgs
+
+    def format(self, instruction: str) -> str:
+        """The instruction in the model's chat template, ready for the assistant's answer."""
+        return self.tokenizer.apply_chat_template(self.messages(instruction), tokenize=False, add_generation_prompt=True)
+
+    @cached_property
+    def post_instruction(self) -> str:
+        """The text the chat template places after the user's instruction (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``)."""
+        text = self.format(_PLACEHOLDER)
+        if text.count(_PLACEHOLDER) != 1:
+            raise ValueError(f"the chat template of {self.name} does not contain the instruction exactly once")
+        return text.split(_PLACEHOLDER)[1]
+
+    @cached_property
+    def post_instruction_ids(self) -> list[int]:
+        """Token ids of :attr:`post_instruction`, as they appear at the end of every formatted prompt."""
+        ids = self.tokenizer(self.post_instruction, add_special_tokens=False)["input_ids"]
+        probe = self.tokenizer(self.format("Hello there"), add_special_tokens=False)["input_ids"]
+        # a tokenizer may merge across the boundary: keep only the suffix that really matches
+        n = 0
+        while n < min(len(ids), len(probe)) and ids[-1 - n] == probe[-1 - n]:
+            n += 1
+        if n == 0:
+            raise ValueError(f"could not locate the post-instruction tokens of {self.name}'s chat template")
+        return ids[-n:]
+
+    @property
+    def post_instruction_positions(self) -> list[int]:
+        """Negative offsets of the post-instruction tokens in a left-padded batch (e.g. [-5, ..., -1])."""
+        n = len(self.post_instruction_ids)
+        return list(range(-n, 0))
+
+    def tokenize(self, instructions: list[str], *, formatted: bool = False) -> dict[str, torch.Tensor]:
+        """Chat-format and tokenize a batch with left padding; refuses prompts over ``max_prompt_tokens``."""
+        if not instructions:
+            raise ValueError("empty prompt set: nothing to run")
+        texts = instructions if formatted else [self.format(x) for x in instructions]
+        enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        lengths = enc["attention_mask"].sum(1)
+        too_long = [(i, int(n)) for i, n in enumerate(lengths) if n > self.max_prompt_tokens]
+        if too_long:
+            i, n = too_long[0]
+            raise PromptTooLongError(
+                f"{len(too_long)} prompt(s) exceed max_prompt_tokens={self.max_prompt_tokens}; "
+                f"prompt #{i} has {n} tokens: {instructions[i][:80]!r}...")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def to(self, device) -> "Model":
+        self.hf.to(device)
+        return self
+
+
+def _prepare_tokenizer(tok, name: str):
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if getattr(tok, "chat_template", None) is None:
+        warnings.warn(f"{name} has no chat template; using a plain '### Instruction/### Response' format", stacklevel=3)
+        tok.chat_template = _FALLBACK_TEMPLATE
+    return tok
+
+
+def wrap(hf_model: nn.Module, tokenizer, *, name: str | None = None, blocks: str | None = None,
+         system_prompt: str | None = None, max_prompt_tokens: int = 2048) -> Model:
+    """Describe an already-loaded HF model and tokenizer as a :class:`Model` (nothing is copied)."""
+    name = name or getattr(getattr(hf_model, "config", None), "_name_or_path", None) or type(hf_model).__name__
+    return Model(hf=hf_model, tokenizer=_prepare_tokenizer(tokenizer, name), name=name,
+                 blocks=find_blocks(hf_model, blocks), system_prompt=system_prompt,
+                 max_prompt_tokens=max_prompt_tokens)
+
+
+def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
+         gguf_file: str | None = None, blocks: str | None = None, trust_remote_code: bool = False,
+         system_prompt: str | None = None, max_prompt_tokens: int = 2048) -> Model:
+    """Load a causal LM from an offline catalog name, a local HF directory, a ``.gguf`` file or a hub id.
+
+    Device and dtype are chosen automatically (GPU and bf16 where available, else CPU and fp32).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device(device) if device else auto_device()
+    dt = _parse_dtype(dtype, dev)
+    kwargs: dict = {"dtype": dt, "trust_remote_code": trust_remote_code}
+    source = {"spec": spec}
+    path = Path(spec).expanduser()
+    if spec in catalog.CATALOG:
+        location = str(catalog.ensure_model(spec))
+        source["catalog"] = catalog.CATALOG[spec].upstream
+    elif path.suffix == ".gguf" or gguf_file:
+        from transformers import GgufConfig
+
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {path}")
+            location, gguf_file = str(path.parent), path.name
+        else:
+            location = spec
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+        source["gguf_file"] = gguf_file
+    elif path.is_dir():
+        location = str(path)
+    elif path.exists() or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{spec}: not a model directory or .gguf file")
+    elif "/" in spec:
+        location = spec  # a hub id, loaded by transformers' ordinary code
+    else:
+        raise catalog.UnknownModelError(
+            f"unknown model {spec!r}: not a catalog name ({', '.join(catalog.CATALOG)}), "
+            "a local directory, a .gguf file, or an 'org/name' hub id")
+    tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}
+    tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+    hf = AutoModelForCausalLM.from_pretrained(location, **kwargs).to(dev)
+    hf.eval()
+    hf.requires_grad_(False)
+    model = wrap(hf, tokenizer, name=spec, blocks=blocks, system_prompt=system_prompt,
+                 max_prompt_tokens=max_prompt_tokens)
+    model.source = source | {"dtype": str(dt).removeprefix("torch."), "device": str(dev)}
+    return model

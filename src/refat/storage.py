@@ -1,0 +1,62 @@
+"""Atomic file output: a reader, or a run killed mid-write, never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path", "write_text", "write_json", "write_jsonl", "read_jsonl", "FinishedRunError", "claim_output"]
+
+
+class FinishedRunError(FileExistsError):
+    pass
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them ordinary permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def claim_output(out_dir: str | Path, finished_marker: str, *, overwrite: bool = False) -> Path:
+    """Make ``out_dir``; refuse one that holds a finished result unless ``overwrite``."""
+    out = Path(out_dir)
+    if (out / finished_marker).exists() and not overwrite:
+        raise FinishedRunError(f"{out} already holds a finished result ({finished_marker}); "
+                               "pass --overwrite to replace it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
