@@ -6,14 +6,11 @@ timed side by side (interleaved A, B, A, B, ...) are meaningful.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -70,22 +67,6 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
     }
-
-
-def write_json(obj, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON atomically: a temp file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def row(name: str, value: float, target: str | None = None, met: bool | None = None) -> dict:

@@ -7,8 +7,10 @@ import time
 
 from refat.models import load
 
-from . import generation_throughput, hooks_overhead
-from .common import machine_info, write_json
+from . import generation_throughput, hooks_overhead, training_step
+from refat.storage import write_json
+
+from .common import machine_info
 
 
 def _fmt(v) -> str:
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--only", choices=["hooks", "generation"], default=None, help="run one benchmark only")
+    p.add_argument("--only", choices=["hooks", "generation", "training"], default=None, help="run one benchmark only")
+    p.add_argument("--train-steps", type=int, default=8, help="steps per method per round (a multiple of ReFAT's k)")
     p.add_argument("--out", default="bench/results.json")
     args = p.parse_args(argv)
 
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
         r, details["generation_throughput"] = generation_throughput.run(
             model, args.repeats, args.batch_size, args.max_new_tokens)
         rows += r
+    if args.only in (None, "training"):
+        r, details["training_step"] = training_step.run(model, max(1, args.repeats // 2), args.train_steps)
+        rows += r
     print_table(rows)
     result = {
         "model": args.model,
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": rows,
         "details": details,
     }
-    print(f"wrote {write_json(result, args.out)}")
+    print(f"wrote {write_json(args.out, result)}")
     return result
 
 

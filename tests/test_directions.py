@@ -169,10 +169,22 @@ def test_select_screening_round(model, dirs):
     cfg = SelectionConfig(kl_threshold=1e9, induce_refusal_threshold=-1e9, screen_prompts=1, screen_keep=3,
                           batch_size=8)
     sel = select(model, dirs, HARMFUL, HARMLESS, cfg)
-    screened = [c for c in sel.candidates if c.get("screened_out")]
-    kept = [c for c in sel.candidates if not c["pruned"] and not c.get("screened_out")]
-    assert len(kept) == 3 and screened
-    assert (sel.layer, sel.position) in {(c["layer"], c["position"]) for c in kept}
+    rescored = [c for c in sel.candidates if "refusal_score" in c]
+    screened_only = [c for c in sel.candidates if "screen_score" in c and "refusal_score" not in c]
+    assert len(rescored) == 3 and screened_only  # loose filters: the best rescored candidate passes at once
+    assert (sel.layer, sel.position) in {(c["layer"], c["position"]) for c in rescored}
+    assert sel.refusal_score == min(c["refusal_score"] for c in rescored)
+
+
+def test_select_walks_past_the_screened_head_when_it_fails(model, dirs):
+    """If the rescored best candidate fails a filter, the walk goes on down the screening order."""
+    cfg = dict(induce_refusal_threshold=-1e9, screen_prompts=1, screen_keep=1, batch_size=8)
+    top = select(model, dirs, HARMFUL, HARMLESS, SelectionConfig(kl_threshold=1e9, **cfg))
+    sel = select(model, dirs, HARMFUL, HARMLESS, SelectionConfig(kl_threshold=top.kl * 0.999, **cfg))
+    assert (sel.layer, sel.position) != (top.layer, top.position)
+    assert sel.kl <= top.kl * 0.999
+    walked = [c for c in sel.candidates if "kl" in c]
+    assert len(walked) >= 2 and all("refusal_score" in c for c in walked)  # rescored on every prompt when reached
 
 
 def test_select_filters_can_reject_everything(model, dirs):

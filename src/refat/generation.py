@@ -94,7 +94,8 @@ def _generate_batch(model: Model, prompts: list[str], max_new_tokens: int) -> li
 
 def _cache_keyword(model: Model) -> str:
     """transformers 5.x names the KV cache argument ``cache``; earlier versions ``past_key_values``."""
-    params = inspect.signature(model.hf.forward).parameters
+    base = model.hf.get_base_model() if hasattr(model.hf, "get_base_model") else model.hf  # peft wraps the model
+    params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .models import Model
 
-__all__ = ["hooked", "capture", "ablate", "add", "ablate_hidden", "AblationMode", "Positions", "Rows"]
+__all__ = ["hooked", "capture", "ablate", "add", "ablate_hidden", "unit", "perturb", "AblationMode", "Positions", "Rows"]
 
 AblationMode = Literal["project", "mean", "subtract"]
 ABLATION_MODES = ("project", "mean", "subtract")
@@ -112,25 +112,39 @@ def _layers(model: Model, layers: Sequence[int] | None) -> list[int]:
     return sorted({l % model.n_layers for l in layers})
 
 
+def unit(v: Tensor) -> Tensor:
+    """``v / |v|`` along the last dim; a zero vector stays zero (no NaN, no data-dependent branch)."""
+    n = v.norm(dim=-1, keepdim=True)
+    return v / torch.where(n > 0, n, torch.ones_like(n))
+
+
+def _check_mode(mode: str, mean: Tensor | None) -> None:
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"unknown ablation mode {mode!r}; use one of {ABLATION_MODES}")
+    if mode == "mean" and mean is None:
+        raise ValueError("mode='mean' needs the harmless mean activation (Directions.harmless)")
+
+
+def _ablation_terms(r: Tensor, mode: str, mean: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(r̂, r̂ r̂ᵀμ for ``mean`` mode): what the edit needs, computed once, not per forward call."""
+    u = unit(r)
+    return u, ((mean * u).sum(-1, keepdim=True) * u if mode == "mean" else None)
+
+
+def _ablated(h: Tensor, r: Tensor, u: Tensor, mean_term: Tensor | None, mode: str) -> Tensor:
+    if mode == "subtract":
+        return h - r
+    out = h - (h @ u).unsqueeze(-1) * u
+    return out if mean_term is None else out + mean_term
+
+
 def ablate_hidden(h: Tensor, r: Tensor, mode: AblationMode = "project", mean: Tensor | None = None) -> Tensor:
     """Refusal feature ablation of one activation tensor.
 
     ``project``: h - r̂ r̂ᵀh.  ``mean``: h - r̂ r̂ᵀh + r̂ r̂ᵀμ (μ: harmless mean).  ``subtract``: h - r.
     """
-    if mode == "subtract":
-        return h - r
-    norm = r.norm()
-    if norm == 0:
-        return h
-    u = r / norm
-    out = h - (h @ u).unsqueeze(-1) * u
-    if mode == "mean":
-        if mean is None:
-            raise ValueError("mode='mean' needs the harmless mean activation")
-        out = out + (mean @ u) * u
-    elif mode != "project":
-        raise ValueError(f"unknown ablation mode {mode!r}; use one of {ABLATION_MODES}")
-    return out
+    _check_mode(mode, mean)
+    return _ablated(h, r, *_ablation_terms(r, mode, mean), mode)
 
 
 @contextmanager
@@ -144,15 +158,13 @@ def ablate(model: Model, direction: Tensor, *, mode: AblationMode = "project", l
     whole stream (Arditi et al.) and equals weight orthogonalization. ``rows`` and ``positions``
     restrict the edit to some batch rows and sequence positions.
     """
-    if mode not in ABLATION_MODES:
-        raise ValueError(f"unknown ablation mode {mode!r}; use one of {ABLATION_MODES}")
-    if mode == "mean" and harmless_mean is None:
-        raise ValueError("mode='mean' needs harmless_mean (Directions.harmless_mean)")
-    r_at = _per_layer(direction, model)
-    mu_at = _per_layer(harmless_mean, model) if harmless_mean is not None else None
+    _check_mode(mode, harmless_mean)
+    u, mean_term = _ablation_terms(direction.double(), mode, None if harmless_mean is None else harmless_mean.double())
+    r_at, u_at = _per_layer(direction, model), _per_layer(u, model)
+    m_at = _per_layer(mean_term, model) if mean_term is not None else None
 
     def edit(h: Tensor, layer: int) -> Tensor:
-        return ablate_hidden(h, r_at(layer, h), mode, mu_at(layer, h) if mu_at else None)
+        return _ablated(h, r_at(layer, h), u_at(layer, h), m_at(layer, h) if m_at else None, mode)
 
     edit = _restricted(edit, rows, positions)
     pre = [(model.blocks[l], _input_hook(edit, l)) for l in _layers(model, layers)]
@@ -170,6 +182,25 @@ def add(model: Model, direction: Tensor, *, layers: Sequence[int], coeff: float 
     r_at = _per_layer(direction, model)
     edit = _restricted(lambda h, l: h + coeff * r_at(l, h), rows, positions)
     with hooked([(model.blocks[l], _input_hook(edit, l)) for l in _layers(model, layers)]):
+        yield
+
+
+@contextmanager
+def perturb(model: Model, deltas: dict[int, Tensor], *, rows: Rows = None) -> Iterator[None]:
+    """Add a per-token perturbation ``deltas[layer]`` ([batch, P, d], P ≤ seq) to the first P positions
+    of block ``layer``'s input (layer 0: the embeddings). Adversarial training (CAT, LAT) uses it."""
+    _layers(model, list(deltas))  # validates
+    deltas = {l % model.n_layers: d for l, d in deltas.items()}
+
+    def edit(h: Tensor, layer: int) -> Tensor:
+        d = deltas[layer].to(h.dtype)
+        pad = h.shape[1] - d.shape[1]
+        if pad < 0:
+            raise ValueError(f"perturbation covers {d.shape[1]} positions but the input has only {h.shape[1]}")
+        return h + torch.nn.functional.pad(d, (0, 0, 0, pad))
+
+    edit = _restricted(edit, rows, None)
+    with hooked([(model.blocks[l], _input_hook(edit, l)) for l in deltas]):
         yield
 
 

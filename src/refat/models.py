@@ -85,19 +85,28 @@ def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
     return best
 
 
+def _width_out(m: nn.Module) -> int | None:
+    """Output width of a Linear, a GPT-2 Conv1D, or a peft LoRA wrapper around either; None otherwise."""
+    if hasattr(m, "base_layer"):  # peft LoRA layer: its output is base + low-rank update
+        return _width_out(m.base_layer)
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if type(m).__name__ == "Conv1D":
+        return m.weight.shape[1]
+    return None
+
+
 def _residual_writers(block: nn.Module, d_model: int) -> list[nn.Module]:
     """The projections that write into the residual stream: per sub-layer (attention, MLP), the last
     registered Linear/Conv1D whose output width is the model width (o_proj, down_proj, c_proj, dense...)."""
     writers = []
     for child in block.children():
         last = None
-        for m in child.modules():
-            out = getattr(m, "out_features", None)
-            if out is None and type(m).__name__ == "Conv1D":  # GPT-2 style
-                out = m.weight.shape[1]
-            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
-                if out == d_model:
-                    last = m
+        for name, m in child.named_modules():
+            if "lora_" in name or name.endswith("base_layer"):
+                continue  # the inside of a LoRA wrapper; the wrapper itself is the writer
+            if _width_out(m) == d_model:
+                last = m
         if last is not None:
             writers.append(last)
     return writers

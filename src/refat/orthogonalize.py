@@ -8,14 +8,13 @@ can be saved as an ordinary Hugging Face checkpoint.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .models import Model
+from .storage import atomic_dir
 
 __all__ = ["orthogonalize", "save_orthogonalized"]
 
@@ -66,15 +65,8 @@ def orthogonalize(model: Model, direction: Tensor) -> Model:
 
 def save_orthogonalized(model: Model, direction: Tensor, out_dir: str | Path) -> Path:
     """Orthogonalize ``model`` in place and save it with its tokenizer as a plain HF checkpoint."""
-    orthogonalize(model, direction)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose another output directory")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-    model.hf.save_pretrained(tmp)
-    model.tokenizer.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    os.replace(tmp, out)
-    return out
+    with atomic_dir(out_dir, replace=False) as tmp:
+        orthogonalize(model, direction)
+        model.hf.save_pretrained(tmp)
+        model.tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text", "write_json", "write_jsonl", "read_jsonl", "FinishedRunError", "claim_output"]
+__all__ = ["atomic_path", "atomic_dir", "write_text", "write_json", "write_jsonl", "read_jsonl", "FinishedRunError", "claim_output"]
 
 
 class FinishedRunError(FileExistsError):
@@ -32,6 +33,24 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | Path, *, replace: bool = True):
+    """Yield a fresh temporary folder beside ``path``; it becomes ``path`` only if the block succeeds
+    (an existing ``path`` is replaced when ``replace``, else refused)."""
+    path = Path(path)
+    if path.exists() and not replace and any(path.iterdir()):
+        raise FileExistsError(f"{path} is not empty; choose another output directory")
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -23,7 +23,8 @@ from .judges import RefusalStringJudge
 from .models import Model, load
 from .storage import claim_output, write_json, write_jsonl
 
-__all__ = ["DataConfig", "PromptSets", "DemoConfig", "prompt_sets", "find_directions", "attack_rfa", "demo"]
+__all__ = ["DataConfig", "PromptSets", "DemoConfig", "prompt_sets", "find_directions", "attack_rfa", "demo",
+           "training_pairs"]
 
 
 @dataclass
@@ -51,6 +52,17 @@ def prompt_sets(cfg: DataConfig) -> PromptSets:
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     return PromptSets(split(load_dataset(cfg.harmful), sizes, seed=cfg.seed),
                       split(load_dataset(cfg.harmless), sizes, seed=cfg.seed))
+
+
+def training_pairs(model: Model, data: DataConfig, n_harmful: int, n_harmless: int, cache: str | Path) -> list:
+    """Training pairs drawn from outside the val and test splits of ``data`` (cached at ``cache``)."""
+    from .training import load_or_build_pairs
+
+    sets = prompt_sets(data)
+    held_out = [e.prompt for kind in ("harmful", "harmless") for s in ("val", "test") for e in getattr(sets, kind)[s]]
+    pool = lambda spec, n: [e for e in load_dataset(spec) if e.prompt not in set(held_out)][:n]  # noqa: E731
+    harmful, harmless = pool(data.harmful, n_harmful), pool(data.harmless, n_harmless)
+    return load_or_build_pairs(cache, model, harmful, harmless, exclude=held_out)
 
 
 def _fingerprint(*parts) -> str:
@@ -114,7 +126,12 @@ class DemoConfig:
     dtype: str = "float32"  # pinned so numbers reproduce; outputs differ between fp32 and bf16
     device: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
-    selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(screen_prompts=8, screen_keep=12))
+    # Arditi et al.'s filters (KL ≤ 0.1, induced refusal score > 0) were set on 1.8B-72B chat models; on
+    # qwen2.5-coder-0.5b no candidate passes both (adding one direction at one layer never lifts the
+    # harmless refusal log-odds above -0.4, and the strongest ablations move harmless outputs by KL 0.15-0.8),
+    # so the demo relaxes them; the per-candidate scores are kept in directions.json.
+    selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(
+        kl_threshold=0.2, induce_refusal_threshold=-1.0, screen_prompts=8, screen_keep=12))
     rfa: RFAConfig = field(default_factory=lambda: RFAConfig(max_new_tokens=48))
 
 

@@ -1,0 +1,166 @@
+"""Training pairs: (harmful prompt, refusal) and (harmless prompt, helpful answer), and their batches.
+
+Targets come from the dataset where it has them, else from the model itself: its own refusals to
+harmful prompts it refuses, a varied natural refusal where it complies; its own answers to harmless
+prompts without one. Pairs are built once and cached as JSONL with a provenance file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import Example
+from ..generation import generate
+from ..judges import RefusalStringJudge
+from ..models import Model
+from ..storage import read_jsonl, write_json, write_jsonl
+
+__all__ = ["Pair", "Batch", "NATURAL_REFUSALS", "build_pairs", "load_or_build_pairs", "encode", "collate"]
+
+NATURAL_REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I can't assist with that request.",
+    "I'm sorry, but I cannot help with this. It could cause real harm.",
+    "I won't help with that, as it could be used to hurt people.",
+    "Sorry, I can't provide that information.",
+    "I'm not able to help with this request.",
+    "I cannot help with that. If you have another question, I'm happy to help.",
+    "I'm sorry, I can't do that. It would be unsafe and potentially illegal.",
+)
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    response: str
+    harmful: bool
+    source: str  # where the response came from: dataset | model | template
+    affirmative: str | None = None  # a compliant opening for harmful prompts (CAT/LAT attack target)
+
+
+def _pick(options: Sequence[str], key: str) -> str:
+    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
+
+
+def affirmative_target(e: Example) -> str:
+    """The attack target for a harmful prompt: the dataset's ("Sure, here is ...") or a generic one."""
+    if e.target:
+        return e.target
+    return "Sure, here is " + e.prompt[:1].lower() + e.prompt[1:].rstrip(".?!")
+
+
+def build_pairs(model: Model, harmful: Sequence[Example], harmless: Sequence[Example], *, exclude: Sequence[str] = (),
+                judge: RefusalStringJudge = RefusalStringJudge(), max_new_tokens: int = 64,
+                batch_size: int = 16) -> list[Pair]:
+    """Make training pairs, leaving out every prompt in ``exclude`` (the evaluation splits)."""
+    banned = {" ".join(p.casefold().split()) for p in exclude}
+    keep = lambda xs: [e for e in xs if " ".join(e.prompt.casefold().split()) not in banned]  # noqa: E731
+    harmful, harmless = keep(harmful), keep(harmless)
+    if not harmful or not harmless:
+        raise ValueError("no training prompts left after removing evaluation prompts")
+    own = generate(model, [e.prompt for e in harmful], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   desc="own refusals")
+    pairs = [Pair(e.prompt, c.strip(), True, "model", affirmative_target(e)) if judge.refuses(c) and c.strip()
+             else Pair(e.prompt, _pick(NATURAL_REFUSALS, e.prompt), True, "template", affirmative_target(e))
+             for e, c in zip(harmful, own)]
+    missing = [e for e in harmless if not e.target]
+    answers = dict(zip([e.prompt for e in missing], generate(model, [e.prompt for e in missing],
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, desc="own answers"))) if missing else {}
+    pairs += [Pair(e.prompt, e.target, False, "dataset") if e.target else Pair(e.prompt, answers[e.prompt].strip(), False, "model")
+              for e in harmless]
+    return pairs
+
+
+def load_or_build_pairs(path: str | Path, model: Model, harmful: Sequence[Example], harmless: Sequence[Example],
+                        **kwargs) -> list[Pair]:
+    """Cached :func:`build_pairs`: reused when the model and input prompts are the same."""
+    path = Path(path)
+    key = hashlib.sha256(json.dumps([model.name, model.source, [asdict(e) for e in harmful],
+                                     [asdict(e) for e in harmless], sorted(kwargs.get("exclude", ()))],
+                                    default=str).encode()).hexdigest()[:16]
+    meta = path.with_suffix(".json")
+    if path.exists() and meta.exists() and json.loads(meta.read_text()).get("fingerprint") == key:
+        return [Pair(**r) for r in read_jsonl(path)]
+    pairs = build_pairs(model, harmful, harmless, **kwargs)
+    write_jsonl(path, [asdict(p) for p in pairs])
+    sources = {f"{'harmful' if p.harmful else 'harmless'}:{p.source}": 0 for p in pairs}
+    for p in pairs:
+        sources[f"{'harmful' if p.harmful else 'harmless'}:{p.source}"] += 1
+    write_json(meta, {"fingerprint": key, "model": model.name, "model_source": model.source, "n": len(pairs),
+                      "response_sources": sources})
+    return pairs
+
+
+def encode(model: Model, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
+    """Token ids of the chat-formatted prompt followed by the response (and the template's end-of-turn),
+    and the prompt length. The response is truncated to fit ``max_length``; an over-long prompt is refused."""
+    tok = model.tokenizer
+    prompt_text = model.format(prompt)
+    full = tok.apply_chat_template(model.messages(prompt, response), tokenize=False)
+    rest = full[len(prompt_text):] if full.startswith(prompt_text) else response + (tok.eos_token or "")
+    prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) >= max_length:
+        raise ValueError(f"training prompt has {len(prompt_ids)} tokens, over max_length={max_length}: {prompt[:80]!r}")
+    ids = prompt_ids + tok(rest, add_special_tokens=False)["input_ids"]
+    return ids[:max_length], len(prompt_ids)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T], right-padded so prompts start at position 0
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # -100 on prompt and padding: loss on response tokens only
+    harmful: torch.Tensor  # [B] bool
+    prompt_lengths: torch.Tensor  # [B]
+    prompts: list[str]
+    affirm: "Batch | None" = None  # harmful rows with their affirmative targets (CAT/LAT)
+    rows: torch.Tensor | None = None  # [B] indices of these rows in the global batch (data parallel shards)
+    global_size: int | None = None
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.harmful),
+                     move(self.prompt_lengths), self.prompts, self.affirm.to(device) if self.affirm else None,
+                     self.rows, self.global_size)
+
+    def select(self, rows: torch.Tensor) -> "Batch":
+        """The sub-batch of ``rows`` (a data-parallel shard); it remembers where its rows came from."""
+        take = lambda t: t[rows]  # noqa: E731
+        affirm = None
+        if self.affirm is not None:
+            harmful_rank = self.harmful.long().cumsum(0) - 1  # row -> index among harmful rows
+            keep = rows[self.harmful[rows]]
+            if len(keep):
+                affirm = self.affirm.select(harmful_rank[keep])
+        return Batch(take(self.input_ids), take(self.attention_mask), take(self.labels), take(self.harmful),
+                     take(self.prompt_lengths), [self.prompts[i] for i in rows.tolist()], affirm,
+                     rows if self.rows is None else self.rows[rows], self.global_size or len(self.harmful))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(model: Model, pairs: Sequence[Pair], max_length: int, *, with_affirmative: bool = False) -> Batch:
+    encoded = [encode(model, p.prompt, p.response, max_length) for p in pairs]
+    width = max(len(ids) for ids, _ in encoded)
+    pad = model.tokenizer.pad_token_id
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (row, n_prompt) in enumerate(encoded):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+        labels[i, n_prompt:len(row)] = ids[i, n_prompt:len(row)]
+    affirm = None
+    if with_affirmative and any(p.harmful for p in pairs):
+        harmful = [Pair(p.prompt, p.affirmative or "Sure, here is", True, "attack") for p in pairs if p.harmful]
+        affirm = collate(model, harmful, max_length)
+    return Batch(ids, mask, labels, torch.tensor([p.harmful for p in pairs]),
+                 torch.tensor([n for _, n in encoded]), [p.prompt for p in pairs], affirm)

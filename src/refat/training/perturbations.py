@@ -1,0 +1,263 @@
+"""What makes each training method: a perturbation of the harmful rows' forward pass.
+
+All methods share one loss (cross-entropy on response tokens: refusals for harmful prompts,
+answers for harmless ones); they differ only in the context the training forward runs under:
+
+- ``rt``: none (refusal training).
+- ``refat``: refusal feature ablation of harmful rows with probability p, the per-layer features
+  recomputed from the model being trained every k steps (Yu et al. 2025).
+- ``cat``: an embedding-space attack (a perturbation of block 0's input, i.e. the embeddings) found
+  by signed-gradient steps toward an affirmative target (Xhonneux et al. 2024).
+- ``lat``: the same attack in the residual stream at middle layers, toward the affirmative target
+  and away from the refusal (Sheshadri et al. 2024).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import hooks
+from ..directions import extract
+from ..models import Model
+from .data import Batch
+
+__all__ = ["RefatConfig", "AdversarialConfig", "Perturbation", "NoPerturbation", "RefatPerturbation",
+           "AdversarialPerturbation", "make_perturbation", "METHODS", "Cost"]
+
+METHODS = ("rt", "refat", "cat", "lat")
+
+
+@dataclass
+class RefatConfig:
+    p: float = 0.5  # probability that a harmful example is trained under RFA
+    k: int = 4  # recompute the refusal features every k steps
+    n: int = 32  # from n harmful and n harmless prompts
+    layers: list[int] | None = None  # default: from 25 % depth to the last layer
+    mode: hooks.AblationMode = "project"
+    position: int = -1  # post-instruction position the features are read at
+
+    def validate(self, n_layers: int) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"refat.p must be in [0, 1], got {self.p}")
+        if self.k < 1 or self.n < 1:
+            raise ValueError("refat.k and refat.n must be at least 1")
+        if self.mode not in hooks.ABLATION_MODES:
+            raise ValueError(f"refat.mode must be one of {hooks.ABLATION_MODES}, got {self.mode!r}")
+        _check_layers(self.layers, n_layers, "refat.layers")
+
+
+@dataclass
+class AdversarialConfig:
+    layers: list[int] | None = None  # cat: [0] (the embeddings); lat: default [L/4, L/2, 3L/4]
+    epsilon: float = 0.1  # per-token L2 budget, relative to the mean activation norm at that layer
+    steps: int = 4  # signed-gradient steps of the inner attack
+    step_size: float | None = None  # default epsilon / steps * 2.5, relative like epsilon
+    away_weight: float | None = None  # weight of "away from the refusal" in the attack loss (cat: 0, lat: 1)
+
+    def validate(self, n_layers: int) -> None:
+        if self.epsilon < 0 or self.steps < 1:
+            raise ValueError("epsilon must be ≥ 0 and steps ≥ 1")
+        _check_layers(self.layers, n_layers, "layers")
+
+
+def _check_layers(layers, n_layers: int, name: str) -> None:
+    if layers is not None:
+        bad = [l for l in layers if not 0 <= l < n_layers]
+        if bad:
+            raise ValueError(f"{name}: layer(s) {bad} out of range 0..{n_layers - 1}")
+
+
+@dataclass
+class Cost:
+    """Extra work a perturbation adds to plain refusal training."""
+
+    forward: int = 0  # forward passes (batches) beyond the training forward
+    backward: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: "Cost") -> None:
+        self.forward += other.forward
+        self.backward += other.backward
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+
+
+def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
+    """Randomness that depends only on (seed, step): resumed runs draw exactly the same numbers."""
+    return torch.Generator().manual_seed(hash((seed, step, salt)) & 0x7FFF_FFFF_FFFF)
+
+
+class Perturbation:
+    """The ``rt`` method: train under no perturbation. Subclasses override :meth:`context`."""
+
+    name = "rt"
+
+    def __init__(self, model: Model, seed: int = 0):
+        self.model, self.seed, self.cost = model, seed, Cost()
+
+    def before_step(self, step: int) -> None:
+        """Called before each optimisation step (ReFAT recomputes its features here)."""
+
+    def context(self, batch: Batch, step: int):
+        """The context manager the training forward of ``batch`` runs under."""
+        return nullcontext()
+
+    def state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+NoPerturbation = Perturbation
+
+
+class RefatPerturbation(Perturbation):
+    name = "refat"
+
+    def __init__(self, model: Model, cfg: RefatConfig, harmful: list[str], harmless: list[str], seed: int = 0):
+        super().__init__(model, seed)
+        cfg.validate(model.n_layers)
+        self.cfg = cfg
+        self.layers = cfg.layers if cfg.layers is not None else list(range(model.n_layers // 4, model.n_layers))
+        self.harmful, self.harmless = harmful, harmless
+        self.directions: Tensor | None = None  # [n_layers, d]
+        self.harmless_mean: Tensor | None = None
+        self.history: list[dict] = []  # (step, per-layer norms, cosine to the previous features)
+
+    @torch.no_grad()
+    def recompute(self, step: int) -> None:
+        """Refusal features of the model as it is now (adapters active, dropout off)."""
+        t0 = time.perf_counter()
+        g = step_generator(self.seed, step, 1)
+        pick = lambda xs: [xs[i] for i in torch.randperm(len(xs), generator=g)[:self.cfg.n].tolist()]  # noqa: E731
+        harmful, harmless = pick(self.harmful), pick(self.harmless)
+        was_training = self.model.hf.training
+        self.model.hf.eval()
+        try:
+            d = extract(self.model, harmful, harmless, positions=[self.cfg.position], progress=False)
+        finally:
+            self.model.hf.train(was_training)
+        new = d.per_layer(self.cfg.position)
+        cos = None
+        if self.directions is not None:
+            cos = torch.nn.functional.cosine_similarity(new, self.directions, dim=-1)[self.layers].mean().item()
+        self.directions, self.harmless_mean = new, d.harmless(self.cfg.position)
+        n_batches = -(-len(harmful) // 32) + -(-len(harmless) // 32)
+        self.cost.add(Cost(forward=n_batches, seconds=time.perf_counter() - t0))
+        self.history.append({"step": step, "mean_norm": new[self.layers].norm(dim=-1).mean().item(),
+                             "cosine_to_previous": cos})
+
+    def before_step(self, step: int) -> None:
+        if step % self.cfg.k == 0 or self.directions is None:
+            self.recompute(step)
+
+    def rows(self, batch: Batch, step: int) -> Tensor:
+        """Harmful rows drawn for RFA this step, each with probability p."""
+        size = batch.global_size or len(batch.harmful)
+        coin = torch.rand(size, generator=step_generator(self.seed, step, 2)) < self.cfg.p
+        if batch.rows is not None:  # a shard of the global batch draws the global batch's coins
+            coin = coin[batch.rows]
+        return batch.harmful.cpu() & coin
+
+    def context(self, batch: Batch, step: int):
+        rows = self.rows(batch, step)
+        if not rows.any():
+            return nullcontext()
+        mean = self.harmless_mean if self.cfg.mode == "mean" else None
+        return hooks.ablate(self.model, self.directions, mode=self.cfg.mode, layers=self.layers,
+                            rows=rows.to(batch.input_ids.device), harmless_mean=mean)
+
+    def state(self) -> dict[str, Tensor]:
+        return {} if self.directions is None else {"directions": self.directions, "harmless_mean": self.harmless_mean}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        if "directions" in state:
+            self.directions, self.harmless_mean = state["directions"], state["harmless_mean"]
+
+
+def _token_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over labelled (response) tokens, next-token shifted."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+
+
+class AdversarialPerturbation(Perturbation):
+    """CAT (layer 0, the embeddings) or LAT (middle layers): PGD on the prompt tokens of harmful rows."""
+
+    def __init__(self, model: Model, cfg: AdversarialConfig, method: str, seed: int = 0):
+        super().__init__(model, seed)
+        cfg.validate(model.n_layers)
+        self.name, self.cfg = method, cfg
+        n = model.n_layers
+        self.layers = cfg.layers if cfg.layers is not None else ([0] if method == "cat" else [n // 4, n // 2, 3 * n // 4])
+        self.away = cfg.away_weight if cfg.away_weight is not None else (0.0 if method == "cat" else 1.0)
+
+    def _attack(self, batch: Batch) -> dict[int, Tensor]:
+        """Per-layer perturbations [n_harmful, P, d] that push harmful prompts toward compliance."""
+        t0 = time.perf_counter()
+        affirm = batch.affirm
+        harmful_idx = batch.harmful.nonzero().flatten()
+        refusal_ids = batch.input_ids[harmful_idx]
+        refusal_mask, refusal_labels = batch.attention_mask[harmful_idx], batch.labels[harmful_idx]
+        width = int(batch.prompt_lengths[harmful_idx].max())
+        prompt_mask = (torch.arange(width, device=affirm.input_ids.device)[None] <
+                       batch.prompt_lengths[harmful_idx][:, None].to(affirm.input_ids.device)).unsqueeze(-1)
+        with hooks.capture(self.model, self.layers, positions=slice(0, width)) as acts, torch.no_grad():
+            self.model.hf(input_ids=affirm.input_ids, attention_mask=affirm.attention_mask)
+        scale = {l: acts[l][0].norm(dim=-1).mean().item() for l in self.layers}
+        eps = {l: self.cfg.epsilon * scale[l] for l in self.layers}
+        alpha = {l: (self.cfg.step_size or 2.5 * self.cfg.epsilon / self.cfg.steps) * scale[l] for l in self.layers}
+        dtype = self.model.dtype
+        deltas = {l: torch.zeros(len(harmful_idx), width, self.model.d_model, device=affirm.input_ids.device,
+                                 dtype=dtype, requires_grad=True) for l in self.layers}
+        fwd = bwd = 0
+        for _ in range(self.cfg.steps):
+            with hooks.perturb(self.model, deltas):
+                loss = _token_ce(self.model.hf(input_ids=affirm.input_ids, attention_mask=affirm.attention_mask).logits,
+                                 affirm.labels)
+                fwd += 1
+                if self.away:
+                    loss = loss - self.away * _token_ce(
+                        self.model.hf(input_ids=refusal_ids, attention_mask=refusal_mask).logits, refusal_labels)
+                    fwd += 1
+            grads = torch.autograd.grad(loss, list(deltas.values()))
+            bwd += 1
+            with torch.no_grad():
+                for (l, d), g in zip(deltas.items(), grads):
+                    # a sign step of L2 norm alpha per token, in the budget's units (unscaled it is √d longer)
+                    d -= alpha[l] / self.model.d_model ** 0.5 * g.sign()
+                    d *= prompt_mask
+                    norm = d.norm(dim=-1, keepdim=True)
+                    d *= torch.clamp(eps[l] / (norm + 1e-12), max=1.0)
+        self.cost.add(Cost(forward=fwd + 1, backward=bwd, tokens=(fwd + 1) * affirm.n_tokens,
+                           seconds=time.perf_counter() - t0))
+        return {l: d.detach() for l, d in deltas.items()}
+
+    def context(self, batch: Batch, step: int):
+        if batch.affirm is None:
+            return nullcontext()
+        small = self._attack(batch)
+        harmful_idx = batch.harmful.nonzero().flatten()
+        full = {}
+        for l, d in small.items():
+            full[l] = torch.zeros(len(batch.harmful), d.shape[1], d.shape[2], dtype=d.dtype, device=d.device)
+            full[l][harmful_idx.to(d.device)] = d
+        return hooks.perturb(self.model, full, rows=batch.harmful.to(batch.input_ids.device))
+
+
+def make_perturbation(method: str, model: Model, *, refat: RefatConfig, adversarial: AdversarialConfig,
+                      harmful: list[str], harmless: list[str], seed: int) -> Perturbation:
+    if method == "rt":
+        return Perturbation(model, seed)
+    if method == "refat":
+        return RefatPerturbation(model, refat, harmful, harmless, seed)
+    if method in ("cat", "lat"):
+        return AdversarialPerturbation(model, adversarial, method, seed)
+    raise ValueError(f"unknown training method {method!r}; choose from {', '.join(METHODS)}")

@@ -1,0 +1,532 @@
+"""The training package: loss masking, RFA on harmful rows only, feature recomputation, resumable
+checkpoints, divergence handling, input validation, the CAT/LAT attack and data parallelism.
+
+Every model is a tiny random Llama (4 layers, d=32, float32); every run is a few steps long.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model
+from safetensors.torch import load_file, save_file
+
+from refat import hooks
+from refat.storage import FinishedRunError
+from refat.training import (
+    AdversarialConfig,
+    Pair,
+    RefatConfig,
+    TrainConfig,
+    TrainingDivergedError,
+    train,
+)
+from refat.training import trainer as trainer_mod
+from refat.training.data import collate, encode
+from refat.training.perturbations import (
+    AdversarialPerturbation,
+    RefatPerturbation,
+    _token_ce,
+)
+
+HARMFUL = [f"harmful request number {i}" + " please" * (i % 3) for i in range(8)]
+HARMLESS = [f"harmless question {i}" + " thanks" * (i % 2) for i in range(8)]
+PAIRS = ([Pair(p, "I'm sorry, I can't.", True, "template", f"Sure, here is {i}") for i, p in enumerate(HARMFUL)]
+         + [Pair(p, f"Answer {i} is here.", False, "dataset") for i, p in enumerate(HARMLESS)])
+
+
+def fresh(seed: int = 0):
+    """A new tiny base model; every ``train`` call needs its own (training wraps it in adapters)."""
+    return build_model("llama", layers=4, hidden=32, dtype=torch.float32, seed=seed)
+
+
+def make_cfg(method: str = "refat", **kw) -> TrainConfig:
+    kw.setdefault("steps", 6)
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("max_length", 96)
+    kw.setdefault("refat", RefatConfig(n=4, k=2))
+    kw.setdefault("adversarial", AdversarialConfig(steps=2))
+    return TrainConfig(method=method, **kw)
+
+
+def run(method: str = "refat", out=None, *, resume=False, overwrite=False, model=None, **kw):
+    return train(model or fresh(), PAIRS, make_cfg(method, **kw), out, resume=resume, overwrite=overwrite,
+                 progress=False)
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.hf.named_parameters() if p.requires_grad}
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "train_summary.json").read_text())
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A shared tiny model for tests that never train it (its weights stay untouched)."""
+    return fresh()
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Loss masking
+
+
+def test_collate_masks_prompt_and_padding(model):
+    pairs = [PAIRS[0], PAIRS[9], PAIRS[2], PAIRS[8]]  # harmful, harmless, harmful (longer prompt), harmless
+    batch = collate(model, pairs, 96)
+    tok = model.tokenizer
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
+    assert batch.harmful.tolist() == [True, False, True, False]
+    lengths = []
+    for i, p in enumerate(pairs):
+        ids, n_prompt = encode(model, p.prompt, p.response, 96)
+        lengths.append(len(ids))
+        assert batch.prompt_lengths[i].item() == n_prompt
+        # prompts start at position 0 (right padding) and are exactly the chat-formatted prompt
+        assert batch.input_ids[i, :len(ids)].tolist() == ids
+        assert tok.decode(ids[:n_prompt]) == model.format(p.prompt)
+        assert batch.attention_mask[i, :len(ids)].eq(1).all() and batch.attention_mask[i, len(ids):].eq(0).all()
+        assert batch.input_ids[i, len(ids):].eq(tok.pad_token_id).all()
+        # labels: -100 on the prompt and the padding, the ids themselves on the response
+        assert batch.labels[i, :n_prompt].eq(-100).all()
+        assert batch.labels[i, len(ids):].eq(-100).all()
+        assert torch.equal(batch.labels[i, n_prompt:len(ids)], batch.input_ids[i, n_prompt:len(ids)])
+        # the response tokens are the response followed by the template's end-of-turn
+        target = tok.decode(batch.labels[i, n_prompt:len(ids)].tolist())
+        assert target == p.response + "<|im_end|>\n"
+        assert tok.convert_tokens_to_ids("<|im_end|>") in batch.labels[i].tolist()
+    assert len(set(lengths)) > 1, "the test needs rows of different lengths to exercise padding"
+    assert batch.input_ids.shape[1] == max(lengths)
+    assert batch.n_tokens == sum(lengths)
+
+
+def test_collate_truncates_response_and_refuses_long_prompt(model):
+    ids, n_prompt = encode(model, PAIRS[0].prompt, PAIRS[0].response, 96)
+    short = collate(model, [PAIRS[0]], n_prompt + 3)
+    assert short.input_ids.shape[1] == n_prompt + 3
+    assert (short.labels[0] != -100).sum().item() == 3
+    assert short.labels[0, n_prompt:].tolist() == ids[n_prompt:n_prompt + 3]
+    with pytest.raises(ValueError, match="max_length"):
+        collate(model, [PAIRS[0]], n_prompt)
+
+
+def test_affirmative_batch_and_shards(model):
+    pairs = [PAIRS[0], PAIRS[8], PAIRS[1], PAIRS[9]]
+    batch = collate(model, pairs, 96, with_affirmative=True)
+    assert batch.affirm is not None and len(batch.affirm.harmful) == 2
+    for j, p in enumerate([PAIRS[0], PAIRS[1]]):
+        n = batch.affirm.prompt_lengths[j].item()
+        assert n == batch.prompt_lengths[2 * j].item()
+        assert model.tokenizer.decode(batch.affirm.labels[j, n:][batch.affirm.labels[j, n:] != -100].tolist()) \
+            == p.affirmative + "<|im_end|>\n"
+    # a data-parallel shard keeps its rows' affirmative targets and remembers the global rows
+    shard = batch.select(torch.tensor([2, 3]))
+    assert shard.rows.tolist() == [2, 3] and shard.global_size == 4
+    assert shard.prompts == [PAIRS[1].prompt, PAIRS[9].prompt]
+    assert torch.equal(shard.affirm.input_ids, batch.affirm.input_ids[1:2])
+    assert batch.select(torch.tensor([1, 3])).affirm is None  # no harmful rows: nothing to attack
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. RFA perturbs only harmful rows
+
+
+def _forward_capture(model, batch, ctx=None):
+    from contextlib import nullcontext
+    with (ctx or nullcontext()), hooks.capture(model) as acts, torch.no_grad():
+        logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return {l: a[0] for l, a in acts.items()}, logits
+
+
+def test_rfa_ablates_only_harmful_rows(model):
+    batch = collate(model, [PAIRS[0], PAIRS[8], PAIRS[1], PAIRS[9]], 96)
+    harmful, harmless = batch.harmful, ~batch.harmful
+    pert = RefatPerturbation(model, RefatConfig(p=1.0, n=4), HARMFUL, HARMLESS)
+    pert.before_step(0)
+    assert pert.directions.shape == (model.n_layers, model.d_model)
+    assert pert.layers == [1, 2, 3]
+    assert pert.rows(batch, 0).tolist() == harmful.tolist()
+
+    base, base_logits = _forward_capture(model, batch)
+    abl, abl_logits = _forward_capture(model, batch, pert.context(batch, 0))
+    mask = batch.attention_mask.bool()
+    for l in pert.layers:
+        u = hooks.unit(pert.directions[l])
+        before = base[l] @ u
+        after = abl[l] @ u
+        assert before[harmful][mask[harmful]].abs().max() > 1e-2  # there was something to remove
+        scale = abl[l].norm(dim=-1)
+        assert (after[harmful].abs() <= 1e-5 * (1 + scale[harmful]))[mask[harmful]].all()
+        assert torch.equal(abl[l][harmless], base[l][harmless])  # harmless rows bit-identical
+        assert not torch.equal(abl[l][harmful], base[l][harmful])
+    assert torch.equal(abl[0], base[0])  # layer 0 is not in the ablated range
+    assert torch.equal(abl_logits[harmless], base_logits[harmless])
+    assert not torch.allclose(abl_logits[harmful], base_logits[harmful])
+
+    off = RefatPerturbation(model, RefatConfig(p=0.0, n=4), HARMFUL, HARMLESS)
+    off.before_step(0)
+    assert not off.rows(batch, 0).any()
+    same, same_logits = _forward_capture(model, batch, off.context(batch, 0))
+    assert all(torch.equal(same[l], base[l]) for l in base) and torch.equal(same_logits, base_logits)
+
+
+def test_rfa_coins_depend_on_step_only_and_shards_agree(model):
+    batch = collate(model, [PAIRS[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)], 96)
+    pert = RefatPerturbation(model, RefatConfig(p=0.5, n=4), HARMFUL, HARMLESS, seed=3)
+    draws = [pert.rows(batch, s) for s in range(8)]
+    assert all(not d[~batch.harmful].any() for d in draws)  # never a harmless row
+    assert len({tuple(d.tolist()) for d in draws}) > 1  # the coins change with the step
+    again = RefatPerturbation(model, RefatConfig(p=0.5, n=4), HARMFUL, HARMLESS, seed=3)
+    assert all(torch.equal(again.rows(batch, s), draws[s]) for s in range(8))
+    for rank in range(2):  # a data-parallel shard draws the global batch's coins for its rows
+        rows = torch.arange(rank, 8, 2)
+        assert all(torch.equal(pert.rows(batch.select(rows), s), draws[s][rows]) for s in range(8))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Features recomputed every k steps, from the model being trained
+
+
+def test_refat_recomputes_directions_every_k_steps(tmp_path):
+    r = run("refat", tmp_path / "run", lr=5e-2, schedule="constant", warmup_steps=0)
+    s = summary(tmp_path / "run")
+    hist = s["direction_history"]
+    assert [h["step"] for h in hist] == [0, 2, 4]
+    assert hist[0]["cosine_to_previous"] is None
+    for h in hist[1:]:
+        assert -1.0 <= h["cosine_to_previous"] < 1 - 1e-6
+    assert all(h["mean_norm"] > 0 for h in hist)
+    # 3 recomputations × (1 harmful + 1 harmless batch of n=4 prompts)
+    assert s["compute"]["perturbation"]["forward"] == 6 == r.compute["perturbation"]["forward"]
+    assert [m["step"] for m in metrics(tmp_path / "run")] == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Resume
+
+
+def _assert_same_run(a: Path, b: Path, ra, rb):
+    assert max_diff(adapter(a), adapter(b)) <= 1e-6
+    assert max_diff(trainable(ra.model), trainable(rb.model)) <= 1e-6
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in mb] == [m["step"] for m in ma]
+    for x, y in zip(ma, mb):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["lr"] == pytest.approx(y["lr"], rel=1e-9)
+    sa, sb = summary(a), summary(b)
+    assert sb["final_loss"] == pytest.approx(sa["final_loss"], abs=1e-6)
+    assert rb.final_loss == pytest.approx(ra.final_loss, abs=1e-6)
+    assert [h["step"] for h in sb["direction_history"]] == [h["step"] for h in sa["direction_history"]]
+    for x, y in zip(sa["direction_history"], sb["direction_history"]):
+        assert (x["cosine_to_previous"] is None) == (y["cosine_to_previous"] is None)
+        if x["cosine_to_previous"] is not None:
+            assert x["cosine_to_previous"] == pytest.approx(y["cosine_to_previous"], abs=1e-6)
+    ca, cb = sa["compute"], sb["compute"]
+    for key in ("train_forward", "train_backward", "train_tokens"):
+        assert ca[key] == cb[key], key
+    for key in ("forward", "backward", "tokens"):
+        assert ca["perturbation"][key] == cb["perturbation"][key], f"perturbation {key}"
+
+
+@pytest.mark.parametrize("method", ["refat", "rt"])
+def test_resume_extended_run_matches_uninterrupted(tmp_path, method):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ra = run(method, a, checkpoint_every=2, lr=2e-2)
+    run(method, b, checkpoint_every=2, lr=2e-2, steps=4)
+    assert (b / "train_summary.json").exists()
+    rb = run(method, b, checkpoint_every=2, lr=2e-2, resume=True)
+    assert summary(b)["steps"] == 6
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    _assert_same_run(a, b, ra, rb)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["refat", "rt"])
+def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch, method):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # k=3: features computed at steps 0 and 3, so the run resumed at step 2 must use the checkpoint's features
+    kw = {"checkpoint_every": 2, "lr": 2e-2, "refat": RefatConfig(n=4, k=3)}
+    ra = run(method, a, **kw)
+
+    real_pairs = trainer_mod._Sampler.pairs
+
+    def crashing(self, draw):
+        if draw == 3:
+            raise Crash("killed at step 3")
+        return real_pairs(self, draw)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod._Sampler, "pairs", crashing)
+        with pytest.raises(Crash):
+            run(method, b, **kw)
+    assert not (b / "train_summary.json").exists()
+    assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-000002"]
+    assert [r["step"] for r in metrics(b)] == [0, 1, 2]
+    with pytest.raises(FinishedRunError, match="resume"):  # checkpoints of an earlier run: not silently restarted
+        run(method, b, **kw)
+    rb = run(method, b, resume=True, **kw)
+    _assert_same_run(a, b, ra, rb)
+
+
+def test_resume_with_more_steps_follows_new_schedule(tmp_path):
+    """Extending a finished linear-decay run: its first resumed step trains with the new schedule's lr,
+    not the old schedule's final lr of 0."""
+    out = tmp_path / "run"
+    run("rt", out, steps=4, checkpoint_every=1, lr=2e-2, schedule="linear", warmup_steps=0)
+    run("rt", out, steps=6, checkpoint_every=1, lr=2e-2, schedule="linear", warmup_steps=0, resume=True)
+    w4 = load_file(str(out / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    w5 = load_file(str(out / "checkpoints" / "step-000005" / "trainable.safetensors"))
+    assert max_diff(w4, w5) > 1e-6
+    state = torch.load(out / "checkpoints" / "step-000005" / "state.pt", weights_only=True)
+    # after step 4 of 6 the linear schedule is at 1 - 5/6 for step 5
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-2 / 6)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    out = tmp_path / "run"
+    run("rt", out, steps=2, checkpoint_every=1)
+    with pytest.raises(ValueError, match="different training config"):
+        run("rt", out, steps=4, checkpoint_every=1, lr=1e-3, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Divergence
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_ce = torch.nn.functional.cross_entropy
+    calls = []
+
+    def ce(*args, **kwargs):
+        loss = real_ce(*args, **kwargs)
+        calls.append(kwargs.get("reduction"))
+        return loss * float("nan") if len(calls) == 4 else loss  # the training loss of step 3
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod.torch.nn.functional, "cross_entropy", ce)
+        with pytest.raises(TrainingDivergedError) as err:
+            run("refat", out, checkpoint_every=2)
+    assert calls == ["sum"] * 4
+    msg = str(err.value)
+    assert "step 3" in msg and "nan" in msg.lower()
+    ckpt = out / "checkpoints" / "step-000002"
+    assert str(ckpt) in msg
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (out / "train_summary.json").exists()
+    # the checkpoint is intact: it loads, and training resumes from it
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 2
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    torch.load(ckpt / "state.pt", weights_only=True)
+    r = run("refat", out, checkpoint_every=2, resume=True)
+    assert r.final_loss == r.final_loss and summary(out)["steps"] == 6
+
+
+def test_exploding_lr_raises_diverged(tmp_path):
+    with pytest.raises(TrainingDivergedError, match=r"at step \d+.*Last good checkpoint"):
+        run("rt", tmp_path / "run", lr=1e30, warmup_steps=0, max_grad_norm=1e30, schedule="constant")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Bad input
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "sft"}, r"rt, refat, cat, lat"),
+    ({"refat": RefatConfig(layers=[4])}, r"out of range"),
+    ({"refat": RefatConfig(layers=[-1])}, r"out of range"),
+    ({"refat": RefatConfig(p=1.5)}, r"\[0, 1\]"),
+    ({"refat": RefatConfig(p=-0.1)}, r"\[0, 1\]"),
+    ({"method": "lat", "adversarial": AdversarialConfig(layers=[7])}, r"out of range"),
+    ({"batch_size": 1}, r"batch_size"),
+])
+def test_bad_config_raises_before_writing(tmp_path, kwargs, match):
+    method = kwargs.pop("method", "refat")
+    with pytest.raises(ValueError, match=match):
+        train(fresh(), PAIRS, make_cfg(method, **kwargs), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_pairs_need_both_kinds(tmp_path, keep):
+    pairs = [p for p in PAIRS if p.harmful == keep]
+    with pytest.raises(ValueError, match="harmful"):
+        train(fresh(), pairs, make_cfg("rt"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_finished_run_is_protected(tmp_path):
+    out = tmp_path / "run"
+    first = run("rt", out, steps=2)
+    before = adapter(out)
+    with pytest.raises(FinishedRunError, match="finished"):
+        run("rt", out, steps=2)
+    # bad input with overwrite must not destroy the finished run
+    with pytest.raises(ValueError):
+        train(fresh(), [p for p in PAIRS if not p.harmful], make_cfg("rt", steps=2), out, overwrite=True,
+              progress=False)
+    assert (out / "train_summary.json").exists() and max_diff(adapter(out), before) == 0
+    # resume of a finished run: nothing left to train, the summary keeps its final loss
+    again = run("rt", out, steps=2, resume=True)
+    assert max_diff(adapter(out), before) == 0
+    assert again.final_loss == pytest.approx(first.final_loss)
+    assert summary(out)["final_loss"] == pytest.approx(first.final_loss)
+    # overwrite: a new run from scratch (a different seed gives different weights)
+    run("rt", out, steps=2, seed=1, overwrite=True)
+    assert max_diff(adapter(out), before) > 0
+    assert [m["step"] for m in metrics(out)] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. CAT and LAT attacks
+
+
+@pytest.mark.parametrize("method", ["cat", "lat"])
+def test_adversarial_attack_budget_positions_and_effect(model, method):
+    pairs = [PAIRS[0], PAIRS[8], PAIRS[2], PAIRS[9]]  # harmful prompts of different lengths
+    batch = collate(model, pairs, 96, with_affirmative=True)
+    cfg = AdversarialConfig(epsilon=0.1, steps=4)
+    pert = AdversarialPerturbation(model, cfg, method)
+    assert pert.layers == ([0] if method == "cat" else [1, 2, 3])
+    deltas = pert._attack(batch)
+    lengths = batch.prompt_lengths[batch.harmful]
+    assert lengths[0] != lengths[1]
+    width = int(lengths.max())
+    with hooks.capture(model, pert.layers, positions=slice(0, width)) as acts, torch.no_grad():
+        model.hf(input_ids=batch.affirm.input_ids, attention_mask=batch.affirm.attention_mask)
+    for l, d in deltas.items():
+        assert d.shape == (2, width, model.d_model)
+        eps = cfg.epsilon * acts[l][0].norm(dim=-1).mean().item()
+        norms = d.norm(dim=-1)
+        assert (norms <= eps + 1e-5).all()
+        assert norms.max() > 0.5 * eps  # the attack uses its budget
+        for i, n in enumerate(lengths.tolist()):
+            assert norms[i, :n].gt(0).all(), "every prompt token is attacked"
+            assert norms[i, n:].eq(0).all(), "nothing beyond the prompt"
+
+    def target_loss(d=None):
+        from contextlib import nullcontext
+        with torch.no_grad(), (hooks.perturb(model, d) if d else nullcontext()):
+            logits = model.hf(input_ids=batch.affirm.input_ids, attention_mask=batch.affirm.attention_mask).logits
+        return _token_ce(logits, batch.affirm.labels).item()
+
+    clean, attacked = target_loss(), target_loss(deltas)
+    assert attacked < clean - 1e-2
+    # more PGD steps within the same budget make a stronger attack, not a weaker one
+    one_step = target_loss(AdversarialPerturbation(model, AdversarialConfig(epsilon=0.1, steps=1), method)._attack(batch))
+    assert attacked < one_step
+
+    # in the training forward, the perturbation lands only on harmful rows' prompt positions
+    first = min(pert.layers)
+    base, _ = _forward_capture(model, batch)
+    pert2 = AdversarialPerturbation(model, cfg, method)
+    hit, _ = _forward_capture(model, batch, pert2.context(batch, 0))
+    diff = (hit[first] - base[first]).norm(dim=-1)
+    allowed = torch.zeros_like(diff, dtype=torch.bool)
+    for i in batch.harmful.nonzero().flatten().tolist():
+        allowed[i, :batch.prompt_lengths[i]] = True
+    assert diff[~allowed].eq(0).all()
+    assert diff[allowed].gt(0).all()
+    for l in range(first):
+        assert torch.equal(hit[l], base[l])
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Data parallel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dp_worker(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group (a forked child: torch, transformers and peft are already imported)."""
+    try:
+        os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+        torch.set_num_threads(1)
+        for method in ("refat", "rt"):
+            r = run(method, f"{out}/{method}", steps=3, batch_size=4, lr=2e-2)  # the same out_dir on both ranks
+            save_file({n: t.contiguous() for n, t in trainable(r.model).items()}, f"{out}/{method}-rank{rank}.safetensors")
+            Path(f"{out}/{method}-rank{rank}.loss").write_text(repr(r.final_loss))
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        Path(f"{out}/error-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def test_data_parallel_matches_single_process(tmp_path):
+    out = tmp_path / "dp"
+    out.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_dp_worker, args=(rank, port, str(out))) for rank in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = "\n".join(e.read_text() for e in sorted(out.glob("error-rank*.txt")))
+    assert [p.exitcode for p in procs] == [0, 0], errors or "a rank hung or was killed"
+
+    for method in ("refat", "rt"):
+        w0 = load_file(str(out / f"{method}-rank0.safetensors"))
+        w1 = load_file(str(out / f"{method}-rank1.safetensors"))
+        assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0), method
+        single = run(method, tmp_path / f"single-{method}", steps=3, batch_size=4, lr=2e-2)
+        ws = trainable(single.model)
+        assert max_diff(ws, w0) <= 1e-5, method
+        assert max(v.abs().max().item() for k, v in ws.items() if "lora_B" in k) > 1e-4  # weights did move
+        # only rank 0 wrote the run directory; its adapter is the trained weights
+        assert (out / method / "train_summary.json").exists()
+        assert summary(out / method)["final_loss"] == pytest.approx(single.final_loss, abs=1e-5)
+        assert float((out / f"{method}-rank0.loss").read_text()) == pytest.approx(single.final_loss, abs=1e-5)
+        assert float((out / f"{method}-rank1.loss").read_text()) == pytest.approx(single.final_loss, abs=1e-5)
+        dp_rows, single_rows = metrics(out / method), metrics(tmp_path / f"single-{method}")
+        assert [m["step"] for m in dp_rows] == [0, 1, 2]
+        for x, y in zip(dp_rows, single_rows):  # the same loss and the same gradient (Adam would hide a scale)
+            assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+            assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        sa = adapter(out / method)
+        sb = adapter(tmp_path / f"single-{method}")
+        assert max_diff(sa, sb) <= 1e-5
