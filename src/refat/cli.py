@@ -116,16 +116,20 @@ def _load(args):
     return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
-def _configs(args):
-    from .attacks.rfa import RFAConfig
-    from .directions import SelectionConfig
+def _data(args):
     from .workflow import DataConfig
+    return DataConfig(args.harmful, args.harmless, args.n_train, args.n_val, getattr(args, "n_test", 0), args.seed)
 
-    data = DataConfig(args.harmful, args.harmless, args.n_train, args.n_val, getattr(args, "n_test", 0) or 0, args.seed)
-    selection = SelectionConfig(args.kl_threshold, args.induce_refusal_threshold, args.prune_layer_fraction,
-                                args.screen_prompts or None, args.screen_keep) if hasattr(args, "kl_threshold") else None
-    rfa = RFAConfig(args.mode, args.layers, args.max_new_tokens, args.batch_size) if hasattr(args, "mode") else None
-    return data, selection, rfa
+
+def _selection(args):
+    from .directions import SelectionConfig
+    return SelectionConfig(args.kl_threshold, args.induce_refusal_threshold, args.prune_layer_fraction,
+                           args.screen_prompts or None, args.screen_keep)
+
+
+def _rfa(args):
+    from .attacks.rfa import RFAConfig
+    return RFAConfig(args.mode, args.layers, args.max_new_tokens, args.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,16 +155,15 @@ def _run(args) -> int:
             else:
                 print(f"{name}: {catalog.ensure_model(catalog.entry(name).name)}")
         return 0
-    data, selection, rfa = _configs(args)
     if args.command == "train":
-        return _train(args, data)
+        return _train(args, _data(args))
     if args.command == "demo":
-        cfg = workflow.DemoConfig(args.model, args.dtype, args.device, data, selection, rfa)
+        cfg = workflow.DemoConfig(args.model, args.dtype, args.device, _data(args), _selection(args), _rfa(args))
         workflow.demo(cfg, args.out, overwrite=args.overwrite)
         return 0
     if args.command == "directions":
-        sets = workflow.prompt_sets(data)
-        d = workflow.find_directions(_load(args), sets, selection, args.out)
+        sets = workflow.prompt_sets(_data(args))
+        d = workflow.find_directions(_load(args), sets, _selection(args), args.out)
         s = d.selection
         print(f"selected layer {s.layer}, position {s.position}: refusal score {s.baseline_refusal_score:.2f} -> "
               f"{s.refusal_score:.2f} under ablation (KL {s.kl:.3f}, induced {s.induce_score:.2f}); saved in {args.out}")
@@ -170,8 +173,9 @@ def _run(args) -> int:
     if args.command == "attack":
         from .storage import claim_output
         claim_output(args.out, "summary.json", overwrite=args.overwrite)
-        sets = workflow.prompt_sets(data)
-        summary = workflow.attack_rfa(_load(args), directions, sets, rfa, args.out, extra={"data": asdict(data)})
+        data = _data(args)
+        summary = workflow.attack_rfa(_load(args), directions, workflow.prompt_sets(data), _rfa(args), args.out,
+                                      extra={"data": asdict(data)})
         print(workflow.format_table(summary))
         return 0
     if args.command == "orthogonalize":
