@@ -39,7 +39,7 @@ def test_directions_attack_orthogonalize_train(files, tmp_path, capsys):
     d = Directions.load(tmp_path / "dirs")
     assert d.selection is not None and d.n_harmful == 6
     info = json.loads((tmp_path / "dirs" / "directions.json").read_text())
-    assert info["selection"]["layer"] == d.selection.layer and info["meta"]["fingerprint"]
+    assert info["selection"]["layer"] == d.selection.layer and info["meta"]["select_fingerprint"]
 
     args = ["attack", "rfa", *_common(files, "--n-test", "4", "--max-new-tokens", "4"),
             "--directions", str(tmp_path / "dirs"), "--out", str(tmp_path / "rfa")]
@@ -79,3 +79,17 @@ def test_bad_input_is_reported(files, tmp_path, capsys):
     assert "bad.csv" in err and "prompt" in err
     assert main(["train", *_common(files), "--method", "refat", "--p", "1.5", "--out", str(tmp_path / "z")]) == 2
     assert "refat.p" in capsys.readouterr().err
+
+
+def test_directions_reuse_extraction_when_only_selection_changes(files, tmp_path, capsys):
+    out = str(tmp_path / "dirs")
+    assert main(["directions", *_common(files, *LOOSE), "--out", out]) == 0
+    first = Directions.load(out)
+    capsys.readouterr()
+    assert main(["directions", *_common(files, *LOOSE), "--out", out]) == 0
+    assert "reusing directions" in capsys.readouterr().err
+    assert main(["directions", *_common(files, *LOOSE), "--prune-layer-fraction", "0.5", "--out", out]) == 0
+    assert "reusing the extraction" in capsys.readouterr().err
+    second = Directions.load(out)
+    assert torch.equal(first.harmful_mean, second.harmful_mean)
+    assert second.selection.layer < 2  # 3 layers, half pruned: the new selection config was applied

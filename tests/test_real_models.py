@@ -10,7 +10,7 @@ from refat.directions import SelectionConfig, extract, select
 from refat.generation import generate
 from refat.judges import RefusalStringJudge, rate, refusal_records
 from refat.models import load
-from refat.workflow import DataConfig, prompt_sets
+from refat.workflow import DataConfig, DemoConfig, prompt_sets
 
 pytestmark = pytest.mark.real
 
@@ -46,9 +46,11 @@ def test_qwen_post_instruction_tokens_come_from_its_template(qwen):
 def test_rfa_removes_refusals_on_qwen(qwen, sets):
     """The selected difference-of-means direction, ablated, turns refusals into answers."""
     d = extract(qwen, sets.prompts("harmful", "train"), sets.prompts("harmless", "train"))
-    # a narrowed candidate search keeps the test short; the demo searches every layer and position
+    # the demo's filters, and a narrowed candidate search to keep the test short (the demo searches all)
+    demo = DemoConfig().selection
     sel = select(qwen, d, sets.prompts("harmful", "val"), sets.prompts("harmless", "val"),
-                 SelectionConfig(layers=list(range(8, 19, 2)), positions=[-1, -5]))
+                 SelectionConfig(kl_threshold=demo.kl_threshold, induce_refusal_threshold=demo.induce_refusal_threshold,
+                                 layers=list(range(8, 19, 2)), positions=[-1, -4]))
     assert sel.refusal_score < sel.baseline_refusal_score
     harmful = sets.prompts("harmful", "test")
     judge = RefusalStringJudge()

@@ -10,6 +10,7 @@ refusal score most on validation prompts, among those that barely move harmless 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,12 +228,17 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
         with hooks.ablate(model, v):
             logp = _last_logits(model, harmless_val, bs).double().log_softmax(-1)
         c["kl"] = (base_harmless_logp.exp() * (base_harmless_logp - logp)).sum(-1).mean().item()
+        verdict = f"layer {c['layer']:>2} position {c['position']}: refusal score {c['refusal_score']:.2f}, KL {c['kl']:.3f}"
         if c["kl"] > config.kl_threshold:
+            tqdm.write(f"refat: {verdict} > {config.kl_threshold}: rejected", file=sys.stderr)
             continue
         with hooks.add(model, v, layers=[c["layer"]]):
             c["induce_score"] = refusal_scores(_last_logits(model, harmless_val, bs), ref_ids).mean().item()
+        verdict += f", induced refusal score {c['induce_score']:.2f}"
         if c["induce_score"] <= config.induce_refusal_threshold:
+            tqdm.write(f"refat: {verdict} ≤ {config.induce_refusal_threshold}: rejected", file=sys.stderr)
             continue
+        tqdm.write(f"refat: {verdict}: selected", file=sys.stderr)
         directions.selection = Selection(c["layer"], c["position"], c["refusal_score"], base_harmful, c["kl"],
                                          c["induce_score"], cands)
         return directions.selection

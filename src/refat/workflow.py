@@ -71,20 +71,32 @@ def _fingerprint(*parts) -> str:
 
 def find_directions(model: Model, sets: PromptSets, selection: SelectionConfig, out_dir: str | Path | None = None,
                     *, batch_size: int = 32) -> Directions:
-    """Extract on the train split and select on the val split; reuse a saved result with the same inputs."""
-    key = _fingerprint(model.name, model.source, sets.prompts("harmful", "train"), sets.prompts("harmless", "train"),
-                       sets.prompts("harmful", "val"), sets.prompts("harmless", "val"), asdict(selection))
+    """Extract on the train split and select on the val split. Each stage is saved as it finishes and
+    reused when its inputs are unchanged: a new selection config reuses the extraction."""
+    extract_key = _fingerprint(model.name, model.source, sets.prompts("harmful", "train"),
+                               sets.prompts("harmless", "train"))
+    select_key = _fingerprint(extract_key, sets.prompts("harmful", "val"), sets.prompts("harmless", "val"),
+                              asdict(selection))
+    d = None
     if out_dir is not None and (Path(out_dir) / "directions.safetensors").exists():
         saved = Directions.load(out_dir)
-        if saved.meta.get("fingerprint") == key and saved.selection is not None:
-            print(f"refat: reusing directions in {out_dir} (same model, data and selection config)", file=sys.stderr)
-            return saved
+        if saved.meta.get("extract_fingerprint") == extract_key:
+            if saved.selection is not None and saved.meta.get("select_fingerprint") == select_key:
+                print(f"refat: reusing directions in {out_dir} (same model, data and selection config)", file=sys.stderr)
+                return saved
+            print(f"refat: reusing the extraction in {out_dir}; selecting anew", file=sys.stderr)
+            d, d.selection = saved, None
+    if d is None:
+        t0 = time.perf_counter()
+        d = extract(model, sets.prompts("harmful", "train"), sets.prompts("harmless", "train"), batch_size=batch_size)
+        d.meta = {"extract_fingerprint": extract_key, "model_source": model.source,
+                  "seconds": {"extract": round(time.perf_counter() - t0, 1)}}
+        if out_dir is not None:
+            d.save(out_dir)
     t0 = time.perf_counter()
-    d = extract(model, sets.prompts("harmful", "train"), sets.prompts("harmless", "train"), batch_size=batch_size)
-    t1 = time.perf_counter()
     select(model, d, sets.prompts("harmful", "val"), sets.prompts("harmless", "val"), selection)
-    d.meta = {"fingerprint": key, "selection_config": asdict(selection), "model_source": model.source,
-              "seconds": {"extract": round(t1 - t0, 1), "select": round(time.perf_counter() - t1, 1)}}
+    d.meta |= {"select_fingerprint": select_key, "selection_config": asdict(selection)}
+    d.meta["seconds"] = d.meta.get("seconds", {}) | {"select": round(time.perf_counter() - t0, 1)}
     if out_dir is not None:
         d.save(out_dir)
     return d
