@@ -138,12 +138,13 @@ class DemoConfig:
     dtype: str = "float32"  # pinned so numbers reproduce; outputs differ between fp32 and bf16
     device: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
-    # Arditi et al.'s filters (KL ≤ 0.1, induced refusal score > 0) were set on 1.8B-72B chat models; on
-    # qwen2.5-coder-0.5b no candidate passes both (adding one direction at one layer never lifts the
-    # harmless refusal log-odds above -0.4, and the strongest ablations move harmless outputs by KL 0.15-0.8),
-    # so the demo relaxes them; the per-candidate scores are kept in directions.json.
+    # Arditi et al.'s filters (KL ≤ 0.1, induced refusal log-odds > 0) were set on 1.8B-72B chat models. On
+    # qwen2.5-coder-0.5b no candidate passes both: the strongest ablations move harmless next-token
+    # distributions by KL 0.2-1.3, and adding one direction at one layer lifts the harmless refusal log-odds
+    # from about -2.5 to at most -0.4. The demo keeps both filters, relaxed to KL ≤ 0.2 and log-odds > -1.5
+    # (still at least one nat above the harmless baseline); every candidate's verdict is in directions.json.
     selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(
-        kl_threshold=0.2, induce_refusal_threshold=-1.0, screen_prompts=8, screen_keep=12))
+        kl_threshold=0.2, induce_refusal_threshold=-1.5, screen_prompts=8, screen_keep=12))
     rfa: RFAConfig = field(default_factory=lambda: RFAConfig(max_new_tokens=48))
 
 
