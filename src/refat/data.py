@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import catalog
 
-__all__ = ["Example", "REGISTRY", "load_dataset", "split", "dedupe", "read_package_file", "DatasetError"]
+__all__ = ["Example", "REGISTRY", "load_dataset", "split", "dedupe", "prompt_key", "read_package_file", "DatasetError"]
 
 
 class DatasetError(ValueError):
@@ -194,7 +194,8 @@ def load_dataset(spec: str, *, prompt_field: str | None = None, target_field: st
     return examples
 
 
-def _key(prompt: str) -> str:
+def prompt_key(prompt: str) -> str:
+    """A prompt's identity for deduplication and held-out checks: case and whitespace ignored."""
     return " ".join(prompt.casefold().split())
 
 
@@ -202,7 +203,7 @@ def dedupe(examples: Sequence[Example]) -> list[Example]:
     """Drop repeated prompts (case and whitespace ignored), keeping the first."""
     seen, out = set(), []
     for e in examples:
-        k = _key(e.prompt)
+        k = prompt_key(e.prompt)
         if k and k not in seen:
             seen.add(k)
             out.append(e)
@@ -211,7 +212,7 @@ def dedupe(examples: Sequence[Example]) -> list[Example]:
 
 def split(examples: Sequence[Example], sizes: dict[str, int | None], *, seed: int = 0) -> dict[str, list[Example]]:
     """Deterministic disjoint splits: ``sizes`` maps split names to counts in order; ``None`` takes the rest."""
-    order = sorted(dedupe(examples), key=lambda e: hashlib.sha256(f"{seed}:{_key(e.prompt)}".encode()).hexdigest())
+    order = sorted(dedupe(examples), key=lambda e: hashlib.sha256(f"{seed}:{prompt_key(e.prompt)}".encode()).hexdigest())
     fixed = sum(n for n in sizes.values() if n is not None)
     if fixed > len(order):
         raise DatasetError(f"asked for {fixed} examples across splits {dict(sizes)}, but only {len(order)} exist")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import catalog
 from .attacks.rfa import RFAConfig, evaluate
-from .data import Example, load_dataset, split
+from .data import Example, load_dataset, prompt_key, split
 from .directions import Directions, SelectionConfig, extract, select
 from .judges import RefusalStringJudge
 from .models import Model, load
@@ -60,7 +60,8 @@ def training_pairs(model: Model, data: DataConfig, n_harmful: int, n_harmless: i
 
     sets = prompt_sets(data)
     held_out = [e.prompt for kind in ("harmful", "harmless") for s in ("val", "test") for e in getattr(sets, kind)[s]]
-    pool = lambda spec, n: [e for e in load_dataset(spec) if e.prompt not in set(held_out)][:n]  # noqa: E731
+    banned = {prompt_key(p) for p in held_out}
+    pool = lambda spec, n: [e for e in load_dataset(spec) if prompt_key(e.prompt) not in banned][:n]  # noqa: E731
     harmful, harmless = pool(data.harmful, n_harmful), pool(data.harmless, n_harmless)
     return load_or_build_pairs(cache, model, harmful, harmless, exclude=held_out)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..data import Example
+from ..data import Example, prompt_key
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model
@@ -59,8 +60,8 @@ def build_pairs(model: Model, harmful: Sequence[Example], harmless: Sequence[Exa
                 judge: RefusalStringJudge = RefusalStringJudge(), max_new_tokens: int = 64,
                 batch_size: int = 16) -> list[Pair]:
     """Make training pairs, leaving out every prompt in ``exclude`` (the evaluation splits)."""
-    banned = {" ".join(p.casefold().split()) for p in exclude}
-    keep = lambda xs: [e for e in xs if " ".join(e.prompt.casefold().split()) not in banned]  # noqa: E731
+    banned = {prompt_key(p) for p in exclude}
+    keep = lambda xs: [e for e in xs if prompt_key(e.prompt) not in banned]  # noqa: E731
     harmful, harmless = keep(harmful), keep(harmless)
     if not harmful or not harmless:
         raise ValueError("no training prompts left after removing evaluation prompts")
@@ -89,9 +90,7 @@ def load_or_build_pairs(path: str | Path, model: Model, harmful: Sequence[Exampl
         return [Pair(**r) for r in read_jsonl(path)]
     pairs = build_pairs(model, harmful, harmless, **kwargs)
     write_jsonl(path, [asdict(p) for p in pairs])
-    sources = {f"{'harmful' if p.harmful else 'harmless'}:{p.source}": 0 for p in pairs}
-    for p in pairs:
-        sources[f"{'harmful' if p.harmful else 'harmless'}:{p.source}"] += 1
+    sources = Counter(f"{'harmful' if p.harmful else 'harmless'}:{p.source}" for p in pairs)
     write_json(meta, {"fingerprint": key, "model": model.name, "model_source": model.source, "n": len(pairs),
                       "response_sources": sources})
     return pairs
