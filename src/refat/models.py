@@ -198,10 +198,6 @@ class Model:
                 f"prompt #{i} has {n} tokens: {instructions[i][:80]!r}...")
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def to(self, device) -> "Model":
-        self.hf.to(device)
-        return self
-
 
 def _prepare_tokenizer(tok, name: str):
     tok.padding_side = "left"

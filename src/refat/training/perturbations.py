@@ -26,7 +26,7 @@ from ..directions import extract
 from ..models import Model
 from .data import Batch
 
-__all__ = ["RefatConfig", "AdversarialConfig", "Perturbation", "NoPerturbation", "RefatPerturbation",
+__all__ = ["RefatConfig", "AdversarialConfig", "Perturbation", "RefatPerturbation",
            "AdversarialPerturbation", "make_perturbation", "METHODS", "Cost"]
 
 METHODS = ("rt", "refat", "cat", "lat")
@@ -104,8 +104,9 @@ class Perturbation:
     def before_step(self, step: int) -> None:
         """Called before each optimisation step (ReFAT recomputes its features here)."""
 
-    def context(self, batch: Batch, step: int):
-        """The context manager the training forward of ``batch`` runs under."""
+    def context(self, batch: Batch, draw: int):
+        """The context manager the training forward of ``batch`` runs under (``draw``: the micro-batch's
+        index over the whole run, step × grad_accum + micro, which seeds any random choice)."""
         return nullcontext()
 
     def state(self) -> dict[str, Tensor]:
@@ -113,9 +114,6 @@ class Perturbation:
 
     def load_state(self, state: dict[str, Tensor]) -> None:
         pass
-
-
-NoPerturbation = Perturbation
 
 
 class RefatPerturbation(Perturbation):
@@ -158,16 +156,16 @@ class RefatPerturbation(Perturbation):
         if step % self.cfg.k == 0 or self.directions is None:
             self.recompute(step)
 
-    def rows(self, batch: Batch, step: int) -> Tensor:
-        """Harmful rows drawn for RFA this step, each with probability p."""
+    def rows(self, batch: Batch, draw: int) -> Tensor:
+        """Harmful rows drawn for RFA in this micro-batch, each with probability p."""
         size = batch.global_size or len(batch.harmful)
-        coin = torch.rand(size, generator=step_generator(self.seed, step, 2)) < self.cfg.p
+        coin = torch.rand(size, generator=step_generator(self.seed, draw, 2)) < self.cfg.p
         if batch.rows is not None:  # a shard of the global batch draws the global batch's coins
             coin = coin[batch.rows]
         return batch.harmful.cpu() & coin
 
-    def context(self, batch: Batch, step: int):
-        rows = self.rows(batch, step)
+    def context(self, batch: Batch, draw: int):
+        rows = self.rows(batch, draw)
         if not rows.any():
             return nullcontext()
         mean = self.harmless_mean if self.cfg.mode == "mean" else None
@@ -240,7 +238,7 @@ class AdversarialPerturbation(Perturbation):
                            seconds=time.perf_counter() - t0))
         return {l: d.detach() for l, d in deltas.items()}
 
-    def context(self, batch: Batch, step: int):
+    def context(self, batch: Batch, draw: int):
         if batch.affirm is None:
             return nullcontext()
         small = self._attack(batch)
