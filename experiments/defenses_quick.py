@@ -46,10 +46,10 @@ def main() -> None:
     rows = {}
     for method in args.methods:
         out = args.out / method
-        model = copy.deepcopy(base)
         if (out / "summary.json").exists():
             rows[method] = json.loads((out / "summary.json").read_text())
             continue
+        model = copy.deepcopy(base)  # training wraps the model it is given: each method starts from the base
         result = train(model, pairs, TrainConfig(method=method, steps=args.steps), out / "train", resume=True)
         directions = find_directions(result.model, sets, forced, out)
         summary = attack_rfa(result.model, directions, sets, demo.rfa, out,

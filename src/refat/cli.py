@@ -123,13 +123,14 @@ def _data(args):
 
 def _selection(args):
     from .directions import SelectionConfig
-    return SelectionConfig(args.kl_threshold, args.induce_refusal_threshold, args.prune_layer_fraction,
-                           args.screen_prompts or None, args.screen_keep)
+    return SelectionConfig(kl_threshold=args.kl_threshold, induce_refusal_threshold=args.induce_refusal_threshold,
+                           prune_layer_fraction=args.prune_layer_fraction, screen_prompts=args.screen_prompts or None,
+                           screen_keep=args.screen_keep)
 
 
 def _rfa(args):
     from .attacks.rfa import RFAConfig
-    return RFAConfig(args.mode, args.layers, args.max_new_tokens, args.batch_size)
+    return RFAConfig(mode=args.mode, layers=args.layers, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
