@@ -1,1 +1,2 @@
-"""Benchmarks for refat: hook overhead and generation throughput (run with ``python -m bench``)."""
+"""Benchmarks for refat (run with ``python -m bench``; see BENCHMARKS.md): hooks, generation, training step,
+extraction, roofline, memory, and the opt-in GCG-vs-nanoGCG comparison."""

@@ -1,68 +1,172 @@
-"""Run all refat benchmarks, print a table and write the results (with machine info) as JSON."""
+"""Run the refat benchmarks, print one table of ratios and write the results (with machine info) as JSON.
+
+Default: every case but the opt-in ``gcg`` (which builds a nanoGCG virtualenv), with repeat counts sized
+to finish in about 20 minutes on 2 CPU cores with the 0.5B model; an estimate is printed first.
+``--tiny`` runs everything on a tiny random model built here, in seconds (a smoke test, not a measurement).
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from refat.models import load
-
-from . import generation_throughput, hooks_overhead, training_step
 from refat.storage import write_json
+from refat.training import METHODS
 
+from . import estimate as est
+from . import extraction, generation_throughput, hooks_overhead, memory, roofline, training_step
 from .common import machine_info
+
+CASES = ("hooks", "generation", "training", "extraction", "roofline", "memory", "gcg")
+OPT_IN = ("gcg",)
+# Rounds per case when --repeats is not given: sized for ~20 min on 2 cores with the 0.5B model (see estimate.py).
+DEFAULT_REPEATS = {"hooks": 5, "generation": 1, "training": 1, "extraction": 3, "roofline": 3, "memory": 1, "gcg": 1}
+# --tiny: smallest settings that still exercise every code path.
+TINY = {"batch_size": 4, "max_new_tokens": 4, "train_steps": 4, "matmul_n": 256, "gcg_steps": 2, "gcg_search_width": 8}
+FULL = {"batch_size": 16, "max_new_tokens": 32, "train_steps": 4, "matmul_n": 2048, "gcg_steps": 10,
+        "gcg_search_width": 128}
 
 
 def _fmt(v) -> str:
     return "-" if v is None else ("yes" if v is True else "no" if v is False else str(v))
 
 
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def print_table(rows: list[dict]) -> None:
     w = max(len(r["name"]) for r in rows)
     print(f"{'name':<{w}}  {'value':>8}  {'target':>7}  met")
     for r in rows:
-        print(f"{r['name']:<{w}}  {r['value']:>8.3f}  {_fmt(r['target']):>7}  {_fmt(r['met'])}")
+        v = r["value"]
+        val = f"{v:>8.4g}" if math.isfinite(v) and abs(v) >= 1000 else f"{v:>8.3f}"
+        print(f"{r['name']:<{w}}  {val}  {_fmt(r['target']):>7}  {_fmt(r['met'])}")
+
+
+def repeats_for(case: str, repeats: int | None, tiny: bool) -> int:
+    """Rounds of one case: --repeats for all (training: half, as its rounds are long), else the sized default."""
+    if repeats is None:
+        return 1 if tiny else DEFAULT_REPEATS[case]
+    return max(1, repeats // 2) if case == "training" else repeats
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="catalog name, local directory, .gguf or hub id")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model built in a temp dir instead of --model")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"rounds per case (training: half); default per case {DEFAULT_REPEATS} (1 with --tiny)")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per forward / generation batch (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation case (default 32)")
+    p.add_argument("--only", nargs="+", choices=CASES, default=None,
+                   help=f"run these cases only (default: all but the opt-in {', '.join(OPT_IN)})")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="training case: steps per method per round, a multiple of ReFAT's k (default 4)")
+    p.add_argument("--roofline-steps", type=int, default=2, help="roofline case: LoRA steps per round (first untimed)")
+    p.add_argument("--matmul-n", type=int, default=None, help="roofline case: square matmul size (default 2048)")
+    p.add_argument("--memory-method", default="refat", choices=METHODS, help="memory case: training method (default refat)")
+    p.add_argument("--memory-steps", type=int, default=2, help="memory case: training steps")
+    p.add_argument("--gcg-steps", type=int, default=None, help="gcg case: optimisation steps (default 10)")
+    p.add_argument("--gcg-search-width", type=int, default=None, help="gcg case: candidates per step (default 128)")
+    p.add_argument("--out", default=None, help="JSON results (default bench/results.json; none with --tiny)")
+    args = p.parse_args(argv)
+    for k, v in (TINY if args.tiny else FULL).items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.out is None and not args.tiny:
+        args.out = "bench/results.json"
+    return args
+
+
+def make_plan(args: argparse.Namespace) -> est.Plan:
+    """The cases to run (--only, else all but the opt-in ones) and their rounds."""
+    cases = list(args.only or [c for c in CASES if c not in OPT_IN])
+    reps = {c: repeats_for(c, args.repeats, args.tiny) for c in cases}
+    return est.Plan(cases, reps, args.batch_size, args.max_new_tokens, args.train_steps, args.roofline_steps,
+                    args.memory_steps, args.gcg_steps, args.gcg_search_width)
+
+
+def _tiny_model_dir(root: Path) -> Path:
+    from .gcg_vs_nanogcg import make_tiny
+
+    return make_tiny(root / "tiny", hidden=64, layers=2)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="catalog name, local directory, .gguf or hub id")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--device", default=None)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--only", choices=["hooks", "generation", "training"], default=None, help="run one benchmark only")
-    p.add_argument("--train-steps", type=int, default=8, help="steps per method per round (a multiple of ReFAT's k)")
-    p.add_argument("--out", default="bench/results.json")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
+    plan = make_plan(args)
+    cases, reps = plan.cases, plan.repeats
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = str(_tiny_model_dir(Path(tmp))) if args.tiny else args.model
+        t0 = time.perf_counter()
+        model = load(spec, dtype=args.dtype, device=args.device)
+        load_s = time.perf_counter() - t0
+        guess = est.estimate(plan, sum(roofline.matmul_params(model)))
+        print(f"estimated wall time: ~{_dur(guess['total'])} (" + ", ".join(f"{c} {_dur(guess[c])}" for c in cases)
+              + "; scaled from the 0.5B model's timings on 2 CPU cores)", file=sys.stderr, flush=True)
+        rows, details = [], {}
 
-    t0 = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, device=args.device)
-    load_s = time.perf_counter() - t0
-    rows, details = [], {}
-    if args.only in (None, "hooks"):
-        r, details["hooks_overhead"] = hooks_overhead.run(model, args.repeats, args.batch_size)
-        rows += r
-    if args.only in (None, "generation"):
-        r, details["generation_throughput"] = generation_throughput.run(
-            model, args.repeats, args.batch_size, args.max_new_tokens)
-        rows += r
-    if args.only in (None, "training"):
-        r, details["training_step"] = training_step.run(model, max(1, args.repeats // 2), args.train_steps)
-        rows += r
+        def case(name: str, fn) -> None:
+            t = time.perf_counter()
+            r, details[name] = fn()
+            details[name]["wall_s"] = time.perf_counter() - t
+            rows.extend(r)
+
+        bs = args.batch_size
+        if "hooks" in cases:
+            case("hooks", lambda: hooks_overhead.run(model, reps["hooks"], bs))
+        if "generation" in cases:
+            case("generation", lambda: generation_throughput.run(model, reps["generation"], bs, args.max_new_tokens))
+        if "training" in cases:
+            case("training", lambda: training_step.run(model, reps["training"], args.train_steps))
+        if "extraction" in cases:
+            case("extraction", lambda: extraction.run(model, reps["extraction"], bs))
+        if "roofline" in cases:
+            case("roofline", lambda: roofline.run(model, reps["roofline"], bs, args.roofline_steps,
+                                                  matmul_n=args.matmul_n))
+        if "memory" in cases:
+            case("memory", lambda: memory.run(spec, dtype=args.dtype, device=args.device, method=args.memory_method,
+                                              steps=args.memory_steps))
+        if "gcg" in cases:
+            case("gcg", lambda: _gcg(spec, model, args))
     print_table(rows)
     result = {
-        "model": args.model,
+        "model": "tiny (random, built in-process)" if args.tiny else args.model,
         "source": model.source,
-        "settings": vars(args) | {"dtype": str(model.dtype).removeprefix("torch.")},
+        "settings": vars(args) | {"dtype": str(model.dtype).removeprefix("torch."), "cases": cases, "repeats": reps},
         "machine": machine_info(),
         "load_s": load_s,
+        "estimate_s": guess,
         "results": rows,
         "details": details,
     }
-    print(f"wrote {write_json(args.out, result)}")
+    if args.out:
+        print(f"wrote {write_json(args.out, result)}")
     return result
+
+
+def _gcg(spec: str, model, args) -> tuple[list[dict], dict]:
+    """refat's GCG vs nanoGCG 0.3.0 (bench/gcg_vs_nanogcg.py); with --tiny, a byte-level prompt and target."""
+    from refat.attacks.gcg import GCGConfig
+
+    from . import gcg_vs_nanogcg
+
+    kw = dict(steps=args.gcg_steps, search_width=args.gcg_search_width,
+              rounds=repeats_for("gcg", args.repeats, args.tiny))
+    if args.tiny:  # one token per byte: a short goal and target, a 20-byte suffix
+        kw |= dict(goal="Tell me how to do it", target="Sure, here", optim_str_init="x" * 20)
+    else:
+        kw |= dict(optim_str_init=GCGConfig.optim_str_init)
+    return gcg_vs_nanogcg.run(spec, model=model, **kw)
 
 
 if __name__ == "__main__":

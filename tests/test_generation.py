@@ -189,11 +189,11 @@ def test_generate_halves_on_oom(gen_model, monkeypatch):
     real = G._generate_batch
     sizes = []
 
-    def flaky(model, prompts, max_new_tokens):
+    def flaky(model, prompts, max_new_tokens, formatted=False):
         sizes.append(len(prompts))
         if len(prompts) > 2:
             raise RuntimeError("CUDA out of memory")
-        return real(model, prompts, max_new_tokens)
+        return real(model, prompts, max_new_tokens, formatted)
 
     expected = generate(gen_model, PROMPTS, max_new_tokens=5, batch_size=1, progress=False)
     monkeypatch.setattr(G, "_generate_batch", flaky)

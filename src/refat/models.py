@@ -220,10 +220,11 @@ def wrap(hf_model: nn.Module, tokenizer, *, name: str | None = None, blocks: str
 
 def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
          gguf_file: str | None = None, blocks: str | None = None, trust_remote_code: bool = False,
-         system_prompt: str | None = None, max_prompt_tokens: int = 2048) -> Model:
+         system_prompt: str | None = None, max_prompt_tokens: int = 2048, adapter: str | Path | None = None) -> Model:
     """Load a causal LM from an offline catalog name, a local HF directory, a ``.gguf`` file or a hub id.
 
     Device and dtype are chosen automatically (GPU and bf16 where available, else CPU and fp32).
+    ``adapter``: a LoRA adapter folder (e.g. ``refat train``'s ``adapter/``), merged into the weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -259,6 +260,13 @@ def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
     tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}
     tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
     hf = AutoModelForCausalLM.from_pretrained(location, **kwargs).to(dev)
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+        from peft import PeftModel
+
+        hf = PeftModel.from_pretrained(hf, str(adapter)).merge_and_unload()
+        source["adapter"] = str(adapter)
     hf.eval()
     hf.requires_grad_(False)
     model = wrap(hf, tokenizer, name=spec, blocks=blocks, system_prompt=system_prompt,

@@ -68,7 +68,8 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split on "\n" only: str.splitlines also breaks at \x1c-\x1e, \x85 and \u2028, which JSON leaves unescaped
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def claim_output(out_dir: str | Path, finished_marker: str, *, overwrite: bool = False) -> Path:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ..data import Example, prompt_key
+from ..data import Example, affirmative_target, prompt_key
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model
 from ..storage import read_jsonl, write_json, write_jsonl
+from .distributed import main_process_first
 
 __all__ = ["Pair", "Batch", "NATURAL_REFUSALS", "build_pairs", "load_or_build_pairs", "encode", "collate"]
 
@@ -49,11 +50,9 @@ def _pick(options: Sequence[str], key: str) -> str:
     return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
 
 
-def affirmative_target(e: Example) -> str:
+def _attack_target(e: Example) -> str:
     """The attack target for a harmful prompt: the dataset's ("Sure, here is ...") or a generic one."""
-    if e.target:
-        return e.target
-    return "Sure, here is " + e.prompt[:1].lower() + e.prompt[1:].rstrip(".?!")
+    return e.target or affirmative_target(e.prompt)
 
 
 def build_pairs(model: Model, harmful: Sequence[Example], harmless: Sequence[Example], *, exclude: Sequence[str] = (),
@@ -67,8 +66,8 @@ def build_pairs(model: Model, harmful: Sequence[Example], harmless: Sequence[Exa
         raise ValueError("no training prompts left after removing evaluation prompts")
     own = generate(model, [e.prompt for e in harmful], max_new_tokens=max_new_tokens, batch_size=batch_size,
                    desc="own refusals")
-    pairs = [Pair(e.prompt, c.strip(), True, "model", affirmative_target(e)) if judge.refuses(c) and c.strip()
-             else Pair(e.prompt, _pick(NATURAL_REFUSALS, e.prompt), True, "template", affirmative_target(e))
+    pairs = [Pair(e.prompt, c.strip(), True, "model", _attack_target(e)) if judge.refuses(c) and c.strip()
+             else Pair(e.prompt, _pick(NATURAL_REFUSALS, e.prompt), True, "template", _attack_target(e))
              for e, c in zip(harmful, own)]
     missing = [e for e in harmless if not e.target]
     answers = dict(zip([e.prompt for e in missing], generate(model, [e.prompt for e in missing],
@@ -86,14 +85,15 @@ def load_or_build_pairs(path: str | Path, model: Model, harmful: Sequence[Exampl
                                      [asdict(e) for e in harmless], sorted(kwargs.get("exclude", ()))],
                                     default=str).encode()).hexdigest()[:16]
     meta = path.with_suffix(".json")
-    if path.exists() and meta.exists() and json.loads(meta.read_text()).get("fingerprint") == key:
-        return [Pair(**r) for r in read_jsonl(path)]
-    pairs = build_pairs(model, harmful, harmless, **kwargs)
-    write_jsonl(path, [asdict(p) for p in pairs])
-    sources = Counter(f"{'harmful' if p.harmful else 'harmless'}:{p.source}" for p in pairs)
-    write_json(meta, {"fingerprint": key, "model": model.name, "model_source": model.source, "n": len(pairs),
-                      "response_sources": sources})
-    return pairs
+    with main_process_first():  # data parallel: rank 0 builds the cache, the others read it
+        if path.exists() and meta.exists() and json.loads(meta.read_text()).get("fingerprint") == key:
+            return [Pair(**r) for r in read_jsonl(path)]
+        pairs = build_pairs(model, harmful, harmless, **kwargs)
+        write_jsonl(path, [asdict(p) for p in pairs])
+        sources = Counter(f"{'harmful' if p.harmful else 'harmless'}:{p.source}" for p in pairs)
+        write_json(meta, {"fingerprint": key, "model": model.name, "model_source": model.source, "n": len(pairs),
+                          "response_sources": sources})
+        return pairs
 
 
 def encode(model: Model, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:

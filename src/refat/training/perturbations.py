@@ -209,7 +209,9 @@ class AdversarialPerturbation(Perturbation):
                        batch.prompt_lengths[harmful_idx][:, None].to(affirm.input_ids.device)).unsqueeze(-1)
         with hooks.capture(self.model, self.layers, positions=slice(0, width)) as acts, torch.no_grad():
             self.model.hf(input_ids=affirm.input_ids, attention_mask=affirm.attention_mask)
-        scale = {l: acts[l][0].norm(dim=-1).mean().item() for l in self.layers}
+        # typical norm of the real prompt tokens: padding left out, and the median because the first
+        # token's activation is often orders of magnitude larger than the rest (an attention sink)
+        scale = {l: acts[l][0].norm(dim=-1)[prompt_mask.squeeze(-1)].median().item() for l in self.layers}
         eps = {l: self.cfg.epsilon * scale[l] for l in self.layers}
         alpha = {l: (self.cfg.step_size or 2.5 * self.cfg.epsilon / self.cfg.steps) * scale[l] for l in self.layers}
         dtype = self.model.dtype

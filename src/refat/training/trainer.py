@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from ..models import Model, wrap
 from ..storage import FinishedRunError, atomic_dir, read_jsonl, write_json, write_jsonl
 from .data import Pair, collate
+from .distributed import rank_and_world
 from .perturbations import METHODS, AdversarialConfig, Cost, RefatConfig, make_perturbation, step_generator
 
 __all__ = ["LoraSettings", "TrainConfig", "TrainResult", "train", "TrainingDivergedError"]
@@ -123,14 +123,6 @@ class _Sampler:
                 + self._take(self.harmless, draw * self.n_harmless, self.n_harmless, 11))
 
 
-def _dist() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
-
-
 def _prepare_model(model: Model, cfg: TrainConfig) -> Model:
     """Make the model trainable: LoRA adapters through peft (a new Model view), or every weight."""
     if cfg.full_finetune:
@@ -203,7 +195,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
     cfg.validate(model.n_layers)
     sampler = _Sampler(pairs, cfg)  # checks the pairs before --overwrite deletes anything
     out = Path(out_dir)
-    rank, world = _dist()
+    rank, world = rank_and_world()
     if (out / "train_summary.json").exists() and not (overwrite or resume):
         raise FinishedRunError(f"{out} holds a finished training run; pass --overwrite or --resume, or another --out")
     if overwrite and rank == 0:  # the run's own outputs only: cached pairs and other files stay
@@ -252,10 +244,13 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             token_loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
             loss = token_loss / n_target / cfg.grad_accum * world  # DDP averages over ranks: undo it
-            if not torch.isfinite(loss):
+            finite = torch.tensor([float(torch.isfinite(loss))])
+            if world > 1:  # every rank stops together (a rank raising alone would leave the others hanging)
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            if not finite.item():
                 last = _checkpoints(out)
                 raise TrainingDivergedError(
-                    f"non-finite loss ({loss.item()}) at step {step}; stopped without saving. "
+                    f"non-finite loss ({loss.item()} on this rank) at step {step}; stopped without saving. "
                     f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
             loss.backward()
             loss_value += loss.item() / world
@@ -298,7 +293,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             _save_model(model, out / "merged")
     if rank == 0:  # last: its presence marks the run finished
         write_json(out / "train_summary.json", {
-            "method": cfg.method, "steps": cfg.steps, "final_loss": loss_value, "compute": compute,
+            "method": cfg.method, "steps": cfg.steps, "world_size": world, "final_loss": loss_value, "compute": compute,
             "direction_history": getattr(perturbation, "history", []), "model": model.name,
             "model_source": model.source})
     model.hf.eval()

@@ -1,0 +1,62 @@
+"""Up-front wall-time estimate of a benchmark run, from the 0.5B model's measured timings.
+
+The unit costs below were measured on 2 CPU cores, float32, ``qwen2.5-coder-0.5b`` (RESULTS.md and
+bench/results-*.json); they are scaled linearly by the model's matmul parameters and by the work each
+case does (prompts, tokens, steps, rounds). A rough guide for sizing runs, not a measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# P_blocks + P_head of Qwen2.5-0.5B (24 layers, d 896, MLP 4864, 14/2 heads of 64, vocabulary 151936).
+REF_PARAMS = 493_961_216
+FORWARD_S_PER_PROMPT = 5.72 / 16  # forward_last_logits, batch 16, 45 tokens (results-hooks.json)
+BATCHED_S_PER_TOKEN = 28.3 / (16 * 32)  # greedy generate at batch 16, per prompt and new token
+ONE_BY_ONE_S_PER_TOKEN = 107.5 / (16 * 32)  # the same prompts one at a time
+STEP_S_BATCH4 = {"rt": 7.45, "refat": 14.78, "cat": 22.46, "lat": 34.30}  # k=4 for refat (results-training.json)
+REFAT_RECOMPUTE_S = 26.0  # refusal features from 32 + 32 prompts
+LOAD_S = 8.0
+CHILD_OVERHEAD_S = 6.0  # a fresh interpreter importing torch, transformers and peft
+
+
+@dataclass
+class Plan:
+    """What one run will do; each case reads only its own fields."""
+
+    cases: list[str]
+    repeats: dict[str, int]
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    train_steps: int = 4
+    roofline_steps: int = 2
+    memory_steps: int = 2
+    gcg_steps: int = 10
+    gcg_search_width: int = 128
+
+
+def case_seconds(plan: Plan, case: str) -> float:
+    """Estimated seconds of one case on the 0.5B model (2 cores)."""
+    r, bs, fwd = plan.repeats.get(case, 1), plan.batch_size, FORWARD_S_PER_PROMPT
+    if case == "hooks":  # 2 warm-up rounds, 3 variants
+        return 3 * (r + 2) * bs * fwd
+    if case == "generation":  # 1 warm-up round, 3 variants (hf.generate costs what ours does)
+        return (r + 1) * bs * plan.max_new_tokens * (2 * BATCHED_S_PER_TOKEN + ONE_BY_ONE_S_PER_TOKEN)
+    if case == "training":
+        return r * plan.train_steps * sum(STEP_S_BATCH4.values())
+    if case == "extraction":  # 1 warm-up round; bare and extract each run bs harmful + bs harmless prompts
+        return (r + 1) * 2 * (2 * bs) * fwd
+    if case == "roofline":
+        return (r + 1) * bs * fwd + r * (plan.roofline_steps * STEP_S_BATCH4["rt"] + 3)
+    if case == "memory":
+        return CHILD_OVERHEAD_S + LOAD_S + REFAT_RECOMPUTE_S + plan.memory_steps * STEP_S_BATCH4["rt"] * 1.1
+    if case == "gcg":  # per step, both implementations score search_width candidates (one forward each)
+        return 2 * (plan.gcg_steps + 1) * plan.gcg_search_width * fwd
+    raise ValueError(f"no estimate for case {case!r}")
+
+
+def estimate(plan: Plan, params: int) -> dict[str, float]:
+    """Seconds per case (and ``total``, with loading), scaled to a model of ``params`` matmul parameters."""
+    scale = params / REF_PARAMS
+    per = {c: case_seconds(plan, c) * scale for c in plan.cases}
+    return per | {"total": sum(per.values()) + LOAD_S * scale}

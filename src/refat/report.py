@@ -1,0 +1,479 @@
+"""The run report: markdown and a self-contained HTML page from a run folder's stage outputs.
+
+Each stage writes one small JSON file; the report reads whichever exist and says "not run" for the
+others, so it can be written at any point of a run. Expected inputs (all optional)::
+
+    RUN_DIR/
+      run.json                        {key: value}: model, seed, versions... (shown as a table)
+      asr.json                        {defense: {attack: {judge: ASR in [0, 1] or null}}}
+      utility.json                    {defense: {benchmark: score or null}}
+      overrefusal.json                {defense: {dataset: refusal rate in [0, 1] or null}}
+      compute.json                    {defense: {metric: number}}; if absent, read from
+                                      train/<defense>/train_summary.json ("compute", as the trainer writes it)
+      analysis.json, analysis/<name>/analysis.json    written by refat.analysis.AnalysisResult.save
+      train/<defense>/metrics.jsonl   one {"step": int, "loss": float, ...} per line (the trainer's file)
+
+Outputs: ``RUN_DIR/report.md`` (plots linked from ``RUN_DIR/plots/``) and ``RUN_DIR/report.html``
+(plots embedded as base64 PNG, no other file needed). Plots need matplotlib (``refat[plots]``);
+``plots=False`` writes the tables only. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .storage import atomic_path, write_text
+
+__all__ = ["write_report", "PlotsUnavailableError"]
+
+
+class PlotsUnavailableError(ImportError):
+    pass
+
+
+# ---- document model: sections of paragraphs, tables and figures, rendered to markdown and HTML ------------------
+
+@dataclass
+class _Table:
+    headers: list[str]
+    rows: list[list[str]]
+    numeric: bool = True  # right-align the value columns
+
+
+@dataclass
+class _Figure:
+    path: Path
+    caption: str
+
+
+@dataclass
+class _Missing:
+    text: str
+
+
+@dataclass
+class _Section:
+    title: str
+    blocks: list = field(default_factory=list)  # str (paragraph) | "### sub" | _Table | _Figure | _Missing
+    level: int = 2
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(title: str, sections: list[_Section], run_dir: Path) -> str:
+    out = [f"# {title}", ""]
+    for sec in sections:
+        out += [f"{'#' * sec.level} {sec.title}", ""]
+        for b in sec.blocks:
+            if isinstance(b, _Table):
+                out.append("| " + " | ".join(_md_cell(h) for h in b.headers) + " |")
+                out.append("|" + "|".join(["---"] + ["---:" if b.numeric else "---"] * (len(b.headers) - 1)) + "|")
+                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+            elif isinstance(b, _Figure):
+                out.append(f"![{b.caption}]({b.path.relative_to(run_dir).as_posix()})")
+            elif isinstance(b, _Missing):
+                out.append(f"*{b.text}*")
+            else:
+                out.append(b)
+            out.append("")
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:system-ui,-apple-system,sans-serif;max-width:62rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:.8rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}
+figure{margin:1rem 0}img{max-width:100%;height:auto}figcaption{color:#555;font-size:.9rem}
+table.text td{text-align:left}.missing{color:#888;font-style:italic}code{background:#f4f4f4;padding:0 .2rem}"""
+
+
+def _inline(text: str) -> str:
+    """Escape, then turn markdown `code` and **bold** into HTML."""
+    t = html.escape(text)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
+
+
+def _html(title: str, sections: list[_Section]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for sec in sections:
+        body.append(f"<h{sec.level}>{html.escape(sec.title)}</h{sec.level}>")
+        for b in sec.blocks:
+            if isinstance(b, _Table):
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
+                rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+                cls = "" if b.numeric else ' class="text"'
+                body.append(f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif isinstance(b, _Figure):
+                data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+                cap = html.escape(b.caption)
+                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{cap}">'
+                            f"<figcaption>{cap}</figcaption></figure>")
+            elif isinstance(b, _Missing):
+                body.append(f'<p class="missing">{_inline(b.text)}</p>')
+            elif b.startswith("### "):
+                body.append(f"<h3>{_inline(b[4:])}</h3>")
+            else:
+                body.append(f"<p>{_inline(b)}</p>")
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+# ---- formatting and reading -------------------------------------------------------------------------------------
+
+def _num(x) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+def _pct(x) -> str:
+    v = _num(x)
+    return "—" if v is None else f"{100 * v:.1f} %"
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if not math.isfinite(x):
+        return "—"
+    return f"{x:.0f}" if abs(x) >= 1e4 else f"{x:.4g}"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "x"
+
+
+def _read_json(path: Path, run_dir: Path) -> tuple[object, str | None]:
+    """(content, None), (None, None) when the file is absent, or (None, why) when it cannot be read."""
+    if not path.is_file():
+        return None, None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"Could not read `{path.relative_to(run_dir).as_posix()}`: {e}"
+
+
+def _nested(obj, depth: int, name: str, schema: str) -> str | None:
+    """None when ``obj`` is a dict nested ``depth`` levels deep (leaves anything), else why not."""
+    def ok(o, d):
+        return isinstance(o, dict) and (d == 1 or all(ok(v, d - 1) for v in o.values()))
+    return None if ok(obj, depth) else f"`{name}` does not follow the schema {schema}; skipped."
+
+
+def _columns(table: dict[str, dict]) -> list[str]:
+    cols: list[str] = []
+    for row in table.values():
+        cols += [c for c in row if c not in cols]
+    return cols
+
+
+def _not_run(name: str, what: str) -> _Missing:
+    return _Missing(f"Not run: no `{name}` in this run folder ({what}).")
+
+
+# ---- plots ------------------------------------------------------------------------------------------------------
+
+def _figure_class():
+    try:
+        from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch
+    except ImportError as e:
+        raise PlotsUnavailableError("the report's plots need matplotlib: pip install 'refat[plots]' "
+                                    "(or write tables only: write_report(..., plots=False), refat report --no-plots)") from e
+    return Figure
+
+
+class _Plotter:
+    def __init__(self, plot_dir: Path, enabled: bool):
+        self.dir, self.Figure = plot_dir, (_figure_class() if enabled else None)
+
+    def _save(self, fig, name: str, caption: str) -> _Figure:
+        path = self.dir / f"{_slug(name)}.png"
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        return _Figure(path, caption)
+
+    def bars(self, name: str, table: dict[str, dict], caption: str, ylabel: str) -> list[_Figure]:
+        if self.Figure is None:
+            return []
+        cols, rows = _columns(table), list(table)
+        fig = self.Figure(figsize=(max(5.0, 1.2 * len(cols) * max(1, len(rows)) ** 0.5 + 2), 3.6))
+        ax = fig.add_subplot()
+        width = 0.8 / max(1, len(rows))
+        for i, r in enumerate(rows):
+            vals = [100 * (_num(table[r].get(c)) or 0.0) for c in cols]
+            ax.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))], vals, width, label=r)
+        ax.set_xticks(range(len(cols)), cols, rotation=20 if len(cols) > 4 else 0, ha="right" if len(cols) > 4 else "center")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+        return [self._save(fig, name, caption)]
+
+    def lines(self, name: str, series: dict[str, list], caption: str, ylabel: str, *, xlabel: str = "layer",
+              x: dict[str, list] | None = None, vline: int | None = None, hline: float | None = None,
+              band: dict[str, list] | None = None) -> list[_Figure]:
+        if self.Figure is None or not series:
+            return []
+        fig = self.Figure(figsize=(6.4, 3.6))
+        ax = fig.add_subplot()
+        for k, ys in series.items():
+            xs = x[k] if x else list(range(len(ys)))
+            ys = [float("nan") if _num(y) is None else y for y in ys]
+            (line,) = ax.plot(xs, ys, marker="o" if len(ys) <= 40 else None, ms=3, label=k)
+            if band and k in band:
+                sd = [0.0 if _num(s) is None else s for s in band[k]]
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                                color=line.get_color(), alpha=0.15, lw=0)
+        if vline is not None:
+            ax.axvline(vline, color="grey", ls="--", lw=1)
+        if hline is not None:
+            ax.axhline(hline, color="grey", lw=0.8)
+        ax.xaxis.set_major_locator(self.integer_ticks())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        return [self._save(fig, name, caption)]
+
+    @staticmethod
+    def integer_ticks():
+        from matplotlib.ticker import MaxNLocator
+        return MaxNLocator(integer=True)
+
+    def scatter(self, name: str, coords: list, labels: list[str], caption: str, explained: list) -> list[_Figure]:
+        if self.Figure is None or not coords:
+            return []
+        fig = self.Figure(figsize=(5.2, 4.4))
+        ax = fig.add_subplot()
+        for lab in dict.fromkeys(labels):
+            pts = [c for c, l in zip(coords, labels) if l == lab]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, alpha=0.7, label=lab)
+        ev = [_num(e) or 0.0 for e in explained] + [0.0, 0.0]
+        ax.set_xlabel(f"PC1 ({100 * ev[0]:.0f} %)")
+        ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f} %)")
+        ax.legend(fontsize=8)
+        return [self._save(fig, name, caption)]
+
+
+# ---- sections ---------------------------------------------------------------------------------------------------
+
+def _run_section(run_dir: Path) -> list[_Section]:
+    info, err = _read_json(run_dir / "run.json", run_dir)
+    if info is None and err is None:
+        return []
+    sec = _Section("Run")
+    if err or not isinstance(info, dict):
+        sec.blocks.append(_Missing(err or "`run.json` is not a JSON object; skipped."))
+    else:
+        rows = [[k, v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)] for k, v in info.items()]
+        sec.blocks.append(_Table(["field", "value"], rows, numeric=False))
+    return [sec]
+
+
+def _asr_section(run_dir: Path, plot: _Plotter) -> _Section:
+    sec = _Section("Attack success rate")
+    data, err = _read_json(run_dir / "asr.json", run_dir)
+    bad = err or (data is not None and _nested(data, 3, "asr.json", "{defense: {attack: {judge: asr}}}"))
+    if data is None or bad:
+        sec.blocks.append(_Missing(bad) if bad else _not_run("asr.json", "attack stage"))
+        return sec
+    judges: list[str] = []
+    for attacks in data.values():
+        for by_judge in attacks.values():
+            judges += [j for j in by_judge if j not in judges]
+    sec.blocks.append("Share of harmful behaviours the attack got a non-refusal for (rows: defense; columns: "
+                      "attack). Lower is better for the defense.")
+    for judge in judges:
+        table = {d: {a: v.get(judge) for a, v in attacks.items() if judge in v} for d, attacks in data.items()}
+        cols = _columns(table)
+        if len(judges) > 1:
+            sec.blocks.append(f"### Judge: {judge}")
+        else:
+            sec.blocks.append(f"Judge: `{judge}`.")
+        sec.blocks.append(_Table(["defense", *cols], [[d, *(_pct(row.get(c)) for c in cols)] for d, row in table.items()]))
+        sec.blocks += plot.bars(f"asr_{judge}", table, f"ASR by attack and defense ({judge})", "ASR (%)")
+    return sec
+
+
+def _matrix_section(run_dir: Path, name: str, title: str, what: str, first: str, fmt, intro: str) -> _Section:
+    sec = _Section(title)
+    data, err = _read_json(run_dir / name, run_dir)
+    bad = err or (data is not None and _nested(data, 2, name, f"{{defense: {{{first}: value}}}}"))
+    if data is None or bad:
+        sec.blocks.append(_Missing(bad) if bad else _not_run(name, what))
+        return sec
+    cols = _columns(data)
+    sec.blocks += [intro, _Table(["defense", *cols], [[d, *(fmt(row.get(c)) for c in cols)] for d, row in data.items()])]
+    return sec
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _compute_section(run_dir: Path) -> _Section:
+    if (run_dir / "compute.json").is_file():
+        return _matrix_section(run_dir, "compute.json", "Compute cost", "", "metric", _fmt,
+                               "Training cost per defense, from `compute.json`.")
+    sec = _Section("Compute cost")
+    table, errors = {}, []
+    for path in sorted((run_dir / "train").glob("*/train_summary.json")):
+        summary, err = _read_json(path, run_dir)
+        if err or not isinstance(summary, dict) or not isinstance(summary.get("compute"), dict):
+            errors.append(_Missing(err or f"`{path.relative_to(run_dir).as_posix()}` has no `compute` object; skipped."))
+            continue
+        table[path.parent.name] = _flatten(summary["compute"])
+    if not table:
+        sec.blocks += errors or [_not_run("compute.json", "nor any `train/*/train_summary.json`")]
+        return sec
+    cols = _columns(table)
+    sec.blocks += ["Training cost per defense, from each `train/*/train_summary.json` (`perturbation.*`: the "
+                   "method's extra work beyond refusal training).",
+                   _Table(["defense", *cols], [[d, *(_fmt(row.get(c)) for c in cols)] for d, row in table.items()]),
+                   *errors]
+    return sec
+
+
+def _read_metrics(path: Path) -> tuple[list[int], list[float], float, int]:
+    """Steps, losses, total seconds, and how many lines were unreadable (a killed run's last line)."""
+    steps, losses, seconds, bad = [], [], 0.0, 0
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step, loss = int(row["step"]), _num(row["loss"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad += 1
+            continue
+        steps.append(step)
+        losses.append(loss)
+        seconds += _num(row.get("seconds")) or 0.0
+    return steps, losses, seconds, bad
+
+
+def _training_section(run_dir: Path, plot: _Plotter) -> _Section:
+    sec = _Section("Training")
+    runs, rows, notes = {}, [], []
+    for path in sorted((run_dir / "train").glob("*/metrics.jsonl")):
+        name = path.parent.name
+        try:
+            steps, losses, seconds, bad = _read_metrics(path)
+        except (OSError, UnicodeDecodeError) as e:
+            notes.append(_Missing(f"Could not read `{path.relative_to(run_dir).as_posix()}`: {e}"))
+            continue
+        if bad:
+            notes.append(_Missing(f"`{path.relative_to(run_dir).as_posix()}`: {bad} unreadable line(s) skipped."))
+        if not steps:
+            continue
+        runs[name] = (steps, losses)
+        rows.append([name, str(len(steps)), _fmt(losses[0]), _fmt(losses[-1]), _fmt(seconds)])
+    if not runs:
+        sec.blocks += notes or [_not_run("train/*/metrics.jsonl", "training stage")]
+        return sec
+    sec.blocks += ["Cross-entropy on response tokens per optimisation step.",
+                   _Table(["defense", "steps", "first loss", "final loss", "seconds"], rows), *notes]
+    sec.blocks += plot.lines("training_loss", {k: v[1] for k, v in runs.items()}, "Training loss per step", "loss",
+                             xlabel="step", x={k: v[0] for k, v in runs.items()})
+    return sec
+
+
+def _analysis_sections(run_dir: Path, plot: _Plotter) -> list[_Section]:
+    found = ([("analysis", run_dir / "analysis.json")] if (run_dir / "analysis.json").is_file() else []) + \
+            [(p.parent.name, p) for p in sorted((run_dir / "analysis").glob("*/analysis.json"))]
+    if not found:
+        return [_Section("Mechanism analysis", [_not_run("analysis.json", "nor any `analysis/*/analysis.json`")])]
+    sections = []
+    for name, path in found:
+        title = "Mechanism analysis" + ("" if name == "analysis" else f": {name}")
+        sec = _Section(title)
+        sections.append(sec)
+        a, err = _read_json(path, run_dir)
+        if err:
+            sec.blocks.append(_Missing(err))
+            continue
+        try:
+            sec.blocks += _analysis_blocks(name, a, plot)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            sec.blocks = [_Missing(f"`{path.relative_to(run_dir).as_posix()}` does not follow the analysis schema "
+                                   f"({type(e).__name__}: {e}); skipped.")]
+    return sections
+
+
+def _analysis_blocks(name: str, a: dict, plot: _Plotter) -> list:
+    layer, cos, proj, std = int(a["layer"]), a["cosines"], a["projections"], a.get("projection_std", {})
+    counts = a.get("counts", {})
+    blocks = [f"Model `{a['model']}`, activations at position {a['position']}, selected layer {layer}; samples: "
+              + ", ".join(f"{k} {v}" for k, v in counts.items()) + ". The induced direction of an attack is the mean "
+              "harmful activation minus the mean attacked-harmful activation; cosine 1 with the refusal feature r "
+              "means the attack acts like refusal feature ablation."]
+    if cos:
+        rows = []
+        r_norm = a.get("refusal_norms", [])
+        for k, c in cos.items():
+            vals = [(v, i) for i, v in enumerate(c) if _num(v) is not None]
+            best = max(vals) if vals else (None, None)
+            norm = (a.get("induced_norms", {}).get(k) or [None] * (layer + 1))[layer]
+            ratio = norm / r_norm[layer] if _num(norm) is not None and r_norm and _num(r_norm[layer]) else None
+            rows.append([k, _fmt(c[layer]), _fmt(best[0]), "—" if best[1] is None else str(best[1]), _fmt(ratio)])
+        blocks.append(_Table(["attack", f"cosine at layer {layer}", "max cosine", "at layer",
+                              f"|induced| / |r| at layer {layer}"], rows))
+    blocks.append(_Table(["set", f"mean projection on r̂ at layer {layer}", "std"],
+                         [[k, _fmt(v[layer]), _fmt((std.get(k) or [None] * (layer + 1))[layer])] for k, v in proj.items()]))
+    blocks += plot.lines(f"cosines_{name}", cos, "Cosine of each attack's induced direction with the refusal feature",
+                         "cosine", vline=layer, hline=0.0)
+    blocks += plot.lines(f"projections_{name}", proj, "Mean projection onto the refusal feature (±1 std)",
+                         "h · r̂", vline=layer, band=std)
+    pca = a.get("pca") or {}
+    if pca.get("coords"):
+        blocks += plot.scatter(f"pca_{name}", pca["coords"], pca["labels"],
+                               f"PCA at layer {pca.get('layer', layer)} (fitted on {', '.join(pca.get('fit_on', []))})",
+                               pca.get("explained", []))
+    return blocks
+
+
+# ---- entry point ------------------------------------------------------------------------------------------------
+
+def write_report(run_dir: str | Path, *, plots: bool = True) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` (and ``plots/*.png``) for ``run_dir``; returns both paths.
+
+    Stages that have not run yet get a "not run" line; unreadable files are named, never fatal.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    plot = _Plotter(run_dir / "plots", plots)  # fails here, before anything is written, without matplotlib
+    sections = [
+        *_run_section(run_dir),
+        _asr_section(run_dir, plot),
+        _matrix_section(run_dir, "utility.json", "Utility", "utility evaluation", "benchmark", _fmt,
+                        "Benchmark scores per defense (higher is better)."),
+        _matrix_section(run_dir, "overrefusal.json", "Over-refusal", "over-refusal evaluation", "dataset", _pct,
+                        "Refusal rate on benign prompts that look harmful (lower is better)."),
+        _compute_section(run_dir),
+        _training_section(run_dir, plot),
+        *_analysis_sections(run_dir, plot),
+    ]
+    title = f"refat report: {run_dir.resolve().name}"
+    md = write_text(run_dir / "report.md", _markdown(title, sections, run_dir))
+    page = write_text(run_dir / "report.html", _html(title, sections))
+    return md, page
