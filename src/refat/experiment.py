@@ -56,7 +56,7 @@ from .directions import Directions, SelectionConfig
 from .evals.overrefusal import OVERREFUSAL_SETS, OverRefusalConfig, evaluate_overrefusal
 from .evals.utility import UtilityConfig, evaluate_utility, write_results
 from .judges import PREFIX_LISTS, RefusalStringJudge
-from .models import Model, auto_device, load, wrap
+from .models import Model, auto_device, load, merge_adapter, wrap
 from .storage import read_jsonl, write_json, write_jsonl, write_text
 from .training import Pair, TrainConfig, train
 from .workflow import DataConfig, PromptSets, find_directions, training_pairs
@@ -511,9 +511,7 @@ def _defended(base: Model, train_dir: Path, defense: str) -> Model:
 
         hf = AutoModelForCausalLM.from_pretrained(train_dir / "model", dtype=base.dtype).to(base.device)
     else:
-        from peft import PeftModel
-
-        hf = PeftModel.from_pretrained(copy.deepcopy(base.hf), str(train_dir / "adapter")).merge_and_unload()
+        hf = merge_adapter(copy.deepcopy(base.hf), train_dir / "adapter")
     hf.eval()
     hf.requires_grad_(False)
     model = wrap(hf, base.tokenizer, name=f"{base.name}+{defense}", system_prompt=base.system_prompt,

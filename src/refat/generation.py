@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .models import Model
 
-__all__ = ["generate", "batched", "forward_last_logits"]
+__all__ = ["generate", "batched", "forward_last_logits", "greedy_tokens"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,19 +60,20 @@ def forward_last_logits(model: Model, enc: dict[str, torch.Tensor]) -> torch.Ten
 
 
 @torch.no_grad()
-def _generate_batch(model: Model, prompts: list[str], max_new_tokens: int, formatted: bool = False) -> list[str]:
+def greedy_tokens(model: Model, attention_mask: torch.Tensor, max_new_tokens: int, **inputs) -> list[list[int]]:
+    """Greedy new tokens for a left-padded batch given as ``input_ids=`` or ``inputs_embeds=``, with a KV
+    cache; each row is cut before its first end-of-turn token."""
     from transformers import DynamicCache
 
-    enc = model.tokenize(prompts, formatted=formatted)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    mask = attention_mask
     eos = _eos_ids(model)
     cache = DynamicCache()
     cache_kw = _cache_keyword(model)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
     new_tokens = []
-    step_ids, pos = ids, _positions(mask)
+    step, pos = inputs, _positions(mask)
     for _ in range(max_new_tokens):
-        out = model.hf(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+        out = model.hf(**step, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                        **{cache_kw: cache})  # the cache is updated in place
         nxt = out.logits[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, model.tokenizer.pad_token_id), nxt)
@@ -80,16 +81,18 @@ def _generate_batch(model: Model, prompts: list[str], max_new_tokens: int, forma
         done |= torch.isin(nxt, eos)
         if done.all():
             break
-        step_ids = nxt.unsqueeze(1)
+        step = {"input_ids": nxt.unsqueeze(1)}
         pos = pos[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    gen = torch.stack(new_tokens, 1).tolist()
-    texts = []
     eos_set = set(eos.tolist())
-    for row in gen:
-        cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
-        texts.append(model.tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return texts
+    rows = torch.stack(new_tokens, 1).tolist() if new_tokens else [[] for _ in range(mask.shape[0])]
+    return [row[:next((i for i, t in enumerate(row) if t in eos_set), len(row))] for row in rows]
+
+
+def _generate_batch(model: Model, prompts: list[str], max_new_tokens: int, formatted: bool = False) -> list[str]:
+    enc = model.tokenize(prompts, formatted=formatted)
+    rows = greedy_tokens(model, enc["attention_mask"], max_new_tokens, input_ids=enc["input_ids"])
+    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
 def _cache_keyword(model: Model) -> str:

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import catalog
 
-__all__ = ["Model", "load", "wrap", "auto_device", "auto_dtype", "find_blocks", "PromptTooLongError"]
+__all__ = ["Model", "load", "wrap", "merge_adapter", "auto_device", "auto_dtype", "find_blocks", "PromptTooLongError"]
 
 _PLACEHOLDER = "\uE000refat-instruction\uE000"
 _FALLBACK_TEMPLATE = (
@@ -218,6 +218,15 @@ def wrap(hf_model: nn.Module, tokenizer, *, name: str | None = None, blocks: str
                  max_prompt_tokens=max_prompt_tokens)
 
 
+def merge_adapter(hf_model: nn.Module, adapter: str | Path) -> nn.Module:
+    """``hf_model`` with a LoRA adapter folder (``refat train``'s ``adapter/``) merged into its weights."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(hf_model, str(adapter)).merge_and_unload()
+
+
 def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
          gguf_file: str | None = None, blocks: str | None = None, trust_remote_code: bool = False,
          system_prompt: str | None = None, max_prompt_tokens: int = 2048, adapter: str | Path | None = None) -> Model:
@@ -261,11 +270,7 @@ def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
     tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
     hf = AutoModelForCausalLM.from_pretrained(location, **kwargs).to(dev)
     if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
-        from peft import PeftModel
-
-        hf = PeftModel.from_pretrained(hf, str(adapter)).merge_and_unload()
+        hf = merge_adapter(hf, adapter)
         source["adapter"] = str(adapter)
     hf.eval()
     hf.requires_grad_(False)

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..generation import _cache_keyword, _eos_ids
+from ..generation import greedy_tokens
 from ..judges import RefusalStringJudge
 from ..models import Model, PromptTooLongError
 from .base import AttackCost, AttackRecord, Behaviour, run_attack
@@ -116,25 +116,8 @@ def target_loss(model: Model, prompt_embeds: torch.Tensor, target: list[int]) ->
 @torch.no_grad()
 def generate_from_embeds(model: Model, prompt_embeds: torch.Tensor, max_new_tokens: int = 64) -> str:
     """Greedy answer to one prompt given as embeddings [1, P, d], with a KV cache."""
-    from transformers import DynamicCache
-
-    cache, kw = DynamicCache(), _cache_keyword(model)
-    eos = set(_eos_ids(model).tolist())
-    n = prompt_embeds.shape[1]
-    mask = torch.ones(1, n, dtype=torch.long, device=prompt_embeds.device)
-    pos = torch.arange(n, device=prompt_embeds.device)[None]
-    out = model.hf(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=pos, use_cache=True,
-                   logits_to_keep=1, **{kw: cache})
-    tokens = []
-    for _ in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)
-        if int(nxt) in eos:
-            break
-        tokens.append(int(nxt))
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model.hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                       logits_to_keep=1, **{kw: cache})
+    mask = torch.ones(1, prompt_embeds.shape[1], dtype=torch.long, device=prompt_embeds.device)
+    tokens = greedy_tokens(model, mask, max_new_tokens, inputs_embeds=prompt_embeds)[0]
     return model.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
