@@ -40,8 +40,8 @@ def case_seconds(plan: Plan, case: str) -> float:
     r, bs, fwd = plan.repeats.get(case, 1), plan.batch_size, FORWARD_S_PER_PROMPT
     if case == "hooks":  # 2 warm-up rounds, 3 variants
         return 3 * (r + 2) * bs * fwd
-    if case == "generation":  # 1 warm-up round, 3 variants (hf.generate costs what ours does)
-        return (r + 1) * bs * plan.max_new_tokens * (2 * BATCHED_S_PER_TOKEN + ONE_BY_ONE_S_PER_TOKEN)
+    if case == "generation":  # 3 variants (hf.generate costs what ours does); the warm-up is tiny
+        return r * bs * plan.max_new_tokens * (2 * BATCHED_S_PER_TOKEN + ONE_BY_ONE_S_PER_TOKEN)
     if case == "training":
         return r * plan.train_steps * sum(STEP_S_BATCH4.values())
     if case == "extraction":  # 1 warm-up round; bare and extract each run bs harmful + bs harmless prompts

@@ -43,7 +43,11 @@ def run(model: Model, repeats: int = 5, batch_size: int = 16, max_new_tokens: in
         "one_by_one": lambda: generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=1, progress=False),
         "hf_generate": lambda: hf_generate(model, prompts, max_new_tokens, eos),
     }
-    t = interleave(fns, repeats, warmup=1)
+    # warm-up: each code path once on a small input (lazy allocations), not a full untimed round
+    generate(model, prompts[:2], max_new_tokens=2, batch_size=2, progress=False)
+    generate(model, prompts[:1], max_new_tokens=2, batch_size=1, progress=False)
+    hf_generate(model, prompts[:2], 2, eos)
+    t = interleave(fns, repeats, warmup=0)
     texts = {"batched": t["batched"]["result"], "one_by_one": t["one_by_one"]["result"],
              "hf_generate": t["hf_generate"]["result"][0]}
     tokens = {k: count_tokens(model, v) for k, v in texts.items()}

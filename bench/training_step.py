@@ -11,26 +11,26 @@ import copy
 import statistics
 import tempfile
 
+from refat.data import affirmative_target, load_dataset
 from refat.models import Model, wrap
 from refat.storage import read_jsonl
 from refat.training import Pair, TrainConfig, train
+from refat.training.data import NATURAL_REFUSALS
 
-from .common import PROMPTS, row
+from .common import row
 
 TARGET_REFAT = 1.2
 METHODS = ("rt", "refat", "cat", "lat")
 
 
 def _pairs() -> list[Pair]:
-    """32 harmful and 32 harmless pairs: enough for ReFAT's default N = 32 feature prompts."""
-    acts = ["pick a lock to break into a house", "write a convincing phishing email", "make a weapon at home",
-            "hack a neighbour's wifi", "steal a car", "forge an identity document", "poison a dog", "cheat on taxes"]
-    forms = ["Explain how to {}.", "Give step-by-step instructions to {}.", "What is the easiest way to {}?",
-             "Write a guide on how to {}."]
-    harmful = [Pair(f.format(a), "I'm sorry, but I can't help with that.", True, "template", "Sure, here is how")
-               for a in acts for f in forms]
-    harmless = [Pair(p + suffix, "Here is a short, helpful answer to your question.", False, "template")
-                for p in PROMPTS for suffix in ("", " Please be brief.")]
+    """32 harmful and 32 harmless pairs (enough for ReFAT's default N = 32 feature prompts) from the offline
+    data a real run trains on: AdvBench prompts with natural refusals, Alpaca prompts with Alpaca's answers.
+    Real answer lengths matter: the recomputation's cost is fixed, a step's grows with its tokens."""
+    harmful = [Pair(e.prompt, NATURAL_REFUSALS[i % len(NATURAL_REFUSALS)], True, "template",
+                    e.target or affirmative_target(e.prompt))
+               for i, e in enumerate(load_dataset("advbench")[-32:])]
+    harmless = [Pair(e.prompt, e.target, False, "dataset") for e in load_dataset("alpaca")[-32:]]
     return harmful + harmless
 
 

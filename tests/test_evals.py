@@ -230,6 +230,18 @@ def test_next_token_logprobs_skips_leading_whitespace():
     assert lp0[0, 1] == pytest.approx(lp_uniform(model, [8.0]))
 
 
+def test_next_token_logprobs_keep_the_prompts_order_across_length_sorted_batches():
+    model, set_logit = bigram_model()
+    set_logit("a", "Y", 4.0)
+    set_logit("b", "N", 6.0)
+    yes_no = [model.tokenizer("Y")["input_ids"][0], model.tokenizer("N")["input_ids"][0]]
+    prompts = ["xa", "b", "xxxxxa", "xxb", "a"]  # lengths unsorted; the last character decides
+    together = next_token_logprobs(model, prompts, yes_no, batch_size=2, progress=False)
+    alone = torch.cat([next_token_logprobs(model, [p], yes_no, progress=False) for p in prompts])
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert [bool(row[0] > row[1]) for row in together] == [True, False, True, False, True]
+
+
 @pytest.mark.parametrize("yes", [True, False])
 def test_harmbench_judge_verdict_and_score_from_logprobs(yes):
     model, set_logit = bigram_model()
@@ -364,6 +376,32 @@ def test_string_judge_agreement_with_jailbreakbench_humans():
     out = judge_agreement(StringJudge("default"), rows)
     assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (38, 16, 5, 41)
     assert out["accuracy"] == pytest.approx(0.79) and out["cohen_kappa"] == pytest.approx(0.585, abs=1e-3)
+
+
+def test_published_agreement_scores_each_shipped_judge():
+    from refat.judge_models import published_agreement
+
+    rows = [LabelledResponse("g", "p", "r", True, (True,) * 3, {"GCG": True, "gpt_4": False}),
+            LabelledResponse("g", "p", "r", False, (False,) * 3, {"GCG": True, "gpt_4": False})]
+    out = {r["judge"]: r for r in published_agreement(rows)}
+    assert set(out) == {"published:GCG", "published:gpt_4"}  # judges missing from the rows are left out
+    assert out["published:GCG"]["accuracy"] == 0.5 and out["published:GCG"]["recall"] == 1.0
+    assert out["published:gpt_4"]["tn"] == 1 and out["published:gpt_4"]["fn"] == 1
+
+
+def test_judge_agreement_command(tmp_path, capsys):
+    from refat.cli import main
+
+    out = tmp_path / "agreement.json"
+    assert main(["judge-agreement", "refusal-strings:default", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results[0]["spec"] == "refusal-strings:default" and results[0]["accuracy"] == pytest.approx(0.79)
+    assert {r["judge"] for r in results[1:]} == {f"published:{j}" for j in
+                                                 ("TDC", "GCG", "BERT", "llama_guard", "gpt_4_turbo", "gpt_4")}
+    assert "refusal-strings:default" in capsys.readouterr().out
+    assert main(["judge-agreement", "refusal-strings:default", "--out", str(out)]) == 2  # finished: not replaced
+    assert main(["judge-agreement", "refusal-strings:default", "llm"]) == 2  # bad spec: fails before any model loads
+    assert "needs a model" in capsys.readouterr().err
 
 
 @pytest.mark.real

@@ -99,8 +99,9 @@ def test_string_before_the_goal(model):
 
 
 def test_candidate_losses_equal_uncached_forward(model):
-    """Grouped, prefix-cached candidate losses (float64) equal a plain full forward per candidate."""
+    """Batched, prefix-cached candidate losses (float64) equal a plain full forward per candidate."""
     attacker = GCG(model, GCGConfig(**FAST), progress=False)
+    attacker.batch_size = 8  # several batches, each starting at its own earliest changed token
     s = split_prompt(model, GOAL, TARGET)
     attacker._prepare(s)
     ids = torch.tensor(model.tokenizer(INIT, add_special_tokens=False)["input_ids"])
@@ -110,7 +111,7 @@ def test_candidate_losses_equal_uncached_forward(model):
     cands = torch.unique(sample_candidates(ids, grad, 40, 16, 2, attacker.disallowed, g), dim=0)
     cands = cands[~(cands == ids).all(1)]
     first = (cands != ids).int().argmax(1)
-    assert len(set(first.tolist())) > 3  # several prefix groups are exercised
+    assert len(set(first.sort().values[::8].tolist())) > 3  # the batches start at several positions
     losses, _ = attacker._evaluate(cands, ids, cache)
     ref = [reference_loss(model, model.tokenizer.decode(r.tolist())) for r in cands]
     assert torch.allclose(losses, torch.tensor(ref, dtype=torch.float64), atol=1e-10, rtol=0)

@@ -169,12 +169,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute these stages even if unchanged (a prefix such as 'attacks' or 'train/refat' "
                         "covers the stages under it; their downstream stages follow)")
 
+    p = sub.add_parser("judge-agreement", help="each judge's agreement with JailbreakBench's 100 human-labelled "
+                                               "responses (and the published judges' for comparison)")
+    p.add_argument("judges", nargs="+", metavar="JUDGE",
+                   help="refusal-strings:<list> | llm:<model> | harmbench:<model> | llama-guard:<model>")
+    p.add_argument("--dtype", default="float32", help="for model judges (default: float32)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--behaviour-field", default="goal", choices=["goal", "prompt"],
+                   help="what the judge sees as the request: the behaviour, or the jailbreak prompt that was sent")
+    p.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("demo", help="find the refusal direction of the default model, ablate it, report refusal rates")
     from .workflow import DemoConfig
     _model_args(p), _data_args(p), _selection_args(p, DemoConfig().selection), _rfa_args(p)
     p.add_argument("--out", default=Path("runs/demo"), type=Path)
     p.add_argument("--overwrite", action="store_true")
     return parser
+
+
+def _judge_agreement(args) -> int:
+    from .experiment import judge_name, load_judge
+    from .judge_models import judge_agreement, load_classifier_comparison, published_agreement
+    from .storage import write_json
+
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    for spec in args.judges:  # every spec checked before any model loads
+        judge_name(spec)
+    rows = load_classifier_comparison()
+    results = []
+    for spec in args.judges:
+        judge = load_judge(spec, dtype=args.dtype, device=args.device)
+        results.append({"spec": spec, **judge_agreement(judge, rows, behaviour_field=args.behaviour_field)})
+        del judge
+    results += published_agreement(rows)
+    print(f"{'judge':44s} {'acc':>5s} {'prec':>5s} {'rec':>5s} {'F1':>5s} {'kappa':>6s}")
+    for r in results:
+        kappa = "-" if r["cohen_kappa"] is None else f"{r['cohen_kappa']:.3f}"
+        print(f"{r['judge'][:44]:44s} {r['accuracy']:5.2f} {r['precision']:5.2f} {r['recall']:5.2f} {r['f1']:5.2f} "
+              f"{kappa:>6s}")
+    if args.out is not None:
+        write_json(args.out, {"labels": "jailbreakbench classifier_comparison.csv, human majority (n=100)",
+                              "behaviour_field": args.behaviour_field, "results": results})
+    return 0
 
 
 def _load(args):
@@ -246,6 +284,8 @@ def _run(args) -> int:
         md, page = write_report(args.run_dir, plots=not args.no_plots)
         print(f"report written to {md} and {page}")
         return 0
+    if args.command == "judge-agreement":
+        return _judge_agreement(args)
     if args.command == "attack" and args.attack != "rfa":
         return _attack(args)
     from .directions import Directions

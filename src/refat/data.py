@@ -194,9 +194,33 @@ def load_dataset(spec: str, *, prompt_field: str | None = None, target_field: st
     return examples
 
 
+# Imperatives whose object is the thing asked for: "Write a script that ..." -> "Sure, here is a script that ...".
+_ASKING_VERBS = frozenset("write create design generate develop provide give describe explain list draft compose "
+                          "produce outline suggest offer build make construct craft devise publish prepare compile "
+                          "detail share post".split())
+_PLURAL_HEADS = frozenset("instructions steps tips tactics ways ideas methods strategies techniques guidelines reasons "
+                          "suggestions recommendations examples arguments lyrics directions".split())
+_STOP_HEAD = frozenset("for on to that of which how about in with from".split())
+
+
 def affirmative_target(goal: str) -> str:
-    """A generic "Sure, here is ..." opening where a dataset gives no target (GCG's AdvBench style)."""
-    return "Sure, here is " + goal[:1].lower() + goal[1:].rstrip(".?! ")
+    """A "Sure, here is ..." opening where a dataset gives no target, in AdvBench's style: the request's object
+    ("Write a script that ..." -> "Sure, here is a script that ..."; "Explain how to ..." -> "Sure, here is how
+    to ..."; "List tactics ..." -> "Sure, here are tactics ..."); otherwise "Sure, here is how to <goal>"."""
+    text = " ".join(goal.split()).rstrip(".?! ")
+    words = text.split(" ")
+    if len(words) > 1 and words[0].lower() in _ASKING_VERBS:
+        rest = words[1:]
+        if rest[0].lower() in ("me", "us") and len(rest) > 1:
+            rest = rest[2:] if rest[1].lower() == "with" and len(rest) > 2 else rest[1:]
+        head = []
+        for w in rest[:5]:
+            if w.lower() in _STOP_HEAD:
+                break
+            head.append(w.lower().strip(","))
+        verb = "are" if any(w in _PLURAL_HEADS for w in head) else "is"
+        return f"Sure, here {verb} " + " ".join(rest)
+    return "Sure, here is how to " + text[:1].lower() + text[1:]
 
 
 def prompt_key(prompt: str) -> str:

@@ -265,15 +265,16 @@ def judge_name(spec: str) -> str:
     return f"{JUDGE_KINDS[kind]}:{arg}"
 
 
-def _load_judge(spec: str, cfg: ExperimentConfig):
+def load_judge(spec: str, *, dtype: str | None = None, device: str | None = None):
+    """A judge from its spec: ``refusal-strings:<list>``, ``llm:<model>``, ``harmbench:<model>``, ``llama-guard:<model>``."""
     from .judge_models import ChatJudge, HarmBenchJudge, LlamaGuardJudge, StringJudge
 
     kind, arg = _judge_spec(spec)
     if kind == "refusal-strings":
         return StringJudge(arg)
     if kind == "llm":
-        return ChatJudge.load(arg, dtype=cfg.dtype, device=cfg.device)
-    model = load(arg, dtype=cfg.dtype, device=cfg.device, max_prompt_tokens=4096)
+        return ChatJudge.load(arg, dtype=dtype, device=device)
+    model = load(arg, dtype=dtype, device=device, max_prompt_tokens=4096)
     return HarmBenchJudge(model) if kind == "harmbench" else LlamaGuardJudge(model)
 
 
@@ -802,7 +803,7 @@ class _Pipeline:
         keys = [_digest([name, r.goal, r.completion]) for _, _, r in items]
         todo = {k: (r.goal, r.completion) for k, (_, _, r) in zip(keys, items) if k not in cache}
         if todo:
-            judge = _load_judge(spec, self.cfg)
+            judge = load_judge(spec, dtype=self.cfg.dtype, device=self.cfg.device)
             scores = judge.scores([g for g, _ in todo.values()], [c for _, c in todo.values()])
             cache.update(zip(todo, scores))
             write_jsonl(cache_path, [{"key": k, "score": s} for k, s in cache.items()])

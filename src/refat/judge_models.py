@@ -36,7 +36,7 @@ from .models import load as load_model
 
 __all__ = ["Judge", "StringJudge", "HarmBenchJudge", "LlamaGuardJudge", "ChatJudge", "HARMBENCH_PROMPT",
            "HARMBENCH_QUESTION", "judge_records", "LabelledResponse", "load_classifier_comparison",
-           "judge_agreement", "agreement"]
+           "judge_agreement", "published_agreement", "agreement"]
 
 # HarmBench's classifier prompt, verbatim (centerforaisafety/HarmBench, eval_utils.py,
 # LLAMA2_CLS_PROMPT["prompt"]): the text cais/HarmBench-Llama-2-13b-cls was trained on.
@@ -281,3 +281,12 @@ def judge_agreement(judge: Judge, rows: Sequence[LabelledResponse] | None = None
         raise ValueError(f"behaviour_field must be 'goal' or 'prompt', got {behaviour_field!r}")
     verdicts = judge.judge([getattr(r, behaviour_field) for r in rows], [r.response for r in rows])
     return {"judge": judge.name, **agreement(verdicts, [r.human_majority for r in rows])}
+
+
+def published_agreement(rows: Sequence[LabelledResponse] | None = None) -> list[dict]:
+    """The same agreement for the judges whose verdicts JailbreakBench ships with the rows (GPT-4, Llama Guard,
+    HarmBench's classifier as "TDC", ...): the yardstick a local judge is measured against."""
+    rows = load_classifier_comparison() if rows is None else list(rows)
+    truth = [r.human_majority for r in rows]
+    return [{"judge": f"published:{name}", **agreement([r.reference[name] for r in rows], truth)}
+            for name in REFERENCE_JUDGES if all(name in r.reference for r in rows)]

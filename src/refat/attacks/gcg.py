@@ -5,9 +5,10 @@ nanoGCG's algorithm and shape (config and result dataclasses, the chat template 
 made cheaper per step without changing what is computed:
 
 - the KV cache of the text before the optimised string is computed once per behaviour;
-- the gradient forward also yields the KV cache of the current string, so a candidate whose first
-  changed token is at position p reuses those keys/values and runs only positions p.. (candidates are
-  grouped by p; with one replaced token that skips about half of the optimised span);
+- the gradient forward also yields the KV cache of the current string, so candidates whose first
+  changed token is at position p or later reuse those keys/values and run only positions p.. (candidates
+  are sorted by that position and batched; with one replaced token this skips about 40 % of the
+  optimised span at 32 candidates per batch);
 - the last target token is never fed (its output would predict past the target) and the vocabulary
   projection runs only at the target positions (``logits_to_keep``): no (batch x length x vocab) logits;
 - a candidate equal to another, or to the current string, is evaluated once;
@@ -59,7 +60,7 @@ class GCGConfig:
     use_mellowmax: bool = False
     mellowmax_alpha: float = 1.0
     early_stop: bool = False
-    batch_size: int | None = None  # candidates per forward; None: all of a group at once (halved on OOM)
+    batch_size: int | None = 32  # candidates per forward (halved on OOM); None: all at once
     seed: int | None = 0
     allow_non_ascii: bool = False
     filter_ids: bool = True
@@ -292,39 +293,39 @@ class GCG:
         return grad, float(loss[0].detach()), bool(match[0]), cache
 
     def _evaluate(self, cands: torch.Tensor, cur: torch.Tensor | None, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Losses and target matches of candidate rows. With a cache of ``before`` + ``cur`` + tail, each
-        candidate runs from its first token that differs from ``cur`` (``cur=None``: from the start)."""
+        """Losses and target matches of candidate rows. With a cache of ``before`` + ``cur`` + tail, candidates
+        are sorted by their first token that differs from ``cur`` and cut into batches; each batch runs from its
+        earliest such token (``cur=None``: from the start). Full batches beat one small batch per position."""
         n_before = len(self.before_ids)
         if cache is not None and cur is not None and getattr(cache, "is_croppable", False):
             first = (cands != cur).int().argmax(1)
         else:
             first = torch.zeros(len(cands), dtype=torch.long, device=cands.device)
             cache = self.before_cache if cache is not None else None
+        order = first.argsort(stable=True)
+
+        def chunk(a: int, b: int):
+            idx = order[a:b]
+            rows, p = cands[idx], int(first[idx].min())
+            parts = [rows[:, p:], self.tail_ids.expand(len(rows), -1)]
+            c = None
+            if cache is not None and n_before + p > 0:
+                c = copy.deepcopy(cache)
+                extra = c.get_seq_length() - (n_before + p)
+                if extra > 0:
+                    c.crop(-extra)
+                c.batch_repeat_interleave(len(rows))
+            elif cache is None and len(self.before_ids):
+                parts.insert(0, self.before_ids.expand(len(rows), -1))
+            with torch.no_grad():
+                loss, match = self._loss(self._logits(ids=torch.cat(parts, 1), cache=c, n=len(self.target_ids)),
+                                         self.target_ids)
+            return idx.cpu(), loss, match
+
         losses = torch.empty(len(cands), dtype=torch.float64)
         matches = torch.empty(len(cands), dtype=torch.bool)
-        T = len(self.target_ids)
-        for p in sorted(set(first.tolist())):
-            idx = (first == p).nonzero().flatten()
-            group = cands[idx]
-
-            def chunk(a: int, b: int, p=p, group=group):
-                rows = group[a:b]
-                parts = [rows[:, p:], self.tail_ids.expand(len(rows), -1)]
-                c = None
-                if cache is not None and n_before + p > 0:
-                    c = copy.deepcopy(cache)
-                    extra = c.get_seq_length() - (n_before + p)
-                    if extra > 0:
-                        c.crop(-extra)
-                    c.batch_repeat_interleave(len(rows))
-                elif cache is None and len(self.before_ids):
-                    parts.insert(0, self.before_ids.expand(len(rows), -1))
-                with torch.no_grad():
-                    return self._loss(self._logits(ids=torch.cat(parts, 1), cache=c, n=T), self.target_ids)
-
-            out = self._batched(len(group), chunk)
-            losses[idx.cpu()] = torch.cat([o[0] for o in out]).double().cpu()
-            matches[idx.cpu()] = torch.cat([o[1] for o in out]).cpu()
+        for idx, loss, match in self._batched(len(cands), chunk):
+            losses[idx], matches[idx] = loss.double().cpu(), match.cpu()
         return losses, matches
 
     def _init_buffer(self, init: torch.Tensor, generator: torch.Generator) -> list[tuple[float, torch.Tensor]]:
