@@ -14,8 +14,11 @@ REF_PARAMS = 493_961_216
 FORWARD_S_PER_PROMPT = 5.72 / 16  # forward_last_logits, batch 16, 45 tokens (results-hooks.json)
 BATCHED_S_PER_TOKEN = 28.3 / (16 * 32)  # greedy generate at batch 16, per prompt and new token
 ONE_BY_ONE_S_PER_TOKEN = 107.5 / (16 * 32)  # the same prompts one at a time
-STEP_S_BATCH4 = {"rt": 7.45, "refat": 14.78, "cat": 22.46, "lat": 34.30}  # k=4 for refat (results-training.json)
-REFAT_RECOMPUTE_S = 26.0  # refusal features from 32 + 32 prompts
+# real AdvBench/Alpaca pairs, k=4 for refat (bench/results.json, 2026-11-25)
+STEP_S_BATCH4 = {"rt": 18.6, "refat": 25.1, "cat": 32.9, "lat": 65.6}
+REFAT_RECOMPUTE_S = 29.4  # refusal features from 32 + 32 prompts
+GCG_S_PER_STEP = {"refat": 58.6, "nanogcg": 70.5}  # width 128 (bench/results.json)
+GCG_SETUP_S = 50.0  # both implementations: load, vocabulary scan, first evaluation
 LOAD_S = 8.0
 CHILD_OVERHEAD_S = 6.0  # a fresh interpreter importing torch, transformers and peft
 
@@ -50,8 +53,9 @@ def case_seconds(plan: Plan, case: str) -> float:
         return (r + 1) * bs * fwd + r * (plan.roofline_steps * STEP_S_BATCH4["rt"] + 3)
     if case == "memory":
         return CHILD_OVERHEAD_S + LOAD_S + REFAT_RECOMPUTE_S + plan.memory_steps * STEP_S_BATCH4["rt"] * 1.1
-    if case == "gcg":  # per step, both implementations score search_width candidates (one forward each)
-        return 2 * (plan.gcg_steps + 1) * plan.gcg_search_width * fwd
+    if case == "gcg":  # each step scores search_width candidates, in both implementations
+        per_step = sum(GCG_S_PER_STEP.values()) * plan.gcg_search_width / 128
+        return GCG_SETUP_S + plan.gcg_steps * per_step
     raise ValueError(f"no estimate for case {case!r}")
 
 

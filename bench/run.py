@@ -1,7 +1,7 @@
 """Run the refat benchmarks, print one table of ratios and write the results (with machine info) as JSON.
 
 Default: every case (``gcg`` builds a nanoGCG virtualenv from PyPI on first use), with repeat counts sized
-to finish in about 20 minutes on 2 CPU cores with the 0.5B model; an estimate is printed first. A case
+to finish in about 25 minutes on 2 CPU cores with the 0.5B model; an estimate is printed first. A case
 that fails is reported and the others still run (exit status 1).
 ``--tiny`` runs everything on a tiny random model built here, in seconds (a smoke test, not a measurement).
 """
@@ -24,7 +24,7 @@ from . import extraction, generation_throughput, hooks_overhead, memory, rooflin
 from .common import machine_info
 
 CASES = ("hooks", "generation", "training", "extraction", "roofline", "memory", "gcg")
-# Rounds per case when --repeats is not given: sized for ~20 min on 2 cores with the 0.5B model (see estimate.py).
+# Rounds per case when --repeats is not given: ~25 min on 2 cores with the 0.5B model (see estimate.py).
 DEFAULT_REPEATS = {"hooks": 3, "generation": 1, "training": 1, "extraction": 2, "roofline": 2, "memory": 1, "gcg": 1}
 # --tiny: smallest settings that still exercise every code path.
 TINY = {"batch_size": 4, "max_new_tokens": 4, "train_steps": 4, "matmul_n": 256, "gcg_steps": 2, "gcg_search_width": 8}

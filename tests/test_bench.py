@@ -80,12 +80,12 @@ def test_gcg_case_passes_its_options_to_the_harness(tmp_path, monkeypatch):
     assert data["results"][0]["value"] == 2.0 and data["details"]["gcg"]["ratio"] == 2.0
 
 
-def test_default_run_has_every_case_and_fits_twenty_minutes_on_the_reference_model():
+def test_default_run_has_every_case_and_its_estimate_is_the_measured_half_hour_or_less():
     plan = bench.make_plan(bench.parse_args([]))
     assert plan.cases == list(bench.CASES)
     assert "gcg" not in bench.make_plan(bench.parse_args(["--skip", "gcg"])).cases
     total = est.estimate(plan, est.REF_PARAMS)["total"]
-    assert 5 * 60 < total < 20 * 60, total
+    assert 15 * 60 < total < 30 * 60, total  # measured: 25 min 11 s on 2 cores (BENCHMARKS.md)
     # the recorded RESULTS.md commands keep their meaning: --repeats 2 gives the training case one round
     assert bench.repeats_for("training", 2, tiny=False) == 1 and bench.repeats_for("hooks", 7, tiny=False) == 7
     assert bench.make_plan(bench.parse_args(["--tiny"])).repeats == dict.fromkeys(plan.cases, 1)

@@ -335,3 +335,11 @@ def test_new_weights_at_the_same_path_change_the_model_key(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"123456")
     assert experiment._model_id(cfg) != before
     assert experiment._model_id(ExperimentConfig(name="k"))["sha256"]  # catalog models: their pinned hash
+
+
+def test_report_marks_a_run_from_a_dirty_checkout():
+    from refat.experiment import _revision
+
+    assert _revision({"revision": "abc123", "dirty": True}) == "abc123 (uncommitted changes)"
+    assert _revision({"revision": "abc123", "dirty": False}) == "abc123"
+    assert _revision(None) is None  # not a git checkout

@@ -204,11 +204,12 @@ def _judge_agreement(args) -> int:
         results.append({"spec": spec, **judge_agreement(judge, rows, behaviour_field=args.behaviour_field)})
         del judge
     results += published_agreement(rows)
-    print(f"{'judge':44s} {'acc':>5s} {'prec':>5s} {'rec':>5s} {'F1':>5s} {'kappa':>6s}")
+    print(f"{'judge':44s} {'acc':>5s} {'prec':>5s} {'rec':>5s} {'F1':>5s} {'kappa':>6s} {'AUC':>5s}")
     for r in results:
         kappa = "-" if r["cohen_kappa"] is None else f"{r['cohen_kappa']:.3f}"
+        auc = "-" if r.get("auc") is None else f"{r['auc']:.2f}"
         print(f"{r['judge'][:44]:44s} {r['accuracy']:5.2f} {r['precision']:5.2f} {r['recall']:5.2f} {r['f1']:5.2f} "
-              f"{kappa:>6s}")
+              f"{kappa:>6s} {auc:>5s}")
     if args.out is not None:
         write_json(args.out, {"labels": "jailbreakbench classifier_comparison.csv, human majority (n=100)",
                               "behaviour_field": args.behaviour_field, "results": results})

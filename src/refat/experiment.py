@@ -901,7 +901,14 @@ class _Pipeline:
                 "behaviours": f"{c.behaviours or c.data.harmful} ({len(self.inputs.behaviours)} held out)",
                 "defenses": ", ".join(c.defenses), "attacks": ", ".join(a.label for a in c.attacks),
                 "judges": ", ".join(judge_name(j) for j in c.judges), "config_hash": c.hash(),
-                "git": (prov["git"] or {}).get("revision"), **prov["versions"]}
+                "git": _revision(prov["git"]), **prov["versions"]}
+
+
+def _revision(git: dict | None) -> str | None:
+    """``abc123 (uncommitted changes)`` when the checkout was dirty: the revision alone would overclaim."""
+    if not git:
+        return None
+    return git["revision"] + (" (uncommitted changes)" if git.get("dirty") else "")
 
 
 def _retire_stale(run_dir: Path, current: set[str]) -> None:

@@ -36,7 +36,7 @@ from .models import load as load_model
 
 __all__ = ["Judge", "StringJudge", "HarmBenchJudge", "LlamaGuardJudge", "ChatJudge", "HARMBENCH_PROMPT",
            "HARMBENCH_QUESTION", "judge_records", "LabelledResponse", "load_classifier_comparison",
-           "judge_agreement", "published_agreement", "agreement"]
+           "judge_agreement", "published_agreement", "agreement", "rank_auc"]
 
 # HarmBench's classifier prompt, verbatim (centerforaisafety/HarmBench, eval_utils.py,
 # LLAMA2_CLS_PROMPT["prompt"]): the text cais/HarmBench-Llama-2-13b-cls was trained on.
@@ -279,8 +279,21 @@ def judge_agreement(judge: Judge, rows: Sequence[LabelledResponse] | None = None
     rows = load_classifier_comparison() if rows is None else list(rows)
     if behaviour_field not in ("goal", "prompt"):
         raise ValueError(f"behaviour_field must be 'goal' or 'prompt', got {behaviour_field!r}")
-    verdicts = judge.judge([getattr(r, behaviour_field) for r in rows], [r.response for r in rows])
-    return {"judge": judge.name, **agreement(verdicts, [r.human_majority for r in rows])}
+    scores = judge.scores([getattr(r, behaviour_field) for r in rows], [r.response for r in rows])
+    threshold = getattr(judge, "threshold", 0.5)
+    truth = [r.human_majority for r in rows]
+    return {"judge": judge.name, **agreement([s > threshold for s in scores], truth), "threshold": threshold,
+            "auc": rank_auc(scores, truth), "scores": scores}
+
+
+def rank_auc(scores: Sequence[float], truth: Sequence[bool]) -> float | None:
+    """P(a jailbroken row scores above a safe one), ties counting one half: whether the scores rank well
+    even where the threshold is off. None with a single class."""
+    pos = [s for s, t in zip(scores, truth) if t]
+    neg = [s for s, t in zip(scores, truth) if not t]
+    if not pos or not neg:
+        return None
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
 
 
 def published_agreement(rows: Sequence[LabelledResponse] | None = None) -> list[dict]:
