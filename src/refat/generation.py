@@ -26,8 +26,19 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def batched(fn: Callable[[list[T]], list[R]], items: Sequence[T], batch_size: int, *, desc: str | None = None,
-            progress: bool = True) -> list[R]:
-    """Apply ``fn`` to consecutive batches of ``items``; halve the batch on out-of-memory."""
+            progress: bool = True, sort_key: Callable[[T], int] | None = None, longest_first: bool = False) -> list[R]:
+    """Apply ``fn`` to consecutive batches of ``items``; halve the batch on out-of-memory.
+
+    With ``sort_key`` (a length), items of similar length share a batch (less padding); the results
+    still come back in the input order.
+    """
+    if sort_key is not None:
+        order = sorted(range(len(items)), key=lambda i: sort_key(items[i]), reverse=longest_first)
+        done = batched(fn, [items[i] for i in order], batch_size, desc=desc, progress=progress)
+        out_of_order: list = [None] * len(items)
+        for i, r in zip(order, done):
+            out_of_order[i] = r
+        return out_of_order
     out: list[R] = []
     i = 0
     bar = tqdm(total=len(items), desc=desc, disable=not progress or desc is None, leave=False)
@@ -120,12 +131,6 @@ def generate(model: Model, instructions: Sequence[str], *, max_new_tokens: int =
     """
     if not instructions:
         raise ValueError("empty prompt set: nothing to generate")
-    lengths = [len(model.tokenizer(x if formatted else model.format(x), add_special_tokens=False)["input_ids"])
-               for x in instructions]
-    order = sorted(range(len(instructions)), key=lambda i: lengths[i])
-    texts = batched(lambda chunk: _generate_batch(model, chunk, max_new_tokens, formatted), [instructions[i] for i in order],
-                    batch_size, desc=desc, progress=progress)
-    result = [""] * len(instructions)
-    for i, t in zip(order, texts):
-        result[i] = t
-    return result
+    length = lambda x: len(model.tokenizer(x if formatted else model.format(x), add_special_tokens=False)["input_ids"])  # noqa: E731
+    return batched(lambda chunk: _generate_batch(model, chunk, max_new_tokens, formatted), instructions, batch_size,
+                   desc=desc, progress=progress, sort_key=length)

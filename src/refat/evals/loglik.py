@@ -157,6 +157,4 @@ def next_token_logprobs(model: Model, prompts: Sequence[str], token_ids: Sequenc
             out.append(lp[wanted])
         return out
 
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)  # similar lengths share a batch
-    out = torch.stack(batched(run, [rows[i] for i in order], batch_size, desc=desc, progress=progress))
-    return out[torch.tensor(order).argsort()]  # back to the prompts' order
+    return torch.stack(batched(run, rows, batch_size, desc=desc, progress=progress, sort_key=len, longest_first=True))
