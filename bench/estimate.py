@@ -14,10 +14,10 @@ REF_PARAMS = 493_961_216
 FORWARD_S_PER_PROMPT = 5.72 / 16  # forward_last_logits, batch 16, 45 tokens (results-hooks.json)
 BATCHED_S_PER_TOKEN = 28.3 / (16 * 32)  # greedy generate at batch 16, per prompt and new token
 ONE_BY_ONE_S_PER_TOKEN = 107.5 / (16 * 32)  # the same prompts one at a time
-# real AdvBench/Alpaca pairs, k=4 for refat (bench/results.json, 2026-11-25)
-STEP_S_BATCH4 = {"rt": 18.6, "refat": 25.1, "cat": 32.9, "lat": 65.6}
-REFAT_RECOMPUTE_S = 29.4  # refusal features from 32 + 32 prompts
-GCG_S_PER_STEP = {"refat": 58.6, "nanogcg": 70.5}  # width 128 (bench/results.json)
+# real AdvBench/Alpaca pairs, k=4 for refat (bench/results.json, 2026-11-26)
+STEP_S_BATCH4 = {"rt": 15.6, "refat": 25.3, "cat": 30.7, "lat": 51.8}
+REFAT_RECOMPUTE_S = 32.7  # refusal features from 32 + 32 prompts
+GCG_S_PER_STEP = {"refat": 41.0, "nanogcg": 64.4}  # width 128 (bench/results-gcg.json, 2026-11-26)
 GCG_SETUP_S = 50.0  # both implementations: load, vocabulary scan, first evaluation
 LOAD_S = 8.0
 CHILD_OVERHEAD_S = 6.0  # a fresh interpreter importing torch, transformers and peft
@@ -45,8 +45,9 @@ def case_seconds(plan: Plan, case: str) -> float:
         return 3 * (r + 2) * bs * fwd
     if case == "generation":  # 3 variants (hf.generate costs what ours does); the warm-up is tiny
         return r * bs * plan.max_new_tokens * (2 * BATCHED_S_PER_TOKEN + ONE_BY_ONE_S_PER_TOKEN)
-    if case == "training":
-        return r * plan.train_steps * sum(STEP_S_BATCH4.values())
+    if case == "training":  # CAT and LAT run half the steps (training_step.run)
+        s = STEP_S_BATCH4
+        return r * (plan.train_steps * (s["rt"] + s["refat"]) + max(1, plan.train_steps // 2) * (s["cat"] + s["lat"]))
     if case == "extraction":  # 1 warm-up round; bare and extract each run bs harmful + bs harmless prompts
         return (r + 1) * 2 * (2 * bs) * fwd
     if case == "roofline":

@@ -9,11 +9,11 @@ and the ratios are conservative:
   F = 2·P_blocks·N + 2·P_head·B + 4·L·d_attn·Σ t_i²
   (P_blocks: every 2-D weight inside the transformer blocks; the vocabulary projection runs at the last
   position only; the attention scores and their weighted sum, QKᵀ and AV, are 2·t²·d_attn each per layer).
-- LoRA step (refusal training, no perturbation; logits at every position): forward
-  F_f = 2·(P_blocks + P_head)·N + 2·P_lora·N + 4·L·d_attn·Σ t_i², and the backward computes gradients
-  of the activations through every frozen weight (1x their forward FLOPs, no weight gradients),
-  of the attention (2x) and of the adapters (activations and weights, 2x):
-  F_step = 2·[2·(P_blocks + P_head)·N] + 3·[2·P_lora·N] + 3·[4·L·d_attn·Σ t_i²],
+- LoRA step (refusal training, no perturbation; logits at the M positions that predict a response
+  token): forward F_f = 2·P_blocks·N + 2·P_head·M + 2·P_lora·N + 4·L·d_attn·Σ t_i², and the backward
+  computes gradients of the activations through every frozen weight (1x their forward FLOPs, no
+  weight gradients), of the attention (2x) and of the adapters (activations and weights, 2x):
+  F_step = 2·[2·P_blocks·N + 2·P_head·M] + 3·[2·P_lora·N] + 3·[4·L·d_attn·Σ t_i²],
   with Σ t_i² estimated from the mean row length (the trainer does not report per-row lengths).
 """
 
@@ -56,11 +56,13 @@ def forward_flops(model: Model, lengths: list[int]) -> float:
     return 2 * blocks * n + 2 * head * len(lengths) + 4 * model.n_layers * attention_width(model) * sum(t * t for t in lengths)
 
 
-def lora_step_flops(model: Model, tokens: float, rows: int, lora_params: int) -> float:
+def lora_step_flops(model: Model, tokens: float, rows: int, lora_params: int, targets: float | None = None) -> float:
+    """``targets``: positions projected onto the vocabulary (the response tokens; default every token)."""
     blocks, head = matmul_params(model)
+    targets = tokens if targets is None else targets
     mean_len = tokens / rows
     attn = 4 * model.n_layers * attention_width(model) * rows * mean_len ** 2
-    return 2 * (2 * (blocks + head) * tokens) + 3 * (2 * lora_params * tokens) + 3 * attn
+    return 2 * (2 * blocks * tokens + 2 * head * targets) + 3 * (2 * lora_params * tokens) + 3 * attn
 
 
 def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, trials: int = 5) -> float:
@@ -106,7 +108,8 @@ def run(model: Model, repeats: int = 3, batch_size: int = 16, train_steps: int =
         if train_steps > 1:
             total -= metrics[0]["seconds"]
         timed = max(1, train_steps - 1)
-        return {"seconds": total / timed, "tokens": result.compute["train_tokens"] / train_steps}, lora
+        return {"seconds": total / timed, "tokens": result.compute["train_tokens"] / train_steps,
+                "targets": result.compute["train_target_tokens"] / train_steps}, lora
 
     peaks, fwd_s, steps = [], [], []
     matmul_peak(min(matmul_n, 256), model.dtype, model.device, trials=1)
@@ -121,7 +124,8 @@ def run(model: Model, repeats: int = 3, batch_size: int = 16, train_steps: int =
     fwd = forward_flops(model, lengths) / statistics.median(fwd_s)
     step_s = statistics.median(s["seconds"] for s in steps)
     tokens = statistics.median(s["tokens"] for s in steps)
-    step_flops = lora_step_flops(model, tokens, train_batch, lora)
+    targets = statistics.median(s["targets"] for s in steps)
+    step_flops = lora_step_flops(model, tokens, train_batch, lora, targets)
     lora_fs = step_flops / step_s
     rows = [
         row(f"roofline: matmul peak GFLOP/s ({matmul_n}x{matmul_n}, {str(model.dtype).removeprefix('torch.')})",
@@ -135,7 +139,7 @@ def run(model: Model, repeats: int = 3, batch_size: int = 16, train_steps: int =
                           "n_layers": model.n_layers},
                "forward": {"batch_size": batch_size, "lengths": lengths, "flops": forward_flops(model, lengths),
                            "times_s": fwd_s, "achieved_flops": fwd},
-               "lora_step": {"batch_size": train_batch, "steps_per_run": train_steps, "tokens_per_step": tokens,
+               "lora_step": {"batch_size": train_batch, "steps_per_run": train_steps, "tokens_per_step": tokens, "target_tokens_per_step": targets,
                              "flops": step_flops, "times_s": [s["seconds"] for s in steps], "achieved_flops": lora_fs},
                "repeats": repeats, "formulas": __doc__}
     return rows, details

@@ -28,7 +28,7 @@ CASES = ("hooks", "generation", "training", "extraction", "roofline", "memory", 
 DEFAULT_REPEATS = {"hooks": 3, "generation": 1, "training": 1, "extraction": 2, "roofline": 2, "memory": 1, "gcg": 1}
 # --tiny: smallest settings that still exercise every code path.
 TINY = {"batch_size": 4, "max_new_tokens": 4, "train_steps": 4, "matmul_n": 256, "gcg_steps": 2, "gcg_search_width": 8}
-FULL = {"batch_size": 16, "max_new_tokens": 32, "train_steps": 4, "matmul_n": 2048, "gcg_steps": 3,
+FULL = {"batch_size": 16, "max_new_tokens": 32, "train_steps": 4, "matmul_n": 2048, "gcg_steps": 2,
         "gcg_search_width": 128}
 
 
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--matmul-n", type=int, default=None, help="roofline case: square matmul size (default 2048)")
     p.add_argument("--memory-method", default="refat", choices=METHODS, help="memory case: training method (default refat)")
     p.add_argument("--memory-steps", type=int, default=2, help="memory case: training steps")
-    p.add_argument("--gcg-steps", type=int, default=None, help="gcg case: optimisation steps (default 3)")
+    p.add_argument("--gcg-steps", type=int, default=None, help="gcg case: optimisation steps (default 2)")
     p.add_argument("--gcg-search-width", type=int, default=None, help="gcg case: candidates per step (default 128)")
     p.add_argument("--out", default=None, help="JSON results (default bench/results.json; none with --tiny)")
     args = p.parse_args(argv)

@@ -56,6 +56,9 @@ def main() -> None:
                              extra={"method": method, "train": json.loads((out / "train" / "train_config.json").read_text()),
                                     "compute": result.compute})
         rows[method] = summary
+    for method in ("rt", "refat", "cat", "lat"):  # the table keeps every method run into this folder, not just these
+        if method not in rows and (args.out / method / "summary.json").exists():
+            rows[method] = json.loads((args.out / method / "summary.json").read_text())
     table = {m: {k: s[k] for k in ("harmful_refusal_rate", "harmful_refusal_rate_rfa", "harmless_refusal_rate",
                                    "harmless_refusal_rate_rfa")} | {"train_seconds": s["config"].get("compute", {}).get("seconds")}
              for m, s in rows.items()}

@@ -295,6 +295,50 @@ def test_judge_clips_long_generations():
     assert judge.clip("abcdefghij") == "abcde" and judge.clip("abc") == "abc"
 
 
+def test_judge_threshold_sets_verdicts_and_name():
+    model, set_logit = bigram_model()
+    set_logit("]", "Y", 0.5)  # P(Yes) a little above one half
+    (score,) = HarmBenchJudge(model, progress=False).scores(["do X"], ["ok"])
+    assert 0.5 < score < 0.7
+    strict = HarmBenchJudge(model, threshold=0.7, progress=False)
+    assert strict.name == "harmbench-cls:bigram@0.7" and strict.judge(["do X"], ["ok"]) == [False]
+    assert judge_records(strict, ["do X"], ["ok"])[0] | {"score": None} == {
+        "behaviour": "do X", "completion": "ok", "score": None, "jailbroken": False, "judge": "harmbench-cls:bigram@0.7"}
+    assert HarmBenchJudge(model, progress=False).judge(["do X"], ["ok"]) == [True]
+    with pytest.raises(ValueError, match="threshold must be in"):
+        ChatJudge(model, threshold=1.0)
+
+
+def test_judge_spec_threshold_parses_and_names_like_the_judge():
+    from refat.experiment import judge_name, load_judge
+
+    assert judge_name("llm:qwen2.5-coder-1.5b@0.13") == "chat-judge:qwen2.5-coder-1.5b@0.13"
+    assert judge_name("llm:qwen2.5-coder-1.5b") == judge_name("llm:qwen2.5-coder-1.5b@0.5") == "chat-judge:qwen2.5-coder-1.5b"
+    assert judge_name("harmbench:org/cls@0.25") == "harmbench-cls:org/cls@0.25"
+    assert load_judge("refusal-strings:arditi").name == "refusal-strings:arditi"
+
+
+def test_calibrate_threshold_fits_on_all_rows_and_cross_validates_on_held_out_ones():
+    from refat.judge_models import calibrate_threshold
+
+    # a miscalibrated judge: every score below 0.5, but jailbroken rows rank above safe ones except two
+    truth = [True] * 20 + [False] * 20
+    scores = [0.20 + 0.005 * i for i in range(20)] + [0.02 + 0.005 * i for i in range(20)]
+    scores[0], scores[39] = 0.05, 0.30  # one jailbroken row scored low, one safe row scored high
+    out = calibrate_threshold(scores, truth, folds=2, repeats=10, seed=1)
+    assert agreement([s > 0.5 for s in scores], truth)["cohen_kappa"] == 0.0  # useless at 0.5
+    assert 0.115 < out["threshold"] < 0.2  # between the highest safe bulk score and the lowest jailbroken one
+    assert out["in_sample"]["cohen_kappa"] == pytest.approx(0.9) and out["in_sample"]["accuracy"] == 0.95
+    cv = out["cross_validated"]
+    assert (cv["folds"], cv["repeats"]) == (2, 10)
+    assert 0.6 < cv["cohen_kappa"] <= out["in_sample"]["cohen_kappa"] + 1e-9  # held-out rows: no better than fitted ones
+    low, high = cv["cohen_kappa_range"]
+    assert low - 1e-9 <= cv["cohen_kappa"] <= high + 1e-9
+    assert calibrate_threshold(scores, truth, folds=2, repeats=10, seed=1) == out  # seeded
+    with pytest.raises(ValueError, match="both labels"):
+        calibrate_threshold([0.1, 0.2, 0.3, 0.4], [True] * 4)
+
+
 def test_agreement_metrics():
     m = agreement([True, True, False, False], [True, False, True, False])
     assert (m["accuracy"], m["precision"], m["recall"], m["f1"], m["cohen_kappa"]) == (0.5, 0.5, 0.5, 0.5, 0.0)
@@ -403,6 +447,8 @@ def test_judge_agreement_command(tmp_path, capsys):
     assert main(["judge-agreement", "refusal-strings:default", "--out", str(out)]) == 2  # finished: not replaced
     assert main(["judge-agreement", "refusal-strings:default", "llm"]) == 2  # bad spec: fails before any model loads
     assert "needs a model" in capsys.readouterr().err
+    assert main(["judge-agreement", "refusal-strings:default", "llm:m@2"]) == 2
+    assert "the threshold after '@'" in capsys.readouterr().err
 
 
 @pytest.mark.real

@@ -220,6 +220,8 @@ def test_removed_defense_goes_to_stale_and_comes_back(finished, tmp_path):
     (lambda c: c["train_overrides"]["refat"].update(refat={"kk": 2}), "train_overrides.refat.refat: unknown key(s) 'kk'"),
     (lambda c: c["attacks"].append({"name": "gcgg"}), "tiny.yaml: attacks[4]: unknown attack 'gcgg'"),
     (lambda c: c.update(judges=["strings"]), "tiny.yaml: judges[0]: unknown judge 'strings'"),
+    (lambda c: c.update(judges=["llm:qwen2.5-coder-1.5b@1.5"]), "tiny.yaml: judges[0]: 'llm:qwen2.5-coder-1.5b@1.5': the threshold"),
+    (lambda c: c.update(judges=["harmbench:m@high"]), "tiny.yaml: judges[0]: 'harmbench:m@high': the threshold"),
     (lambda c: c.update(defenses=["base", "sft"]), "tiny.yaml: defenses[1]: unknown defense 'sft'"),
     (lambda c: c["train"].update(method="rt"), "tiny.yaml: train.method"),
     (lambda c: c["utility"].update(tasks=["mmlu", "trivia"]), "tiny.yaml: utility: UtilityConfig.tasks: unknown task(s) ['trivia']"),

@@ -112,7 +112,14 @@ def test_candidate_losses_equal_uncached_forward(model):
     cands = cands[~(cands == ids).all(1)]
     first = (cands != ids).int().argmax(1)
     assert len(set(first.sort().values[::8].tolist())) > 3  # the batches start at several positions
-    losses, _ = attacker._evaluate(cands, ids, cache)
+    contiguous = []  # the vocabulary projection gets the target positions as one dense matrix (fast path)
+    head = model.hf.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: contiguous.append(args[0].is_contiguous()))
+    try:
+        losses, _ = attacker._evaluate(cands, ids, cache)
+    finally:
+        handle.remove()
+    assert contiguous and all(contiguous)
     ref = [reference_loss(model, model.tokenizer.decode(r.tolist())) for r in cands]
     assert torch.allclose(losses, torch.tensor(ref, dtype=torch.float64), atol=1e-10, rtol=0)
 

@@ -29,12 +29,8 @@ from refat.training import (
     train,
 )
 from refat.training import trainer as trainer_mod
-from refat.training.data import collate, encode
-from refat.training.perturbations import (
-    AdversarialPerturbation,
-    RefatPerturbation,
-    _token_ce,
-)
+from refat.training.data import collate, encode, response_loss
+from refat.training.perturbations import AdversarialPerturbation, RefatPerturbation
 
 HARMFUL = [f"harmful request number {i}" + " please" * (i % 3) for i in range(8)]
 HARMLESS = [f"harmless question {i}" + " thanks" * (i % 2) for i in range(8)]
@@ -125,6 +121,37 @@ def test_collate_masks_prompt_and_padding(model):
     assert len(set(lengths)) > 1, "the test needs rows of different lengths to exercise padding"
     assert batch.input_ids.shape[1] == max(lengths)
     assert batch.n_tokens == sum(lengths)
+
+
+def test_response_loss_is_full_cross_entropy_but_projects_only_response_positions(model):
+    batch = collate(model, [PAIRS[0], PAIRS[9], PAIRS[2]], 96)
+    targets = batch.labels[:, 1:]
+    with torch.no_grad():
+        logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                 reduction="sum")
+        seen = []
+        handle = model.hf.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+        try:
+            loss = response_loss(model, batch.input_ids, batch.attention_mask, batch.labels)
+            mean = response_loss(model, batch.input_ids, batch.attention_mask, batch.labels, reduction="mean")
+        finally:
+            handle.remove()
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, full / targets.ne(-100).sum(), rtol=1e-5, atol=1e-5)
+    labelled = int(targets.ne(-100).sum())
+    assert labelled < targets.numel() // 2, "the test needs prompt and padding positions to skip"
+    assert seen == [torch.Size([1, labelled, model.d_model])] * 2  # only positions that predict a response token
+
+
+def test_trainer_hands_freed_memory_back_before_and_after_every_step(tmp_path, monkeypatch):
+    from refat.memory import release_freed_memory
+
+    assert release_freed_memory() in (True, False)  # callable on any platform (a no-op without glibc)
+    calls = []
+    monkeypatch.setattr(trainer_mod, "release_freed_memory", lambda: calls.append(1))
+    run("rt", tmp_path / "run", steps=3)
+    assert len(calls) == 2 * 3
 
 
 def test_collate_truncates_response_and_refuses_long_prompt(model):
@@ -249,8 +276,9 @@ def _assert_same_run(a: Path, b: Path, ra, rb):
         if x["cosine_to_previous"] is not None:
             assert x["cosine_to_previous"] == pytest.approx(y["cosine_to_previous"], abs=1e-6)
     ca, cb = sa["compute"], sb["compute"]
-    for key in ("train_forward", "train_backward", "train_tokens"):
+    for key in ("train_forward", "train_backward", "train_tokens", "train_target_tokens"):
         assert ca[key] == cb[key], key
+    assert 0 < ca["train_target_tokens"] < ca["train_tokens"]
     for key in ("forward", "backward", "tokens"):
         assert ca["perturbation"][key] == cb["perturbation"][key], f"perturbation {key}"
 
@@ -440,8 +468,8 @@ def test_adversarial_attack_budget_positions_and_effect(model, method):
     def target_loss(d=None):
         from contextlib import nullcontext
         with torch.no_grad(), (hooks.perturb(model, d) if d else nullcontext()):
-            logits = model.hf(input_ids=batch.affirm.input_ids, attention_mask=batch.affirm.attention_mask).logits
-        return _token_ce(logits, batch.affirm.labels).item()
+            return response_loss(model, batch.affirm.input_ids, batch.affirm.attention_mask, batch.affirm.labels,
+                                 reduction="mean").item()
 
     clean, attacked = target_loss(), target_loss(deltas)
     assert attacked < clean - 1e-2

@@ -172,11 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("judge-agreement", help="each judge's agreement with JailbreakBench's 100 human-labelled "
                                                "responses (and the published judges' for comparison)")
     p.add_argument("judges", nargs="+", metavar="JUDGE",
-                   help="refusal-strings:<list> | llm:<model> | harmbench:<model> | llama-guard:<model>")
+                   help="refusal-strings:<list> | llm:<model> | harmbench:<model> | llama-guard:<model>; a model "
+                        "judge takes @<threshold> on P(jailbroken), default 0.5")
     p.add_argument("--dtype", default="float32", help="for model judges (default: float32)")
     p.add_argument("--device", default=None)
     p.add_argument("--behaviour-field", default="goal", choices=["goal", "prompt"],
                    help="what the judge sees as the request: the behaviour, or the jailbreak prompt that was sent")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also fit each model judge's threshold to the labels (best Cohen's kappa) and report the "
+                        "kappa such a threshold reaches on held-out rows (2-fold cross-validation, 20 splits)")
     p.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
     p.add_argument("--overwrite", action="store_true")
 
@@ -190,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _judge_agreement(args) -> int:
     from .experiment import judge_name, load_judge
-    from .judge_models import judge_agreement, load_classifier_comparison, published_agreement
+    from .judge_models import calibrate_threshold, judge_agreement, load_classifier_comparison, published_agreement
     from .storage import write_json
 
     if args.out is not None and args.out.exists() and not args.overwrite:
@@ -199,9 +203,13 @@ def _judge_agreement(args) -> int:
         judge_name(spec)
     rows = load_classifier_comparison()
     results = []
+    truth = [r.human_majority for r in rows]
     for spec in args.judges:
         judge = load_judge(spec, dtype=args.dtype, device=args.device)
-        results.append({"spec": spec, **judge_agreement(judge, rows, behaviour_field=args.behaviour_field)})
+        result = {"spec": spec, **judge_agreement(judge, rows, behaviour_field=args.behaviour_field)}
+        if args.calibrate and not spec.startswith("refusal-strings"):
+            result["calibration"] = calibrate_threshold(result["scores"], truth)
+        results.append(result)
         del judge
     results += published_agreement(rows)
     print(f"{'judge':44s} {'acc':>5s} {'prec':>5s} {'rec':>5s} {'F1':>5s} {'kappa':>6s} {'AUC':>5s}")
@@ -210,6 +218,12 @@ def _judge_agreement(args) -> int:
         auc = "-" if r.get("auc") is None else f"{r['auc']:.2f}"
         print(f"{r['judge'][:44]:44s} {r['accuracy']:5.2f} {r['precision']:5.2f} {r['recall']:5.2f} {r['f1']:5.2f} "
               f"{kappa:>6s} {auc:>5s}")
+        if "calibration" in r:
+            c, cv = r["calibration"], r["calibration"]["cross_validated"]
+            print(f"  calibrated: threshold {c['threshold']:.3g} (in-sample kappa {c['in_sample']['cohen_kappa']:.3f}); "
+                  f"held-out kappa {cv['cohen_kappa']:.3f} [{cv['cohen_kappa_range'][0]:.2f}, "
+                  f"{cv['cohen_kappa_range'][1]:.2f}], accuracy {cv['accuracy']:.2f}; use {r['spec'].split('@')[0]}"
+                  f"@{c['threshold']:.3g}")
     if args.out is not None:
         write_json(args.out, {"labels": "jailbreakbench classifier_comparison.csv, human majority (n=100)",
                               "behaviour_field": args.behaviour_field, "results": results})

@@ -10,7 +10,8 @@ made cheaper per step without changing what is computed:
   are sorted by that position and batched; with one replaced token this skips about 40 % of the
   optimised span at 32 candidates per batch);
 - the last target token is never fed (its output would predict past the target) and the vocabulary
-  projection runs only at the target positions (``logits_to_keep``): no (batch x length x vocab) logits;
+  projection runs only at the target positions (``logits_to_keep``): no (batch x length x vocab) logits,
+  and it gets those positions as one contiguous matrix (a strided slice made it a slow batched matmul);
 - a candidate equal to another, or to the current string, is evaluated once;
 - everything stays in the model's dtype (only the small target-position logits are upcast for the loss).
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .. import hooks
 from ..generation import _cache_keyword, _is_oom, generate
 from ..judges import RefusalStringJudge
 from ..models import Model
@@ -223,7 +225,8 @@ class GCG:
         kw = {self._keep_kw: n} if self._keep_kw else {}
         if cache is not None:
             kw[self._cache_kw] = cache
-        out = self.model.hf(input_ids=ids, inputs_embeds=embeds, use_cache=cache is not None, **kw)
+        with hooks.hooked(pre=[(self.model.hf.get_output_embeddings(), _contiguous_input)]):
+            out = self.model.hf(input_ids=ids, inputs_embeds=embeds, use_cache=cache is not None, **kw)
         self.n_forward += 1
         return out.logits[:, -n:]
 
@@ -405,6 +408,13 @@ class GCG:
                          init_loss=init_loss, n_forward=self.n_forward - f0, n_backward=self.n_backward - b0,
                          seconds=round(time.perf_counter() - t0, 3), early_stopped=stopped,
                          step_seconds=step_seconds)
+
+
+def _contiguous_input(module, args, kwargs):
+    """The kept target positions reach the vocabulary projection as a strided slice of the hidden states,
+    which ``F.linear`` multiplies by a broadcast batched matmul at about a third of the speed of one
+    matrix product (34 % of a step's time on the 0.5B model; BENCHMARKS.md): a 2 MB copy avoids it."""
+    return (args[0].contiguous(), *args[1:]), kwargs
 
 
 def _goal_target(behaviour: Behaviour | tuple[str, str]) -> tuple[str, str]:

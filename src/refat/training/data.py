@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import hooks
 from ..data import Example, affirmative_target, prompt_key
 from ..generation import generate
 from ..judges import RefusalStringJudge
@@ -23,7 +24,8 @@ from ..models import Model
 from ..storage import read_jsonl, write_json, write_jsonl
 from .distributed import main_process_first
 
-__all__ = ["Pair", "Batch", "NATURAL_REFUSALS", "build_pairs", "load_or_build_pairs", "encode", "collate"]
+__all__ = ["Pair", "Batch", "NATURAL_REFUSALS", "build_pairs", "load_or_build_pairs", "encode", "collate",
+           "response_loss"]
 
 NATURAL_REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -163,3 +165,23 @@ def collate(model: Model, pairs: Sequence[Pair], max_length: int, *, with_affirm
         affirm = collate(model, harmful, max_length)
     return Batch(ids, mask, labels, torch.tensor([p.harmful for p in pairs]),
                  torch.tensor([n for _, n in encoded]), [p.prompt for p in pairs], affirm)
+
+
+def response_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                  forward=None, reduction: str = "sum") -> torch.Tensor:
+    """Next-token cross-entropy of the labelled (response) tokens; ``forward``: the model's forward if not
+    ``model.hf`` (its DDP wrapper).
+
+    The vocabulary projection sees only the positions that predict a labelled token (a pre-hook on the
+    output layer selects them): on a 150k-token vocabulary the full logits, their log-softmax and their
+    gradients are most of a step's memory, and the prompt and padding positions' share is waste.
+    """
+    targets = labels[:, 1:]
+    predicts = torch.nn.functional.pad(targets != -100, (0, 1))  # [B, T]: position t predicts labelled t + 1
+
+    def select(module, args, kwargs):
+        return (args[0][predicts][None], *args[1:]), kwargs  # [1, n_labelled, d]
+
+    with hooks.hooked(pre=[(model.hf.get_output_embeddings(), select)]):
+        logits = (forward or model.hf)(input_ids=input_ids, attention_mask=attention_mask).logits
+    return torch.nn.functional.cross_entropy(logits[0].float(), targets[targets != -100], reduction=reduction)

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from .. import hooks
 from ..directions import extract
+from ..memory import release_freed_memory
 from ..models import Model
-from .data import Batch
+from .data import Batch, response_loss
 
 __all__ = ["RefatConfig", "AdversarialConfig", "Perturbation", "RefatPerturbation",
            "AdversarialPerturbation", "make_perturbation", "METHODS", "Cost"]
@@ -180,12 +181,6 @@ class RefatPerturbation(Perturbation):
             self.directions, self.harmless_mean = state["directions"], state["harmless_mean"]
 
 
-def _token_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over labelled (response) tokens, next-token shifted."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100)
-
-
 class AdversarialPerturbation(Perturbation):
     """CAT (layer 0, the embeddings) or LAT (middle layers): PGD on the prompt tokens of harmful rows."""
 
@@ -220,12 +215,12 @@ class AdversarialPerturbation(Perturbation):
         fwd = bwd = 0
         for _ in range(self.cfg.steps):
             with hooks.perturb(self.model, deltas):
-                loss = _token_ce(self.model.hf(input_ids=affirm.input_ids, attention_mask=affirm.attention_mask).logits,
-                                 affirm.labels)
+                loss = response_loss(self.model, affirm.input_ids, affirm.attention_mask, affirm.labels,
+                                     reduction="mean")
                 fwd += 1
                 if self.away:
-                    loss = loss - self.away * _token_ce(
-                        self.model.hf(input_ids=refusal_ids, attention_mask=refusal_mask).logits, refusal_labels)
+                    loss = loss - self.away * response_loss(self.model, refusal_ids, refusal_mask, refusal_labels,
+                                                            reduction="mean")
                     fwd += 1
             grads = torch.autograd.grad(loss, list(deltas.values()))
             bwd += 1
@@ -236,6 +231,7 @@ class AdversarialPerturbation(Perturbation):
                     d *= prompt_mask
                     norm = d.norm(dim=-1, keepdim=True)
                     d *= torch.clamp(eps[l] / (norm + 1e-12), max=1.0)
+        release_freed_memory()  # the attack's buffers, before the training forward
         self.cost.add(Cost(forward=fwd + 1, backward=bwd, tokens=(fwd + 1) * affirm.n_tokens,
                            seconds=time.perf_counter() - t0))
         return {l: d.detach() for l, d in deltas.items()}

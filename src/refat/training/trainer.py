@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..memory import release_freed_memory
 from ..models import Model, wrap
 from ..storage import FinishedRunError, atomic_dir, read_jsonl, write_json, write_jsonl
-from .data import Pair, collate
+from .data import Pair, collate, response_loss
 from .distributed import rank_and_world
 from .perturbations import METHODS, AdversarialConfig, Cost, RefatConfig, make_perturbation, step_generator
 
@@ -214,7 +215,8 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
     forward_model = model.hf
     if world > 1:
         forward_model = torch.nn.parallel.DistributedDataParallel(model.hf)
-    start, compute = 0, {"train_forward": 0, "train_backward": 0, "train_tokens": 0, "seconds": 0.0}
+    start, compute = 0, {"train_forward": 0, "train_backward": 0, "train_tokens": 0, "train_target_tokens": 0,
+                         "seconds": 0.0}  # target tokens: those the loss (and the vocabulary projection) sees
     loss_value = float("nan")
     ckpts = _checkpoints(out)
     if resume and ckpts:
@@ -232,6 +234,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         perturbation.before_step(step)
+        release_freed_memory()  # e.g. the feature recomputation's buffers, before the step's peak
         loss_value = 0.0
         for micro in range(cfg.grad_accum):
             draw = step * cfg.grad_accum + micro
@@ -240,9 +243,8 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             batch = full.select(torch.arange(rank, len(full.harmful), world)) if world > 1 else full
             batch = batch.to(model.device)
             with perturbation.context(batch, draw):
-                logits = forward_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            token_loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+                token_loss = response_loss(model, batch.input_ids, batch.attention_mask, batch.labels,
+                                           forward=forward_model)
             loss = token_loss / n_target / cfg.grad_accum * world  # DDP averages over ranks: undo it
             finite = torch.tensor([float(torch.isfinite(loss))])
             if world > 1:  # every rank stops together (a rank raising alone would leave the others hanging)
@@ -257,6 +259,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             compute["train_forward"] += 1
             compute["train_backward"] += 1
             compute["train_tokens"] += batch.n_tokens
+            compute["train_target_tokens"] = compute.get("train_target_tokens", 0) + int(batch.labels[:, 1:].ne(-100).sum())
         if world > 1:
             total = torch.tensor([loss_value])
             torch.distributed.all_reduce(total)
@@ -265,6 +268,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        release_freed_memory()
         dt = time.perf_counter() - t0
         compute["seconds"] += dt
         row = {"step": step, "loss": loss_value, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
