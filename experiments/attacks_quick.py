@@ -16,7 +16,6 @@ A control, the behaviours with only GCG's initial "x x ... x" suffix, shows what
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 import statistics
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 from refat.attacks import autodan, embedding, gcg, pair, prefill, templates
 from refat.attacks.base import Behaviour, behaviours_from, read_records, refused_by
 from refat.chat import LocalChat
-from refat.experiment import judge_name, judge_threshold, load_judge
+from refat.experiment import cached_judge_scores, judge_cache_path, judge_name, judge_threshold
 from refat.generation import generate
 from refat.judges import RefusalStringJudge
 from refat.models import load
@@ -88,18 +87,10 @@ def success_rates(successes: list[bool], groups: list[str]) -> dict[str, float]:
 
 
 def judge_scores(spec: str, records: dict[str, list], out: Path) -> dict[str, list[float]]:
-    """P(jailbroken) by a second judge for every record of every attack, judging only what its cache lacks."""
-    name = judge_name(spec)
-    path = out / f"judge-{re.sub(r'[^A-Za-z0-9.@-]+', '_', name)}.jsonl"
-    cache = {r["key"]: r["score"] for r in read_jsonl(path)} if path.exists() else {}
-    digest = lambda r: hashlib.sha256(f"{name}\0{r.goal}\0{r.completion}".encode()).hexdigest()  # noqa: E731
-    keys = {a: [digest(r) for r in rs] for a, rs in records.items()}
-    todo = {k: r for a, rs in records.items() for k, r in zip(keys[a], rs) if k not in cache}
-    if todo:
-        judge = load_judge(spec, dtype="float32")
-        cache |= zip(todo, judge.scores([r.goal for r in todo.values()], [r.completion for r in todo.values()]))
-        write_jsonl(path, [{"key": k, "score": v} for k, v in cache.items()])
-    return {a: [cache[k] for k in ks] for a, ks in keys.items()}
+    """P(jailbroken) by a second judge for every record of every attack (cached in ``out``)."""
+    pairs = [(r.goal, r.completion) for rs in records.values() for r in rs]
+    scores = iter(cached_judge_scores(spec, pairs, judge_cache_path(out, spec), dtype="float32"))
+    return {a: [next(scores) for _ in rs] for a, rs in records.items()}
 
 
 def main() -> None:
@@ -166,6 +157,7 @@ def main() -> None:
               f"{by_second} | {r['seconds_per_behaviour']:.0f} | {r['forward_per_behaviour']:.0f} / "
               f"{r['backward_per_behaviour']:.0f} |")
     print(f"control, GCG's initial suffix only: ASR {control['asr']:.0%} ({control['asr_first_10']:.0%} on GCG's 10)")
+
 
 if __name__ == "__main__":
     main()
