@@ -3,7 +3,7 @@
 Answers "how much does the selection filter cost the attack?": the demo's filters reject the
 strongest candidates for moving harmless outputs too much; this measures what they would have done.
 
-    python experiments/rfa_by_layer.py --directions runs/demo --layers 14 16 18 --position -1
+    python experiments/rfa_by_layer.py --directions runs/demo/directions/base --layers 14 16 18 --position -1
 """
 
 from __future__ import annotations
@@ -17,25 +17,27 @@ from refat.generation import generate
 from refat.judges import RefusalStringJudge, rate, refusal_records
 from refat.models import load
 from refat.storage import write_json
-from refat.workflow import DemoConfig, prompt_sets
+from refat.data import prompt_sets
+from refat.pipeline.demo import demo_config
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--directions", type=Path, default=Path("runs/demo"))
+    p.add_argument("--directions", type=Path, default=Path("runs/demo/directions/base"))
     p.add_argument("--layers", type=int, nargs="+", required=True)
     p.add_argument("--position", type=int, default=-1)
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: DIRECTIONS/rfa_by_layer.json)")
     args = p.parse_args()
-    demo = DemoConfig()
+    demo = demo_config()
     d = Directions.load(args.directions)
     model = load(demo.model, dtype=demo.dtype)
     harmful = prompt_sets(demo.data).prompts("harmful", "test")
+    max_new_tokens = demo.first_rfa.parsed().max_new_tokens
     judge = RefusalStringJudge()
     result = {}
     for layer in args.layers:
         with hooks.ablate(model, d.vector(layer, args.position)):
-            completions = generate(model, harmful, max_new_tokens=demo.rfa.max_new_tokens, desc=f"RFA layer {layer}")
+            completions = generate(model, harmful, max_new_tokens=max_new_tokens, desc=f"RFA layer {layer}")
         result[layer] = rate(refusal_records(harmful, completions, judge))
         print(f"layer {layer} position {args.position}: harmful refused under RFA {result[layer]:.0%} (n={len(harmful)})")
     write_json(args.out or args.directions / "rfa_by_layer.json",

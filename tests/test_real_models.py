@@ -10,7 +10,8 @@ from refat.directions import SelectionConfig, extract, select
 from refat.generation import generate
 from refat.judges import RefusalStringJudge, rate, refusal_records
 from refat.models import load
-from refat.workflow import DataConfig, DemoConfig, prompt_sets
+from refat.data import DataConfig, prompt_sets
+from refat.pipeline.demo import demo_config
 
 pytestmark = pytest.mark.real
 
@@ -47,7 +48,7 @@ def test_rfa_removes_refusals_on_qwen(qwen, sets):
     """The selected difference-of-means direction, ablated, turns refusals into answers."""
     d = extract(qwen, sets.prompts("harmful", "train"), sets.prompts("harmless", "train"))
     # the demo's filters, and a narrowed candidate search to keep the test short (the demo searches all)
-    demo = DemoConfig().selection
+    demo = demo_config().selection
     sel = select(qwen, d, sets.prompts("harmful", "val"), sets.prompts("harmless", "val"),
                  SelectionConfig(kl_threshold=demo.kl_threshold, induce_refusal_threshold=demo.induce_refusal_threshold,
                                  layers=list(range(8, 19, 2)), positions=[-1, -4]))

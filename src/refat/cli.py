@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="an experiment from a YAML config, end to end and resumable: train, attack, "
                                    "judge, evaluate, report")
-    p.add_argument("config", type=Path, help="experiment YAML, e.g. configs/quick.yaml")
+    p.add_argument("config", help="experiment YAML, e.g. configs/quick.yaml, or a packaged preset (demo)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="change single keys, checked like the file: train.steps=10 attacks.1.n_behaviours=5")
     p.add_argument("--out-root", type=Path, default=Path("runs"), help="the run goes to OUT_ROOT/<name>")
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
                    help="recompute these stages even if unchanged (a prefix such as 'attacks' or 'train/refat' "
@@ -184,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("demo", help="find the refusal direction of the default model, ablate it, report refusal rates")
-    from .workflow import DemoConfig
-    _model_args(p), _data_args(p), _selection_args(p, DemoConfig().selection), _rfa_args(p)
-    p.add_argument("--out", default=Path("runs/demo"), type=Path)
-    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("demo", help="find the refusal direction of the default model, ablate it, report refusal rates "
+                                     "(`refat run demo`)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="change any key of the demo config (src/refat/pipeline/presets/demo.yaml), e.g. "
+                        "model=qwen2.5-coder-1.5b data.n_test=20 attacks.0.config.max_new_tokens=64")
+    p.add_argument("--out", default=Path("runs/demo"), type=Path, help="the run folder (default: runs/demo)")
     return parser
 
 
@@ -237,7 +240,7 @@ def _load(args):
 
 
 def _data(args):
-    from .workflow import DataConfig
+    from .data import DataConfig
     return DataConfig(args.harmful, args.harmless, args.n_train, args.n_val, getattr(args, "n_test", 0), args.seed)
 
 
@@ -266,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from . import workflow
-
     if args.command == "fetch":
         from .data import REGISTRY, load_dataset
         for name in args.names:
@@ -277,19 +278,22 @@ def _run(args) -> int:
                 print(f"{name}: {catalog.ensure_model(catalog.entry(name).name)}")
         return 0
     if args.command == "run":
-        from .experiment import run_experiment
-        run_dir = run_experiment(args.config, args.out_root, force_stages=args.force)
-        print(f"run finished: {run_dir} (report.md, report.html, asr.json, provenance.json)")
+        from .pipeline import load_config, run_experiment
+        from .pipeline.demo import preset
+        run_dir = run_experiment(load_config(preset(args.config), args.overrides), args.out_root,
+                                 force_stages=args.force)
+        print(f"run finished: {run_dir} (report/report.md, report/asr.json, provenance.json)")
         return 0
     if args.command == "train":
         return _train(args, _data(args))
     if args.command == "demo":
-        cfg = workflow.DemoConfig(args.model, args.dtype, args.device, _data(args), _selection(args), _rfa(args))
-        workflow.demo(cfg, args.out, overwrite=args.overwrite)
+        from .pipeline.demo import demo
+        demo(args.out, args.overrides)
         return 0
     if args.command == "directions":
-        sets = workflow.prompt_sets(_data(args))
-        d = workflow.find_directions(_load(args), sets, _selection(args), args.out)
+        from .data import prompt_sets
+        from .directions import find_directions
+        d = find_directions(_load(args), prompt_sets(_data(args)), _selection(args), args.out)
         s = d.selection
         print(f"selected layer {s.layer}, position {s.position}: refusal score {s.baseline_refusal_score:.2f} -> "
               f"{s.refusal_score:.2f} under ablation (KL {s.kl:.3f}, induced {s.induce_score:.2f}); saved in {args.out}")
@@ -376,7 +380,7 @@ def _load_spec(args, spec: str):
 
 def _train(args, data) -> int:
     from .training import AdversarialConfig, LoraSettings, RefatConfig, TrainConfig, train
-    from .workflow import training_pairs
+    from .training import training_pairs
 
     layers = args.train_layers
     cfg = TrainConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,

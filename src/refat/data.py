@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import catalog
 
-__all__ = ["Example", "REGISTRY", "load_dataset", "split", "dedupe", "prompt_key", "affirmative_target", "read_package_file", "DatasetError"]
+__all__ = ["DataConfig", "PromptSets", "prompt_sets", "Example", "REGISTRY", "load_dataset", "split", "dedupe", "prompt_key", "affirmative_target", "read_package_file", "DatasetError"]
 
 
 class DatasetError(ValueError):
@@ -251,3 +251,38 @@ def split(examples: Sequence[Example], sizes: dict[str, int | None], *, seed: in
         out[name] = order[i:i + n]
         i += n
     return out
+
+
+@dataclass
+class DataConfig:
+    """Where harmful and harmless prompts come from and how they split into disjoint train / val / test."""
+
+    harmful: str = "advbench"
+    harmless: str = "alpaca"
+    n_train: int = 128
+    n_val: int = 32
+    n_test: int = 50
+    seed: int = 0
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+
+
+@dataclass
+class PromptSets:
+    """Disjoint train / val / test prompts, harmful and harmless."""
+
+    harmful: dict[str, list[Example]]
+    harmless: dict[str, list[Example]]
+
+    def prompts(self, kind: str, split_name: str) -> list[str]:
+        return [e.prompt for e in getattr(self, kind)[split_name]]
+
+
+def prompt_sets(cfg: DataConfig, harmful: Sequence[Example] | None = None,
+                harmless: Sequence[Example] | None = None) -> PromptSets:
+    """The splits of ``cfg`` (datasets loaded from its specs unless given already loaded)."""
+    harmful = load_dataset(cfg.harmful) if harmful is None else harmful
+    harmless = load_dataset(cfg.harmless) if harmless is None else harmless
+    return PromptSets(split(harmful, cfg.sizes, seed=cfg.seed), split(harmless, cfg.sizes, seed=cfg.seed))

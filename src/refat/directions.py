@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,9 +21,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import hooks
+from .data import PromptSets
 from .generation import batched, forward_last_logits
 from .models import Model
-from .storage import atomic_path, write_json
+from .storage import atomic_path, digest, write_json
 
 __all__ = ["Directions", "Selection", "SelectionConfig", "extract", "select", "refusal_token_ids", "refusal_scores",
            "REFUSAL_PHRASES"]
@@ -247,3 +249,35 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
     raise RuntimeError(f"no candidate direction passed the filters (KL ≤ {config.kl_threshold}, induced refusal "
                        f"score > {config.induce_refusal_threshold}); best candidates: {best}. Relax kl_threshold / "
                        "induce_refusal_threshold or use more extraction prompts")
+
+
+def find_directions(model: Model, sets: PromptSets, selection: SelectionConfig, out_dir: str | Path | None = None,
+                    *, batch_size: int = 32) -> Directions:
+    """Extract on the train split and select on the val split. Each step is saved as it finishes and
+    reused when its inputs are unchanged: a new selection config reuses the extraction."""
+    extract_key = digest([model.name, model.source, sets.prompts("harmful", "train"), sets.prompts("harmless", "train")])
+    select_key = digest([extract_key, sets.prompts("harmful", "val"), sets.prompts("harmless", "val"),
+                         asdict(selection)])
+    d = None
+    if out_dir is not None and (Path(out_dir) / "directions.safetensors").exists():
+        saved = Directions.load(out_dir)
+        if saved.meta.get("extract_fingerprint") == extract_key:
+            if saved.selection is not None and saved.meta.get("select_fingerprint") == select_key:
+                print(f"refat: reusing directions in {out_dir} (same model, data and selection config)", file=sys.stderr)
+                return saved
+            print(f"refat: reusing the extraction in {out_dir}; selecting anew", file=sys.stderr)
+            d, d.selection = saved, None
+    if d is None:
+        t0 = time.perf_counter()
+        d = extract(model, sets.prompts("harmful", "train"), sets.prompts("harmless", "train"), batch_size=batch_size)
+        d.meta = {"extract_fingerprint": extract_key, "model_source": model.source,
+                  "seconds": {"extract": round(time.perf_counter() - t0, 1)}}
+        if out_dir is not None:
+            d.save(out_dir)
+    t0 = time.perf_counter()
+    select(model, d, sets.prompts("harmful", "val"), sets.prompts("harmless", "val"), selection)
+    d.meta |= {"select_fingerprint": select_key, "selection_config": asdict(selection)}
+    d.meta["seconds"] = d.meta.get("seconds", {}) | {"select": round(time.perf_counter() - t0, 1)}
+    if out_dir is not None:
+        d.save(out_dir)
+    return d

@@ -7,6 +7,7 @@ write into the residual stream are found by shape. Every choice can be overridde
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,6 +31,30 @@ _FALLBACK_TEMPLATE = (
 
 class PromptTooLongError(ValueError):
     pass
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_spec(spec: str) -> None:
+    """Cheap, before anything loads: a catalog name, an existing HF directory or .gguf file, or an
+    'org/name' hub id; anything else raises ValueError saying what was expected."""
+    if spec in catalog.CATALOG:
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"GGUF file not found: {path}")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is a folder but not a Hugging Face model (no config.json)")
+        return
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ValueError(f"no model directory or .gguf file at {path}")
+    if not _HUB_ID.fullmatch(spec):
+        raise ValueError(f"unknown model {spec!r}: not a catalog name ({', '.join(catalog.CATALOG)}), "
+                         "a local directory, a .gguf file, or an 'org/name' hub id")
 
 
 def auto_device() -> torch.device:

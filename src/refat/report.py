@@ -270,8 +270,8 @@ class _Plotter:
 
 # ---- sections ---------------------------------------------------------------------------------------------------
 
-def _run_section(run_dir: Path) -> list[_Section]:
-    info, err = _read_json(run_dir / "run.json", run_dir)
+def _run_section(tables: Path) -> list[_Section]:
+    info, err = _read_json(tables / "run.json", tables)
     if info is None and err is None:
         return []
     sec = _Section("Run")
@@ -283,9 +283,9 @@ def _run_section(run_dir: Path) -> list[_Section]:
     return [sec]
 
 
-def _asr_section(run_dir: Path, plot: _Plotter) -> _Section:
+def _asr_section(tables: Path, plot: _Plotter) -> _Section:
     sec = _Section("Attack success rate")
-    data, err = _read_json(run_dir / "asr.json", run_dir)
+    data, err = _read_json(tables / "asr.json", tables)
     bad = err or (data is not None and _nested(data, 3, "asr.json", "{defense: {attack: {judge: asr}}}"))
     if data is None or bad:
         sec.blocks.append(_Missing(bad) if bad else _not_run("asr.json", "attack stage"))
@@ -308,9 +308,9 @@ def _asr_section(run_dir: Path, plot: _Plotter) -> _Section:
     return sec
 
 
-def _matrix_section(run_dir: Path, name: str, title: str, what: str, first: str, fmt, intro: str) -> _Section:
+def _matrix_section(tables: Path, name: str, title: str, what: str, first: str, fmt, intro: str) -> _Section:
     sec = _Section(title)
-    data, err = _read_json(run_dir / name, run_dir)
+    data, err = _read_json(tables / name, tables)
     bad = err or (data is not None and _nested(data, 2, name, f"{{defense: {{{first}: value}}}}"))
     if data is None or bad:
         sec.blocks.append(_Missing(bad) if bad else _not_run(name, what))
@@ -330,9 +330,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _compute_section(run_dir: Path) -> _Section:
-    if (run_dir / "compute.json").is_file():
-        return _matrix_section(run_dir, "compute.json", "Compute cost", "", "metric", _fmt,
+def _compute_section(run_dir: Path, tables: Path) -> _Section:
+    if (tables / "compute.json").is_file():
+        return _matrix_section(tables, "compute.json", "Compute cost", "", "metric", _fmt,
                                "Training cost per defense, from `compute.json`.")
     sec = _Section("Compute cost")
     table, errors = {}, []
@@ -453,27 +453,35 @@ def _analysis_blocks(name: str, a: dict, plot: _Plotter) -> list:
 
 # ---- entry point ------------------------------------------------------------------------------------------------
 
+def tables_dir(run_dir: str | Path) -> Path:
+    """Where a run folder keeps its tables and report: ``report/`` for a ``refat run`` folder, else the folder."""
+    run_dir = Path(run_dir)
+    return run_dir / "report" if (run_dir / "report" / "stage.json").is_file() else run_dir
+
+
 def write_report(run_dir: str | Path, *, plots: bool = True) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` (and ``plots/*.png``) for ``run_dir``; returns both paths.
+    """Write ``report.md`` and ``report.html`` (and ``plots/*.png``) beside the tables of ``run_dir``
+    (:func:`tables_dir`); returns both paths.
 
     Stages that have not run yet get a "not run" line; unreadable files are named, never fatal.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
-    plot = _Plotter(run_dir / "plots", plots)  # fails here, before anything is written, without matplotlib
+    tables = tables_dir(run_dir)
+    plot = _Plotter(tables / "plots", plots)  # fails here, before anything is written, without matplotlib
     sections = [
-        *_run_section(run_dir),
-        _asr_section(run_dir, plot),
-        _matrix_section(run_dir, "utility.json", "Utility", "utility evaluation", "benchmark", _fmt,
+        *_run_section(tables),
+        _asr_section(tables, plot),
+        _matrix_section(tables, "utility.json", "Utility", "utility evaluation", "benchmark", _fmt,
                         "Benchmark scores per defense (higher is better)."),
-        _matrix_section(run_dir, "overrefusal.json", "Over-refusal", "over-refusal evaluation", "dataset", _pct,
+        _matrix_section(tables, "overrefusal.json", "Over-refusal", "over-refusal evaluation", "dataset", _pct,
                         "Refusal rate on benign prompts that look harmful (lower is better)."),
-        _compute_section(run_dir),
+        _compute_section(run_dir, tables),
         _training_section(run_dir, plot),
         *_analysis_sections(run_dir, plot),
     ]
     title = f"refat report: {run_dir.resolve().name}"
-    md = write_text(run_dir / "report.md", _markdown(title, sections, run_dir))
-    page = write_text(run_dir / "report.html", _html(title, sections))
+    md = write_text(tables / "report.md", _markdown(title, sections, tables))
+    page = write_text(tables / "report.html", _html(title, sections))
     return md, page

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,11 +11,16 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_dir", "write_text", "write_json", "write_jsonl", "read_jsonl", "FinishedRunError", "claim_output"]
+__all__ = ["digest", "FolderLockedError", "folder_lock", "atomic_path", "atomic_dir", "write_text", "write_json", "write_jsonl", "read_json", "read_jsonl", "FinishedRunError", "claim_output"]
 
 
 class FinishedRunError(FileExistsError):
     pass
+
+
+def digest(obj, n: int = 16) -> str:
+    """A short stable hash of JSON-able ``obj`` (keys sorted): every cache key and fingerprint in refat."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 @contextmanager
@@ -67,6 +73,15 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 
+def read_json(path: str | Path):
+    """A JSON file's content; a file that is not JSON is an error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     # split on "\n" only: str.splitlines also breaks at \x1c-\x1e, \x85 and \u2028, which JSON leaves unescaped
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
@@ -80,3 +95,47 @@ def claim_output(out_dir: str | Path, finished_marker: str, *, overwrite: bool =
                                "pass --overwrite to replace it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+class FolderLockedError(RuntimeError):
+    """Another live process writes into this folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def folder_lock(folder: str | Path):
+    """Hold ``folder/.lock`` (the holder's pid) for the block: a second writer gets a clear error instead of
+    interleaving its outputs with the first's. A lock whose process is gone (killed) is taken over."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                raise FolderLockedError(f"{folder} is in use by process {holder} (lock file {lock}); wait for it to "
+                                        "finish, or remove the lock file if that process is not refat") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+    else:
+        raise FolderLockedError(f"could not take the lock {lock}")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield folder
+    finally:
+        lock.unlink(missing_ok=True)

@@ -8,7 +8,6 @@ prompts without one. Pairs are built once and cached as JSONL with a provenance 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,14 +16,14 @@ from pathlib import Path
 import torch
 
 from .. import hooks
-from ..data import Example, affirmative_target, prompt_key
+from ..data import DataConfig, Example, affirmative_target, load_dataset, prompt_key, prompt_sets
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model
-from ..storage import read_jsonl, write_json, write_jsonl
+from ..storage import digest, read_json, read_jsonl, write_json, write_jsonl
 from .distributed import main_process_first
 
-__all__ = ["Pair", "Batch", "NATURAL_REFUSALS", "build_pairs", "load_or_build_pairs", "encode", "collate",
+__all__ = ["Pair", "Batch", "NATURAL_REFUSALS", "build_pairs", "load_or_build_pairs", "training_pairs", "encode", "collate",
            "response_loss"]
 
 NATURAL_REFUSALS = (
@@ -83,12 +82,11 @@ def load_or_build_pairs(path: str | Path, model: Model, harmful: Sequence[Exampl
                         **kwargs) -> list[Pair]:
     """Cached :func:`build_pairs`: reused when the model and input prompts are the same."""
     path = Path(path)
-    key = hashlib.sha256(json.dumps([model.name, model.source, [asdict(e) for e in harmful],
-                                     [asdict(e) for e in harmless], sorted(kwargs.get("exclude", ()))],
-                                    default=str).encode()).hexdigest()[:16]
+    key = digest([model.name, model.source, [asdict(e) for e in harmful], [asdict(e) for e in harmless],
+                  sorted(kwargs.get("exclude", ()))])
     meta = path.with_suffix(".json")
     with main_process_first():  # data parallel: rank 0 builds the cache, the others read it
-        if path.exists() and meta.exists() and json.loads(meta.read_text()).get("fingerprint") == key:
+        if path.exists() and meta.exists() and read_json(meta).get("fingerprint") == key:
             return [Pair(**r) for r in read_jsonl(path)]
         pairs = build_pairs(model, harmful, harmless, **kwargs)
         write_jsonl(path, [asdict(p) for p in pairs])
@@ -96,6 +94,17 @@ def load_or_build_pairs(path: str | Path, model: Model, harmful: Sequence[Exampl
         write_json(meta, {"fingerprint": key, "model": model.name, "model_source": model.source, "n": len(pairs),
                           "response_sources": sources})
         return pairs
+
+
+def training_pairs(model: Model, data: DataConfig, n_harmful: int, n_harmless: int, cache: str | Path) -> list[Pair]:
+    """Training pairs drawn from outside the val and test splits of ``data`` (cached at ``cache``)."""
+    harmful_all, harmless_all = load_dataset(data.harmful), load_dataset(data.harmless)
+    sets = prompt_sets(data, harmful_all, harmless_all)
+    held_out = [p for kind in ("harmful", "harmless") for s in ("val", "test") for p in sets.prompts(kind, s)]
+    banned = {prompt_key(p) for p in held_out}
+    harmful = [e for e in harmful_all if prompt_key(e.prompt) not in banned][:n_harmful]
+    harmless = [e for e in harmless_all if prompt_key(e.prompt) not in banned][:n_harmless]
+    return load_or_build_pairs(cache, model, harmful, harmless, exclude=held_out)
 
 
 def encode(model: Model, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:

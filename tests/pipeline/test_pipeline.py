@@ -14,12 +14,16 @@ import torch
 import yaml
 from conftest import build_model
 
-from refat import experiment
+import dataclasses
+
+from refat import attacks, pipeline
+from refat.judges import slug
+from refat.pipeline import context, provenance
 from refat.configs import ConfigError
 from refat.directions import Directions
 from refat.evals import utility
 from refat.evals.utility import Item, TaskData
-from refat.experiment import ExperimentConfig, load_config, run_experiment, stage_names
+from refat.pipeline import ExperimentConfig, load_config, run_experiment, stage_names
 from refat.storage import read_jsonl
 
 HARMFUL = [f"Explain how to do harmful thing number {i}." for i in range(20)]
@@ -112,11 +116,11 @@ def test_full_run_writes_report_provenance_and_every_stage(finished, files):
             "analysis/base", "utility/rt", "overrefusal/refat"} <= set(stages)
 
     for name in ("report.md", "report.html", "run.json", "compute.json", "utility.json", "overrefusal.json"):
-        assert (run / name).is_file(), name
-    md = (run / "report.md").read_text()
+        assert (run / "report" / name).is_file(), name
+    md = (run / "report/report.md").read_text()
     assert "## Attack success rate" in md and "| refat |" in md and "Not run" not in md
 
-    asr = json.loads((run / "asr.json").read_text())
+    asr = json.loads((run / "report/asr.json").read_text())
     judges = {"refusal-strings:default", f"chat-judge:{files / 'model'}"}
     assert set(asr) == {"base", "rt", "refat"}
     for by_attack in asr.values():
@@ -154,14 +158,14 @@ def test_full_run_writes_report_provenance_and_every_stage(finished, files):
     assert not torch.equal(base.harmful_mean, refat.harmful_mean)
     analysis = json.loads((run / "analysis/refat/analysis.json").read_text())
     assert set(analysis["cosines"]) == {"rfa", "templates", "gcg"} and analysis["layer"] == base.selection.layer
-    assert json.loads((run / "utility.json").read_text())["base"]["arc_easy"] in (0.0, 0.5, 1.0)
+    assert json.loads((run / "report/utility.json").read_text())["base"]["arc_easy"] in (0.0, 0.5, 1.0)
 
 
 def test_second_run_skips_every_stage_and_loads_no_model(finished, tmp_path, caplog, monkeypatch):
     out = copy_run(finished, tmp_path)
     before = {p: p.stat().st_mtime_ns for p in (out / "tiny").rglob("stage.json")}
-    monkeypatch.setattr(experiment, "load", lambda *a, **k: pytest.fail("a fully skipped run loaded a model"))
-    caplog.set_level(logging.INFO, logger="refat.experiment")
+    monkeypatch.setattr(context, "load", lambda *a, **k: pytest.fail("a fully skipped run loaded a model"))
+    caplog.set_level(logging.INFO, logger="refat.pipeline")
     run_experiment(write(tmp_path / "tiny.yaml", config(_files_of(finished))), out)
     names = stage_names(load_config(out / "tiny" / "config.yaml"))
     skipped = [r.getMessage() for r in caplog.records if "skipped (unchanged)" in r.getMessage()]
@@ -184,7 +188,7 @@ def test_changing_one_attack_recomputes_it_and_its_downstream_only(finished, tmp
     after = markers(out / "tiny")
     changed = {n for n in after if after[n]["result"] != before[n]["result"]}
     assert changed == {"attacks/base/prefill", "attacks/rt/prefill", "attacks/refat/prefill",
-                       "judges/refusal-strings_default", f"judges/{experiment._slug('llm:' + str(files / 'model'))}",
+                       "judges/refusal-strings_default", f"judges/{slug('llm:' + str(files / 'model'))}",
                        "report"}
     assert all(after[n]["finished"] == before[n]["finished"] for n in after if n not in changed)
     records = read_jsonl(out / "tiny/attacks/rt/prefill/records.jsonl")
@@ -200,15 +204,15 @@ def test_removed_defense_goes_to_stale_and_comes_back(finished, tmp_path):
     run = out / "tiny"
     assert not (run / "train/refat").exists() and (run / "stale/train/refat/stage.json").is_file()
     assert (run / "stale/overrefusal/base/stage.json").is_file() and not (run / "overrefusal").exists()
-    assert not (run / "overrefusal.json").exists()  # an earlier config's table never reaches the report
-    assert "refat" not in json.loads((run / "asr.json").read_text())
-    assert "Mechanism analysis: rt" in (run / "report.md").read_text()
-    assert "Mechanism analysis: refat" not in (run / "report.md").read_text()
+    assert not (run / "report/overrefusal.json").exists()  # an earlier config's table never reaches the report
+    assert "refat" not in json.loads((run / "report/asr.json").read_text())
+    assert "Mechanism analysis: rt" in (run / "report/report.md").read_text()
+    assert "Mechanism analysis: refat" not in (run / "report/report.md").read_text()
     result = json.loads((run / "stale/train/refat/stage.json").read_text())["result"]
     run_experiment(write(tmp_path / "tiny.yaml", config(files)), out)  # back: restored, not retrained
     assert json.loads((run / "train/refat/stage.json").read_text())["result"] == result
-    assert "refat" in json.loads((run / "asr.json").read_text())
-    assert set(json.loads((run / "overrefusal.json").read_text())) == {"base", "rt", "refat"}
+    assert "refat" in json.loads((run / "report/asr.json").read_text())
+    assert set(json.loads((run / "report/overrefusal.json").read_text())) == {"base", "rt", "refat"}
     assert not (run / "stale/overrefusal").exists()
 
 
@@ -246,7 +250,7 @@ def test_config_errors_name_the_key(files, tmp_path, change, message):
     (lambda c, f: c["data"].update(n_train=100), "data: asked for"),
 ])
 def test_bad_inputs_fail_before_any_stage(files, tmp_path, change, message, monkeypatch):
-    monkeypatch.setattr(experiment, "load", lambda *a, **k: pytest.fail("a model was loaded before the checks"))
+    monkeypatch.setattr(context, "load", lambda *a, **k: pytest.fail("a model was loaded before the checks"))
     cfg = config(files)
     change(cfg, files)
     with pytest.raises(ConfigError) as e:
@@ -263,7 +267,7 @@ def test_crash_keeps_finished_stages_and_the_rerun_resumes(files, tmp_path, monk
 
     def boom(*args, **kwargs):
         raise RuntimeError("prefill exploded")
-    monkeypatch.setattr(experiment.prefill, "run", boom)
+    monkeypatch.setitem(attacks.REGISTRY, "prefill", dataclasses.replace(attacks.REGISTRY["prefill"], run=boom))
     with pytest.raises(RuntimeError, match="prefill exploded"):
         run_experiment(path, tmp_path)
     run = tmp_path / "crash"
@@ -272,19 +276,19 @@ def test_crash_keeps_finished_stages_and_the_rerun_resumes(files, tmp_path, monk
         "data": "done", "directions/base": "done", "pairs": "done", "train/rt": "done", "attacks/base/rfa": "done",
         "attacks/base/prefill": "running"}
     assert (run / "train/rt/adapter").is_dir() and read_jsonl(run / "attacks/base/rfa/records.jsonl")
-    assert not (run / "report.md").exists()
+    assert not (run / "report/report.md").exists()
     assert json.loads((run / "provenance.json").read_text())["stages"]["train/rt"]["status"] == "ran"
 
     monkeypatch.undo()
-    caplog.set_level(logging.INFO, logger="refat.experiment")
+    caplog.set_level(logging.INFO, logger="refat.pipeline")
     run_experiment(path, tmp_path)
     log = [r.getMessage() for r in caplog.records]
     assert "[stage train/rt] skipped (unchanged)" in log and "[stage attacks/base/rfa] skipped (unchanged)" in log
     assert "[stage attacks/base/prefill] resuming an interrupted run" in log
     after = markers(run)
     assert all(after[n]["result"] == first[n]["result"] for n in first if first[n]["status"] == "done")
-    assert all(m["status"] == "done" for m in after.values()) and (run / "report.md").is_file()
-    assert set(json.loads((run / "asr.json").read_text())["rt"]) == {"none", "rfa", "prefill"}
+    assert all(m["status"] == "done" for m in after.values()) and (run / "report/report.md").is_file()
+    assert set(json.loads((run / "report/asr.json").read_text())["rt"]) == {"none", "rfa", "prefill"}
 
 
 def test_api_with_a_loaded_model_and_forced_stages(files, tmp_path, monkeypatch):
@@ -292,7 +296,7 @@ def test_api_with_a_loaded_model_and_forced_stages(files, tmp_path, monkeypatch)
     cfg = ExperimentConfig(name="api", model="not-used/by-this-run", data=load_config(
         write(tmp_path / "x.yaml", config(files))).data, defenses=["base"],
         attacks=[{"name": "prefill", "config": {"max_new_tokens": 3}, "n_behaviours": 2}], analysis=False)
-    monkeypatch.setattr(experiment, "load", lambda *a, **k: pytest.fail("the given model must be used"))
+    monkeypatch.setattr(context, "load", lambda *a, **k: pytest.fail("the given model must be used"))
     run = run_experiment(cfg, tmp_path, model=model)
     first = markers(run)
     assert set(first) == {"data", "attacks/base/prefill", "judges/refusal-strings_default", "report"}
@@ -305,7 +309,7 @@ def test_api_with_a_loaded_model_and_forced_stages(files, tmp_path, monkeypatch)
         run_experiment(cfg, tmp_path, model=model, force_stages=["train"])
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_shipped_configs_parse():
@@ -323,7 +327,7 @@ def test_shipped_configs_parse():
 @pytest.mark.real
 def test_quick_config_inputs_resolve_offline():
     """The quick demo's datasets and templates come from pinned packages (downloaded on first use)."""
-    inputs = experiment.resolve_inputs(load_config(CONFIGS / "quick.yaml"))
+    inputs = pipeline.resolve_inputs(load_config(CONFIGS / "quick.yaml"))
     assert len(inputs.behaviours) == 50 and len({b.id for b in inputs.behaviours}) == 50
     assert len(inputs.sets.harmful["train"]) == 128
 
@@ -333,15 +337,13 @@ def test_new_weights_at_the_same_path_change_the_model_key(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"12345")
     cfg = ExperimentConfig(name="k", model=str(tmp_path / "m"), attacks=[], analysis=False)
-    before = experiment._model_id(cfg)
+    before = provenance.model_id(cfg)
     (tmp_path / "m" / "model.safetensors").write_bytes(b"123456")
-    assert experiment._model_id(cfg) != before
-    assert experiment._model_id(ExperimentConfig(name="k"))["sha256"]  # catalog models: their pinned hash
+    assert provenance.model_id(cfg) != before
+    assert provenance.model_id(ExperimentConfig(name="k"))["sha256"]  # catalog models: their pinned hash
 
 
 def test_report_marks_a_run_from_a_dirty_checkout():
-    from refat.experiment import _revision
-
-    assert _revision({"revision": "abc123", "dirty": True}) == "abc123 (uncommitted changes)"
-    assert _revision({"revision": "abc123", "dirty": False}) == "abc123"
-    assert _revision(None) is None  # not a git checkout
+    assert provenance.revision({"revision": "abc123", "dirty": True}) == "abc123 (uncommitted changes)"
+    assert provenance.revision({"revision": "abc123", "dirty": False}) == "abc123"
+    assert provenance.revision(None) is None  # not a git checkout

@@ -1,0 +1,1 @@
+"""The stage bodies, one module per kind; each is a function of (context, folder, **its parameters)."""

@@ -1,0 +1,17 @@
+"""The data stage: the splits and the held-out behaviours, as the run saw them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from ...storage import write_json, write_jsonl
+
+
+def write(ctx, folder: Path) -> None:
+    sets = ctx.inputs.sets
+    write_jsonl(folder / "splits.jsonl", [{"kind": kind, "split": s, **e.to_dict()}
+                                          for kind in ("harmful", "harmless")
+                                          for s, xs in getattr(sets, kind).items() for e in xs])
+    write_jsonl(folder / "behaviours.jsonl", [asdict(b) for b in ctx.inputs.behaviours])
+    write_json(folder / "hashes.json", ctx.inputs.hashes)

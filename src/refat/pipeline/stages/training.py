@@ -1,0 +1,23 @@
+"""Training pairs from the base model, and one fine-tune per defense."""
+
+from __future__ import annotations
+
+import copy
+import gc
+from pathlib import Path
+
+from ...storage import read_jsonl
+from ...training import Pair, train as train_model, training_pairs
+
+
+def pairs(ctx, folder: Path) -> None:
+    c = ctx.cfg
+    training_pairs(ctx.models.base(), c.data, c.n_harmful, c.n_harmless, ctx.layout.pairs_file)
+
+
+def train(ctx, folder: Path, *, defense: str) -> None:
+    pairs = [Pair(**r) for r in read_jsonl(ctx.layout.pairs_file)]
+    model = copy.deepcopy(ctx.models.base())  # training wraps the model it gets in adapters
+    train_model(model, pairs, ctx.cfg.train_config(defense), folder, resume=True)  # resumes a crashed stage
+    del model
+    gc.collect()
