@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import importlib.util
 import json
 import logging
@@ -55,10 +54,9 @@ from .data import DatasetError, Example, affirmative_target, load_dataset, promp
 from .directions import Directions, SelectionConfig
 from .evals.overrefusal import OVERREFUSAL_SETS, OverRefusalConfig, evaluate_overrefusal
 from .evals.utility import UtilityConfig, evaluate_utility, write_results
-from .judge_models import threshold_suffix
-from .judges import PREFIX_LISTS, RefusalStringJudge
+from .judges import RefusalStringJudge, cache_path, cached_scores, judge_name, judge_threshold, parse_spec, slug
 from .models import Model, auto_device, load, merge_adapter, wrap
-from .storage import read_jsonl, write_json, write_jsonl, write_text
+from .storage import digest, read_jsonl, write_json, write_jsonl, write_text
 from .training import Pair, TrainConfig, train
 from .workflow import DataConfig, PromptSets, find_directions, training_pairs
 
@@ -76,8 +74,6 @@ _MODULES = {"prefill": prefill, "templates": templates, "gcg": gcg, "autodan": a
 # attacks whose record prompts are the user messages the model reads: their activations feed the analysis
 PROMPT_ATTACKS = ("gcg", "autodan", "templates", "pair")
 NO_ATTACK = "none"  # the ASR column of the unattacked prompts (a by-product of the first RFA attack)
-JUDGE_KINDS = {"refusal-strings": "refusal-strings", "llm": "chat-judge", "harmbench": "harmbench-cls",
-               "llama-guard": "llama-guard"}  # spec prefix -> the judge's name prefix
 _DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64", "fp64")
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -181,7 +177,7 @@ class ExperimentConfig:
             raise ConfigError("attacks: two attacks share a label; give one a `label`: "
                               + ", ".join(sorted({x for x in labels if labels.count(x) > 1})))
         for i, j in enumerate(self.judges):
-            _judge_spec(j, f"judges[{i}]")
+            parse_spec(j, f"judges[{i}]")
         slugs = [_slug(j) for j in self.judges]
         if len(set(slugs)) != len(slugs):
             raise ConfigError("judges: listed twice")
@@ -246,83 +242,9 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 # ---- judges ---------------------------------------------------------------------------------------------------------
 
-def _judge_spec(spec: str, where: str = "judge") -> tuple[str, str, float | None]:
-    """(kind, model or list, threshold): ``llm:M@0.13`` sets a model judge's verdict threshold on P(jailbroken)."""
-    kind, _, arg = spec.partition(":")
-    if kind not in JUDGE_KINDS:
-        raise ConfigError(f"{where}: unknown judge {spec!r}; use refusal-strings:<{'|'.join(PREFIX_LISTS)}>, "
-                          "llm:<model>[@threshold], harmbench:<model>[@threshold] or llama-guard:<model>[@threshold]")
-    threshold = None
-    if kind == "refusal-strings":
-        arg = arg or "default"
-        if arg not in PREFIX_LISTS:
-            raise ConfigError(f"{where}: unknown refusal string list {arg!r}; choose from {', '.join(PREFIX_LISTS)}")
-        return kind, arg, threshold
-    model, at, value = arg.rpartition("@")
-    if at:
-        try:
-            threshold = float(value)
-        except ValueError:
-            threshold = math.nan
-        if not 0.0 < threshold < 1.0:
-            raise ConfigError(f"{where}: {spec!r}: the threshold after '@' must be a number between 0 and 1 "
-                              "(a probability of 'jailbroken'), e.g. llm:qwen2.5-coder-1.5b@0.13")
-        arg = model
-    if not arg:
-        raise ConfigError(f"{where}: {kind}: needs a model after the colon, e.g. {kind}:cais/HarmBench-Llama-2-13b-cls")
-    return kind, arg, threshold
-
-
-def judge_name(spec: str) -> str:
-    """The name the judge stamps on its verdicts (known without loading its model)."""
-    kind, arg, threshold = _judge_spec(spec)
-    return f"{JUDGE_KINDS[kind]}:{arg}" + threshold_suffix(threshold)
-
-
-def judge_threshold(spec: str) -> float:
-    """The score above which the judge of ``spec`` counts a completion as jailbroken (scores do not depend on it)."""
-    return _judge_spec(spec)[2] or 0.5
-
-
-def cached_judge_scores(spec: str, pairs: Sequence[tuple[str, str]], cache_path: Path, *, dtype: str | None = None,
-                        device: str | None = None) -> list[float]:
-    """The judge's scores of (goal, completion) pairs, loading it only for pairs ``cache_path`` lacks (cached by
-    judge, goal and completion, so a rerun or another summary does not judge again)."""
-    name = judge_name(spec)
-    cache = {r["key"]: r["score"] for r in read_jsonl(cache_path)} if cache_path.exists() else {}
-    keys = [_digest([name, goal, completion]) for goal, completion in pairs]
-    todo = {k: pair for k, pair in zip(keys, pairs) if k not in cache}
-    if todo:
-        judge = load_judge(spec, dtype=dtype, device=device)
-        cache.update(zip(todo, judge.scores([g for g, _ in todo.values()], [c for _, c in todo.values()])))
-        write_jsonl(cache_path, [{"key": k, "score": v} for k, v in cache.items()])
-        del judge
-        gc.collect()
-    return [cache[k] for k in keys]
-
-
-def judge_cache_path(folder: Path, spec: str) -> Path:
-    return folder / f"judge-{_slug(spec)}.jsonl"
-
-
-def load_judge(spec: str, *, dtype: str | None = None, device: str | None = None):
-    """A judge from its spec: ``refusal-strings:<list>``, ``llm:<model>``, ``harmbench:<model>``,
-    ``llama-guard:<model>``; a model judge takes ``@<threshold>`` (default 0.5)."""
-    from .judge_models import ChatJudge, HarmBenchJudge, LlamaGuardJudge, StringJudge
-
-    kind, arg, threshold = _judge_spec(spec)
-    if kind == "refusal-strings":
-        return StringJudge(arg)
-    kw = {} if threshold is None else {"threshold": threshold}
-    if kind == "llm":
-        return ChatJudge.load(arg, dtype=dtype, device=device, **kw)
-    model = load(arg, dtype=dtype, device=device, max_prompt_tokens=4096)
-    return HarmBenchJudge(model, **kw) if kind == "harmbench" else LlamaGuardJudge(model, **kw)
-
-
 def _attack_judge(cfg: ExperimentConfig) -> RefusalStringJudge:
     """The refusal-string judge the attacks stamp on their own records (the first configured, else default)."""
-    lists = [_judge_spec(j)[1] for j in cfg.judges if j.startswith("refusal-strings")]
+    lists = [parse_spec(j).arg for j in cfg.judges if j.startswith("refusal-strings")]
     return RefusalStringJudge(lists[0] if lists else "default")
 
 
@@ -336,7 +258,7 @@ class _Inputs:
 
 
 def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(obj)
 
 
 def _examples_hash(examples: Sequence[Example]) -> str:
@@ -380,9 +302,9 @@ def resolve_inputs(cfg: ExperimentConfig, *, check_model: bool = True) -> _Input
     if check_model:
         _check_model(cfg.model, "model")
     for i, j in enumerate(cfg.judges):
-        kind, arg, _ = _judge_spec(j, f"judges[{i}]")
-        if kind != "refusal-strings":
-            _check_model(arg, f"judges[{i}]")
+        parsed = parse_spec(j, f"judges[{i}]")
+        if parsed.kind != "refusal-strings":
+            _check_model(parsed.arg, f"judges[{i}]")
     for i, a in enumerate(cfg.attacks):
         source = a.parsed().source if a.name == "templates" else None
         if source is not None and source not in templates.SOURCES and not Path(source).expanduser().exists():
@@ -526,8 +448,7 @@ def _needs_directions(cfg: ExperimentConfig) -> bool:
 
 
 def _slug(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
-    return s if len(s) <= 60 else f"{s[:48]}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return slug(text)  # stage folders of judges and their score caches are named alike
 
 
 def stage_names(cfg: ExperimentConfig) -> list[str]:
@@ -841,9 +762,8 @@ class _Pipeline:
         """Every harmful completion judged (scores cached by judge, behaviour and completion across runs)."""
         name, items = judge_name(spec), self._completions()
         threshold = judge_threshold(spec)
-        scores = cached_judge_scores(spec, [(r.goal, r.completion) for _, _, r in items],
-                                     judge_cache_path(self.dir / "cache", spec), dtype=self.cfg.dtype,
-                                     device=self.cfg.device)
+        scores = cached_scores(spec, [(r.goal, r.completion) for _, _, r in items],
+                               cache_path(self.dir / "cache", spec), dtype=self.cfg.dtype, device=self.cfg.device)
         rows, hits = [], defaultdict(list)
         for score, (d, col, r) in zip(scores, items):
             broke = score > threshold

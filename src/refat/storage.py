@@ -1,7 +1,9 @@
-"""Atomic file output: a reader, or a run killed mid-write, never sees a half-written file."""
+"""Atomic file output: a reader, or a run killed mid-write, never sees a half-written file. And the content
+digest that keys cached results."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,7 +12,8 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_dir", "write_text", "write_json", "write_jsonl", "read_jsonl", "FinishedRunError", "claim_output"]
+__all__ = ["atomic_path", "atomic_dir", "write_text", "write_json", "write_jsonl", "read_jsonl", "FinishedRunError",
+           "claim_output", "digest"]
 
 
 class FinishedRunError(FileExistsError):
@@ -80,3 +83,9 @@ def claim_output(out_dir: str | Path, finished_marker: str, *, overwrite: bool =
                                "pass --overwrite to replace it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def digest(obj, n: int = 16) -> str:
+    """The first ``n`` hex digits of the sha256 of ``obj`` as canonical JSON (sorted keys; ``str`` for anything
+    JSON lacks). Cache keys and stage fingerprints are these: changing it invalidates every stored run."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
