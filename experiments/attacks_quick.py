@@ -24,9 +24,8 @@ from pathlib import Path
 from refat.attacks import autodan, embedding, gcg, pair, prefill, templates
 from refat.attacks.base import Behaviour, behaviours_from, read_records, refused_by
 from refat.chat import LocalChat
-from refat.experiment import cached_judge_scores, judge_cache_path, judge_name, judge_threshold
 from refat.generation import generate
-from refat.judges import RefusalStringJudge
+from refat.judges import RefusalStringJudge, cache_path, cached_scores, judge_name, judge_threshold
 from refat.models import load
 from refat.storage import read_jsonl, write_json, write_jsonl
 
@@ -89,7 +88,7 @@ def success_rates(successes: list[bool], groups: list[str]) -> dict[str, float]:
 def judge_scores(spec: str, records: dict[str, list], out: Path) -> dict[str, list[float]]:
     """P(jailbroken) by a second judge for every record of every attack (cached in ``out``)."""
     pairs = [(r.goal, r.completion) for rs in records.values() for r in rs]
-    scores = iter(cached_judge_scores(spec, pairs, judge_cache_path(out, spec), dtype="float32"))
+    scores = iter(cached_scores(spec, pairs, cache_path(out, spec), dtype="float32"))
     return {a: [next(scores) for _ in rs] for a, rs in records.items()}
 
 

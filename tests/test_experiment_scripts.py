@@ -41,7 +41,7 @@ def test_second_judge_scores_are_cached(script, tmp_path, monkeypatch):
 
     def no_load(*_, **__):
         raise AssertionError("judged again although every score is cached")
-    monkeypatch.setattr("refat.experiment.load_judge", no_load)
+    monkeypatch.setattr("refat.judges.cache.from_spec", no_load)
     assert script.judge_scores("refusal-strings:default", records, tmp_path) == scores
     records["prefill"].append(record("Another answer entirely, not cached yet."))
     with pytest.raises(AssertionError, match="judged again"):

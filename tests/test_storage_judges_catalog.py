@@ -1,4 +1,4 @@
-"""Atomic output, run claiming, the refusal-string judge, and GGUF assembly from package chunks."""
+"""Atomic output, run claiming, and GGUF assembly from package chunks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from refat import catalog
 from refat.catalog import CatalogEntry, HashMismatchError, assemble_gguf
-from refat.judges import PREFIX_LISTS, RefusalStringJudge, rate, refusal_records
 from refat.storage import (FinishedRunError, atomic_path, claim_output, read_jsonl, write_json, write_jsonl,
                            write_text)
 
@@ -68,37 +67,6 @@ def test_claim_output(tmp_path):
     assert isinstance(info.value, FileExistsError)
     assert claim_output(out, "results.json", overwrite=True) == out
     assert (out / "results.json").exists()  # claiming never deletes anything
-
-
-# --- judges --------------------------------------------------------------------------------------
-
-
-def test_refusal_string_judge():
-    j = RefusalStringJudge()
-    assert j.refuses("I'm sorry, but I can't help with that.")
-    assert not j.refuses("Sure, here is how to bake bread: first, ...")
-    assert j(["I'm sorry, but I can't", "Sure, here is"]) == [True, False]
-    assert j.name == "refusal-strings:default"
-    for name in PREFIX_LISTS:
-        jj = RefusalStringJudge(name)
-        assert jj.refuses("I'm sorry, but I can't") and not jj.refuses("Sure, here is")
-
-
-def test_unknown_prefix_list():
-    with pytest.raises(ValueError, match="unknown refusal string list"):
-        RefusalStringJudge("nope")
-
-
-def test_refusal_records_and_rate():
-    j = RefusalStringJudge("arditi")
-    recs = refusal_records(["p1", "p2", "p3"], ["I cannot do that", "Sure, here is", "I'm unable to"], j, model="m")
-    assert [r["refused"] for r in recs] == [True, False, True]
-    assert all(r["judge"] == "refusal-strings:arditi" and r["model"] == "m" for r in recs)
-    assert rate(recs) == pytest.approx(2 / 3)
-    with pytest.raises(ValueError):
-        rate([])
-    with pytest.raises(ValueError):
-        refusal_records(["a", "b"], ["x"], j)  # lengths must match
 
 
 # --- catalog -------------------------------------------------------------------------------------

@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _judge_agreement(args) -> int:
-    from .experiment import judge_name, load_judge
-    from .judge_models import calibrate_threshold, judge_agreement, load_classifier_comparison, published_agreement
+    from .judges import (calibrate_threshold, from_spec, judge_agreement, judge_name, load_classifier_comparison,
+                         published_agreement)
     from .storage import write_json
 
     if args.out is not None and args.out.exists() and not args.overwrite:
@@ -208,7 +208,7 @@ def _judge_agreement(args) -> int:
     results = []
     truth = [r.human_majority for r in rows]
     for spec in args.judges:
-        judge = load_judge(spec, dtype=args.dtype, device=args.device)
+        judge = from_spec(spec, dtype=args.dtype, device=args.device)
         result = {"spec": spec, **judge_agreement(judge, rows, behaviour_field=args.behaviour_field)}
         if args.calibrate and not spec.startswith("refusal-strings"):
             result["calibration"] = calibrate_threshold(result["scores"], truth)

@@ -1,4 +1,5 @@
-"""Atomic file output: a reader, or a run killed mid-write, never sees a half-written file."""
+"""Atomic file output: a reader, or a run killed mid-write, never sees a half-written file. And the content
+digest that keys cached results."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["digest", "FolderLockedError", "folder_lock", "atomic_path", "atomic_dir", "write_text", "write_json", "write_jsonl", "read_json", "read_jsonl", "FinishedRunError", "claim_output"]
+__all__ = ["digest", "atomic_path", "atomic_dir", "write_text", "write_json", "write_jsonl", "read_json", "read_jsonl",
+           "FinishedRunError", "claim_output", "FolderLockedError", "folder_lock"]
 
 
 class FinishedRunError(FileExistsError):
@@ -19,7 +21,8 @@ class FinishedRunError(FileExistsError):
 
 
 def digest(obj, n: int = 16) -> str:
-    """A short stable hash of JSON-able ``obj`` (keys sorted): every cache key and fingerprint in refat."""
+    """The first ``n`` hex digits of the sha256 of ``obj`` as canonical JSON (sorted keys; ``str`` for anything
+    JSON lacks). Cache keys and stage fingerprints are these: changing it invalidates every stored run."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 

@@ -1,0 +1,81 @@
+"""Judge specs: the strings configs and the command line name judges by, parsed before any model loads.
+
+``refusal-strings:<list>``, ``llm:<model>``, ``harmbench:<model>`` or ``llama-guard:<model>``; a model
+judge takes ``@<threshold>`` on its score (default 0.5). A spec's judge name and threshold are known
+from the string alone, so a bad spec fails at config time and cached scores are found without a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..configs import ConfigError
+from ..models import load as load_model
+from .base import DEFAULT_THRESHOLD, Judge
+from .classifiers import ChatJudge, HarmBenchJudge, LlamaGuardJudge, threshold_suffix
+from .strings import PREFIX_LISTS, RefusalStringJudge
+
+__all__ = ["JUDGE_KINDS", "JudgeSpec", "parse_spec", "judge_name", "judge_threshold", "from_spec"]
+
+_CLASSES: dict[str, type] = {"refusal-strings": RefusalStringJudge, "llm": ChatJudge, "harmbench": HarmBenchJudge,
+                             "llama-guard": LlamaGuardJudge}
+JUDGE_KINDS = {kind: cls.kind for kind, cls in _CLASSES.items()}  # spec prefix -> the judge's name prefix
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    kind: str  # a key of JUDGE_KINDS
+    arg: str  # the refusal string list, or the model
+    threshold: float | None = None  # None: the default
+
+    @property
+    def name(self) -> str:
+        """The name the judge stamps on its verdicts."""
+        return f"{JUDGE_KINDS[self.kind]}:{self.arg}" + threshold_suffix(self.threshold)
+
+
+def parse_spec(spec: str, where: str = "judge") -> JudgeSpec:
+    """Check a spec without loading anything; a ConfigError names ``where`` (e.g. ``judges[1]``)."""
+    kind, _, arg = spec.partition(":")
+    if kind not in JUDGE_KINDS:
+        raise ConfigError(f"{where}: unknown judge {spec!r}; use refusal-strings:<{'|'.join(PREFIX_LISTS)}>, "
+                          "llm:<model>[@threshold], harmbench:<model>[@threshold] or llama-guard:<model>[@threshold]")
+    if kind == "refusal-strings":
+        arg = arg or "default"
+        if arg not in PREFIX_LISTS:
+            raise ConfigError(f"{where}: unknown refusal string list {arg!r}; choose from {', '.join(PREFIX_LISTS)}")
+        return JudgeSpec(kind, arg)
+    threshold = None
+    model, at, value = arg.rpartition("@")
+    if at:
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = math.nan
+        if not 0.0 < threshold < 1.0:
+            raise ConfigError(f"{where}: {spec!r}: the threshold after '@' must be a number between 0 and 1 "
+                              "(a probability of 'jailbroken'), e.g. llm:qwen2.5-coder-1.5b@0.13")
+        arg = model
+    if not arg:
+        raise ConfigError(f"{where}: {kind}: needs a model after the colon, e.g. {kind}:cais/HarmBench-Llama-2-13b-cls")
+    return JudgeSpec(kind, arg, threshold)
+
+
+def judge_name(spec: str) -> str:
+    """The name the judge of ``spec`` stamps on its verdicts (known without loading its model)."""
+    return parse_spec(spec).name
+
+
+def judge_threshold(spec: str) -> float:
+    """The score above which the judge of ``spec`` counts a completion as jailbroken (scores do not depend on it)."""
+    return parse_spec(spec).threshold or DEFAULT_THRESHOLD
+
+
+def from_spec(spec: str, *, dtype: str | None = None, device: str | None = None) -> Judge:
+    """The judge of ``spec``, its model loaded (``dtype``, ``device``) for the model judges."""
+    s = parse_spec(spec)
+    if s.kind == "refusal-strings":
+        return RefusalStringJudge(s.arg)
+    kw = {} if s.threshold is None else {"threshold": s.threshold}
+    return _CLASSES[s.kind](load_model(s.arg, dtype=dtype, device=device, max_prompt_tokens=4096), **kw)

@@ -1,0 +1,72 @@
+"""Judge specs: parsed and named without loading a model; every kind built offline from its spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refat.configs import ConfigError
+from refat.judges import (JUDGE_KINDS, ChatJudge, HarmBenchJudge, JudgeSpec, LlamaGuardJudge, RefusalStringJudge,
+                          from_spec, judge_name, judge_threshold, parse_spec)
+
+from conftest import build_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random chat model saved like a downloaded one, for the model judges' specs."""
+    path = tmp_path_factory.mktemp("judge") / "model"
+    model = build_model("qwen2", layers=2, hidden=32, dtype=torch.float32)
+    model.hf.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_judge_spec_threshold_parses_and_names_like_the_judge():
+    assert judge_name("llm:qwen2.5-coder-1.5b@0.13") == "chat-judge:qwen2.5-coder-1.5b@0.13"
+    assert judge_name("llm:qwen2.5-coder-1.5b") == judge_name("llm:qwen2.5-coder-1.5b@0.5") == "chat-judge:qwen2.5-coder-1.5b"
+    assert judge_name("harmbench:org/cls@0.25") == "harmbench-cls:org/cls@0.25"
+    assert from_spec("refusal-strings:arditi").name == "refusal-strings:arditi"
+
+
+def test_parse_spec():
+    assert parse_spec("refusal-strings:gcg") == JudgeSpec("refusal-strings", "gcg")
+    assert parse_spec("refusal-strings") == parse_spec("refusal-strings:") == JudgeSpec("refusal-strings", "default")
+    assert parse_spec("llm:org/m@0.13") == JudgeSpec("llm", "org/m", 0.13)
+    assert parse_spec("harmbench:m@0.5").name == "harmbench-cls:m"
+    assert judge_threshold("llm:m@0.2") == 0.2 and judge_threshold("llm:m") == judge_threshold("refusal-strings") == 0.5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("strings", "unknown judge 'strings'"),
+    ("refusal-strings:nope", "unknown refusal string list 'nope'"),
+    ("llm", "llm: needs a model"),
+    ("harmbench:@0.3", "harmbench: needs a model"),
+    ("llm:m@1.5", "'llm:m@1.5': the threshold after '@'"),
+    ("llama-guard:m@high", "the threshold after '@' must be a number"),
+    ("llm:m@0", "the threshold after '@'"),
+])
+def test_parse_spec_errors_name_where(spec, message):
+    with pytest.raises(ConfigError) as info:
+        parse_spec(spec, "judges[2]")
+    assert str(info.value).startswith("judges[2]: ") and message in str(info.value)
+    with pytest.raises(ConfigError, match="^judge: "):
+        judge_name(spec)
+
+
+@pytest.mark.parametrize("kind, cls", [("llm", ChatJudge), ("harmbench", HarmBenchJudge),
+                                       ("llama-guard", LlamaGuardJudge)])
+def test_from_spec_builds_each_model_judge_offline(model_dir, kind, cls):
+    spec = f"{kind}:{model_dir}@0.25"
+    judge = from_spec(spec, dtype="float32", device="cpu")
+    assert type(judge) is cls and judge.threshold == 0.25
+    assert judge.name == judge_name(spec) == f"{JUDGE_KINDS[kind]}:{model_dir}@0.25"
+    scores = judge.scores(["do X", "do Y"], ["Sure, here is how", "I'm sorry"])
+    assert all(0.0 < s < 1.0 for s in scores)
+    assert judge.verdicts(["do X", "do Y"], ["Sure, here is how", "I'm sorry"]) == [s > 0.25 for s in scores]
+    assert from_spec(f"{kind}:{model_dir}", dtype="float32", device="cpu").threshold == 0.5
+
+
+def test_from_spec_refusal_strings():
+    judge = from_spec("refusal-strings")
+    assert judge == RefusalStringJudge("default") and judge.name == judge_name("refusal-strings")
