@@ -88,7 +88,8 @@ def adversarial_case(method: str) -> dict:
                           adversarial=AdversarialConfig(steps=2))
         train(tiny(layers=4), PAIRS, cfg, out, progress=False)
         steps = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {"layers": sorted(deltas), "deltas": {str(l): summary(d) for l, d in deltas.items()}, "adversarial_loss": loss,
+    return {"layers": sorted(deltas), "deltas": {str(l): summary(d) for l, d in deltas.items()},
+            "adversarial_loss": loss,
             "train_losses": [s["loss"] for s in steps if "loss" in s]}
 
 

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -20,6 +21,7 @@ from .. import hooks
 from ..data import Example, affirmative_target, prompt_key
 from ..generation import generate
 from ..judges import RefusalStringJudge
+from ..losses import target_cross_entropy
 from ..models import Model
 from ..storage import read_jsonl, write_json, write_jsonl
 from .distributed import main_process_first
@@ -168,7 +170,7 @@ def collate(model: Model, pairs: Sequence[Pair], max_length: int, *, with_affirm
 
 
 def response_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                  forward=None, reduction: str = "sum") -> torch.Tensor:
+                  forward=None, reduction: Literal["mean", "sum"] = "sum") -> torch.Tensor:
     """Next-token cross-entropy of the labelled (response) tokens; ``forward``: the model's forward if not
     ``model.hf`` (its DDP wrapper).
 
@@ -184,4 +186,4 @@ def response_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.T
 
     with hooks.hooked(pre=[(model.hf.get_output_embeddings(), select)]):
         logits = (forward or model.hf)(input_ids=input_ids, attention_mask=attention_mask).logits
-    return torch.nn.functional.cross_entropy(logits[0].float(), targets[targets != -100], reduction=reduction)
+    return target_cross_entropy(logits[0], targets[targets != -100], reduction)
