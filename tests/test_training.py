@@ -398,6 +398,7 @@ def test_exploding_lr_raises_diverged(tmp_path):
     ({"refat": RefatConfig(p=1.5)}, r"\[0, 1\]"),
     ({"refat": RefatConfig(p=-0.1)}, r"\[0, 1\]"),
     ({"method": "lat", "adversarial": AdversarialConfig(layers=[7])}, r"out of range"),
+    ({"method": "cat", "adversarial": AdversarialConfig(step_size=0.0)}, r"step_size > 0"),
     ({"batch_size": 1}, r"batch_size"),
 ])
 def test_bad_config_raises_before_writing(tmp_path, kwargs, match):

@@ -29,7 +29,9 @@ from torch import Tensor
 from . import hooks
 from .directions import Directions
 from .generation import batched, forward_last_logits
+from .losses import target_cross_entropy
 from .models import Model
+from .pgd import Ball, default_step, pgd
 from .storage import atomic_path, write_json
 
 __all__ = ["residuals", "projections", "induced_direction", "cosine_by_layer", "pca_2d", "LatentAttack",
@@ -182,22 +184,15 @@ def _target_batch(model: Model, prompts: list[str], targets: list[str]) -> tuple
     return ids.to(dev), mask.to(dev), labels.to(dev), torch.tensor(lengths, device=dev)
 
 
-def _row_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over each row's labelled tokens: [b]."""
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:],
-                                           ignore_index=-100, reduction="none")
-    n = (labels[:, 1:] != -100).sum(1).clamp(min=1)
-    return ce.sum(1) / n
-
-
 def pgd_latent_perturbation(model: Model, prompts: Sequence[str], targets: Sequence[str], layer: int,
                             eps: float = 0.5, steps: int = 16, *, step_size: float | None = None,
                             batch_size: int = 8, progress: bool = True) -> LatentAttack:
     """PGD on block ``layer``'s input toward ``targets`` (e.g. "Sure, here is ..."), as LAT's inner attack.
 
-    Same steps as training's adversarial perturbation (signed-gradient steps of L2 length ``step_size``
-    per token, projection onto a per-token L2 ball, prompt tokens only), except that the budget is
-    relative to each prompt's own median token norm, so a prompt's result does not depend on its batch.
+    The same :func:`refat.pgd.pgd` as training's adversarial perturbation (signed-gradient steps of L2
+    length ``step_size`` per token, projection onto a per-token L2 ball, prompt tokens only), except
+    that the budget is relative to each prompt's own median token norm and the loss is each prompt's
+    mean, so a prompt's result does not depend on its batch.
     """
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"pgd_latent_perturbation needs one target per prompt, got {len(prompts)} prompts "
@@ -205,32 +200,32 @@ def pgd_latent_perturbation(model: Model, prompts: Sequence[str], targets: Seque
     if eps < 0 or steps < 1:
         raise ValueError("eps must be ≥ 0 and steps ≥ 1")
     layer = hooks._layers(model, [layer])[0]
-    alpha_rel = step_size if step_size is not None else 2.5 * eps / steps
-    d_model = model.d_model
+    step_rel = step_size if step_size is not None else default_step(eps, steps)
 
     def run(chunk: list[tuple[str, str]]) -> list[tuple]:
         ids, attn, labels, lengths = _target_batch(model, [p for p, _ in chunk], [t for _, t in chunk])
         width = int(lengths.max())
         pmask = torch.arange(width, device=ids.device)[None] < lengths[:, None]  # [b, w]
+
+        def target_ce() -> Tensor:  # [b]
+            return target_cross_entropy(model.hf(input_ids=ids, attention_mask=attn).logits[:, :-1], labels[:, 1:])
+
         with torch.no_grad(), hooks.capture(model, [layer], positions=slice(0, width)) as store:
-            before = _row_ce(model.hf(input_ids=ids, attention_mask=attn).logits, labels)
+            before = target_ce()
         clean = store[layer][0]
         norms = clean.double().norm(dim=-1).masked_fill(~pmask, float("nan"))
         scale = norms.nanmedian(dim=1).values.to(clean.dtype)[:, None, None]  # [b, 1, 1]
-        eps_abs, alpha = eps * scale, alpha_rel * scale / d_model ** 0.5
+        ball = Ball(step=step_rel * scale, radius=eps * scale, mask=pmask.unsqueeze(-1).to(clean.dtype))
         delta = torch.zeros_like(clean, requires_grad=True)
-        m = pmask.unsqueeze(-1).to(clean.dtype)
-        for _ in range(steps):
+
+        def loss() -> Tensor:
             with hooks.perturb(model, {layer: delta}):
-                loss = _row_ce(model.hf(input_ids=ids, attention_mask=attn).logits, labels).sum()
-            (grad,) = torch.autograd.grad(loss, [delta])
-            with torch.no_grad():
-                delta -= alpha * grad.sign()
-                delta *= m
-                delta *= torch.clamp(eps_abs / (delta.norm(dim=-1, keepdim=True) + 1e-12), max=1.0)
+                return target_ce().sum()
+
+        pgd(loss, [delta], [ball], steps)
         delta = delta.detach()
         with torch.no_grad(), hooks.perturb(model, {layer: delta}):
-            after = _row_ce(model.hf(input_ids=ids, attention_mask=attn).logits, labels)
+            after = target_ce()
         dt = _act_dtype(model)
         return [(delta[i].to("cpu", dt), clean[i].to("cpu", dt), pmask[i].cpu(), before[i].item(), after[i].item())
                 for i in range(len(chunk))]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..data import PackageFile, read_package_file
 from ..generation import _positions, batched, generate
 from ..judges import RefusalStringJudge
+from ..losses import target_cross_entropy
 from ..models import Model, PromptTooLongError
 from .base import AttackCost, AttackRecord, Behaviour, run_attack
 from .templates import GARAK, model_identity
@@ -141,10 +142,7 @@ def target_fitness(model: Model, prompts: Sequence[str], target: str, *, batch_s
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
         logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
                           logits_to_keep=t + 1).logits[:, :-1]  # the positions that predict the target
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        labels = ids[:, -t:]
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-        return (-ce.view(len(chunk), t).mean(1)).tolist()
+        return (-target_cross_entropy(logits, ids[:, -t:])).tolist()
 
     return batched(score, list(prompts), batch_size)
 

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from ..generation import greedy_tokens
 from ..judges import RefusalStringJudge
+from ..losses import target_cross_entropy
 from ..models import Model, PromptTooLongError
+from ..pgd import Ball, constrain, signed_step
 from .base import AttackCost, AttackRecord, Behaviour, run_attack
 
 __all__ = ["EmbeddingConfig", "Segments", "segments", "target_loss", "generate_from_embeds", "run"]
@@ -103,9 +105,9 @@ def _loss_and_match(model: Model, prompt_embeds: torch.Tensor, target: list[int]
     embeds = torch.cat([prompt_embeds, _embed(model, target)], dim=1)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     out = model.hf(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=t + 1)
-    logits = _wide(out.logits[0, :-1])  # the positions that predict the target
+    logits = out.logits[0, :-1]  # the positions that predict the target
     labels = torch.tensor(target, device=embeds.device)
-    return torch.nn.functional.cross_entropy(logits, labels), bool((logits.argmax(-1) == labels).all())
+    return target_cross_entropy(logits, labels, "mean"), bool((logits.argmax(-1) == labels).all())
 
 
 def target_loss(model: Model, prompt_embeds: torch.Tensor, target: list[int]) -> torch.Tensor:
@@ -128,9 +130,7 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: EmbeddingConfig =
     saw comply), the loss per step and the perturbation's norms."""
     weight = model.hf.get_input_embeddings().weight
     scale = float(_wide(weight.detach()).norm(dim=-1).median())
-    d = weight.shape[1]
-    alpha = config.step_size * scale / d ** 0.5  # a sign step then has per-position L2 length step_size * scale
-    budget = config.eps * scale if config.eps is not None else None
+    ball = Ball(step=config.step_size * scale, radius=config.eps * scale if config.eps is not None else None)
 
     def attack_one(b: Behaviour) -> AttackRecord:
         t0 = time.perf_counter()
@@ -139,7 +139,8 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: EmbeddingConfig =
             parts = [_wide(_embed(model, ids)) for ids in (seg.before, seg.goal, seg.suffix, seg.after)]
         span = 1 if config.mode == "prompt" else 2  # which part is perturbed
         delta = torch.zeros_like(parts[span], requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=alpha) if config.optimizer == "adam" else None
+        # Adam's steps are about lr per coordinate: the sign step's coordinate size
+        opt = torch.optim.Adam([delta], lr=ball.step / weight.shape[1] ** 0.5) if config.optimizer == "adam" else None
 
         def prompt_embeds() -> torch.Tensor:
             ps = list(parts)
@@ -172,12 +173,11 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: EmbeddingConfig =
             cost.backward += 1
             with torch.no_grad():
                 if opt is None:
-                    delta -= alpha * grad.sign()
+                    signed_step(delta, grad, ball)
                 else:
                     delta.grad = grad
                     opt.step()
-                if budget is not None:
-                    delta *= torch.clamp(budget / (delta.norm(dim=-1, keepdim=True) + 1e-12), max=1.0)
+                    constrain(delta, ball)
         with torch.no_grad():
             delta.copy_(best_delta)
             if answer is None:

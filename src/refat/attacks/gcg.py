@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .. import hooks
 from ..generation import _cache_keyword, _is_oom, generate
 from ..judges import RefusalStringJudge
+from ..losses import target_cross_entropy
 from ..models import Model
 from .base import AttackCost, AttackRecord, Behaviour, run_attack
 
@@ -237,9 +238,7 @@ class GCG:
         if self.config.use_mellowmax:
             picked = logits.gather(-1, target.expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1)
             return _mellowmax(-picked, self.config.mellowmax_alpha), match
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.expand(logits.shape[0], -1).flatten(),
-                                               reduction="none")
-        return ce.view(logits.shape[0], -1).mean(-1), match
+        return target_cross_entropy(logits, target.expand(logits.shape[0], -1)), match
 
     def _batched(self, n: int, fn) -> list:
         """``fn(start, stop)`` over consecutive slices of ``range(n)``; the batch halves on out-of-memory."""

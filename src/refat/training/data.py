@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -19,6 +20,7 @@ from .. import hooks
 from ..data import DataConfig, Example, affirmative_target, load_dataset, prompt_key, prompt_sets
 from ..generation import generate
 from ..judges import RefusalStringJudge
+from ..losses import target_cross_entropy
 from ..models import Model
 from ..storage import digest, read_json, read_jsonl, write_json, write_jsonl
 from .distributed import main_process_first
@@ -177,7 +179,7 @@ def collate(model: Model, pairs: Sequence[Pair], max_length: int, *, with_affirm
 
 
 def response_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                  forward=None, reduction: str = "sum") -> torch.Tensor:
+                  forward=None, reduction: Literal["mean", "sum"] = "sum") -> torch.Tensor:
     """Next-token cross-entropy of the labelled (response) tokens; ``forward``: the model's forward if not
     ``model.hf`` (its DDP wrapper).
 
@@ -193,4 +195,4 @@ def response_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.T
 
     with hooks.hooked(pre=[(model.hf.get_output_embeddings(), select)]):
         logits = (forward or model.hf)(input_ids=input_ids, attention_mask=attention_mask).logits
-    return torch.nn.functional.cross_entropy(logits[0].float(), targets[targets != -100], reduction=reduction)
+    return target_cross_entropy(logits[0], targets[targets != -100], reduction)

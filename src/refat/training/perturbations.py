@@ -25,6 +25,7 @@ from .. import hooks
 from ..directions import extract
 from ..memory import release_freed_memory
 from ..models import Model
+from ..pgd import Ball, default_step, pgd
 from .data import Batch, response_loss
 
 __all__ = ["RefatConfig", "AdversarialConfig", "Perturbation", "RefatPerturbation",
@@ -55,14 +56,14 @@ class RefatConfig:
 @dataclass
 class AdversarialConfig:
     layers: list[int] | None = None  # cat: [0] (the embeddings); lat: default [L/4, L/2, 3L/4]
-    epsilon: float = 0.1  # per-token L2 budget, relative to the mean activation norm at that layer
+    epsilon: float = 0.1  # per-token L2 budget, relative to the median prompt-token norm at that layer
     steps: int = 4  # signed-gradient steps of the inner attack
-    step_size: float | None = None  # default epsilon / steps * 2.5, relative like epsilon
+    step_size: float | None = None  # per-token L2 length of a step, relative like epsilon; default 2.5 epsilon / steps
     away_weight: float | None = None  # weight of "away from the refusal" in the attack loss (cat: 0, lat: 1)
 
     def validate(self, n_layers: int) -> None:
-        if self.epsilon < 0 or self.steps < 1:
-            raise ValueError("epsilon must be ≥ 0 and steps ≥ 1")
+        if self.epsilon < 0 or self.steps < 1 or (self.step_size is not None and self.step_size <= 0):
+            raise ValueError("epsilon must be ≥ 0, steps ≥ 1 and step_size > 0 (or None)")
         _check_layers(self.layers, n_layers, "layers")
 
 
@@ -207,32 +208,24 @@ class AdversarialPerturbation(Perturbation):
         # typical norm of the real prompt tokens: padding left out, and the median because the first
         # token's activation is often orders of magnitude larger than the rest (an attention sink)
         scale = {l: acts[l][0].norm(dim=-1)[prompt_mask.squeeze(-1)].median().item() for l in self.layers}
-        eps = {l: self.cfg.epsilon * scale[l] for l in self.layers}
-        alpha = {l: (self.cfg.step_size or 2.5 * self.cfg.epsilon / self.cfg.steps) * scale[l] for l in self.layers}
-        dtype = self.model.dtype
+        step = self.cfg.step_size if self.cfg.step_size is not None else default_step(self.cfg.epsilon, self.cfg.steps)
+        balls = [Ball(step=step * scale[l], radius=self.cfg.epsilon * scale[l], mask=prompt_mask) for l in self.layers]
         deltas = {l: torch.zeros(len(harmful_idx), width, self.model.d_model, device=affirm.input_ids.device,
-                                 dtype=dtype, requires_grad=True) for l in self.layers}
-        fwd = bwd = 0
-        for _ in range(self.cfg.steps):
+                                 dtype=self.model.dtype, requires_grad=True) for l in self.layers}
+
+        def loss() -> Tensor:
             with hooks.perturb(self.model, deltas):
-                loss = response_loss(self.model, affirm.input_ids, affirm.attention_mask, affirm.labels,
-                                     reduction="mean")
-                fwd += 1
+                out = response_loss(self.model, affirm.input_ids, affirm.attention_mask, affirm.labels,
+                                    reduction="mean")
                 if self.away:
-                    loss = loss - self.away * response_loss(self.model, refusal_ids, refusal_mask, refusal_labels,
-                                                            reduction="mean")
-                    fwd += 1
-            grads = torch.autograd.grad(loss, list(deltas.values()))
-            bwd += 1
-            with torch.no_grad():
-                for (l, d), g in zip(deltas.items(), grads):
-                    # a sign step of L2 norm alpha per token, in the budget's units (unscaled it is √d longer)
-                    d -= alpha[l] / self.model.d_model ** 0.5 * g.sign()
-                    d *= prompt_mask
-                    norm = d.norm(dim=-1, keepdim=True)
-                    d *= torch.clamp(eps[l] / (norm + 1e-12), max=1.0)
+                    out = out - self.away * response_loss(self.model, refusal_ids, refusal_mask, refusal_labels,
+                                                          reduction="mean")
+            return out
+
+        pgd(loss, list(deltas.values()), balls, self.cfg.steps)
+        fwd = self.cfg.steps * (2 if self.away else 1)
         release_freed_memory()  # the attack's buffers, before the training forward
-        self.cost.add(Cost(forward=fwd + 1, backward=bwd, tokens=(fwd + 1) * affirm.n_tokens,
+        self.cost.add(Cost(forward=fwd + 1, backward=self.cfg.steps, tokens=(fwd + 1) * affirm.n_tokens,
                            seconds=time.perf_counter() - t0))
         return {l: d.detach() for l, d in deltas.items()}
 
