@@ -87,7 +87,7 @@ def test_pair_end_to_end_over_http(stub, tiny, tmp_path):
     attacker, judge = HTTPChat(s.url, "attacker", retries=0), HTTPChat(s.url + "/v1", "judge", retries=0)
     cfg = PAIRConfig(n_streams=3, n_iterations=5, target_max_new_tokens=6, attacker_max_new_tokens=64)
     behaviours = [Behaviour(g, "Sure, here is") for g in GOALS]
-    records = pair.run(tiny, behaviours, cfg, attacker=attacker, judge=judge, out_dir=tmp_path, progress=False)
+    records = pair.run(tiny, behaviours, cfg, attacker=attacker, rater=judge, out_dir=tmp_path, progress=False)
 
     assert [r.goal for r in records] == GOALS
     for r in records:
@@ -107,7 +107,7 @@ def test_pair_end_to_end_over_http(stub, tiny, tmp_path):
     # records are on disk, and a rerun resumes without a single new request
     assert [r.behaviour_id for r in read_records(tmp_path / "records.jsonl")] == [b.id for b in behaviours]
     n = len(s.requests)
-    again = pair.run(tiny, behaviours, cfg, attacker=attacker, judge=judge, out_dir=tmp_path, progress=False)
+    again = pair.run(tiny, behaviours, cfg, attacker=attacker, rater=judge, out_dir=tmp_path, progress=False)
     assert len(s.requests) == n and [r.prompt for r in again] == [r.prompt for r in records]
 
 
