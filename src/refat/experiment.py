@@ -48,8 +48,9 @@ from typing import Any
 import torch
 
 from . import catalog
-from .attacks import autodan, embedding, gcg, pair, prefill, rfa, templates
-from .attacks.base import AttackRecord, Behaviour, attack_success_rate, read_records
+from .attacks import REGISTRY, rfa, templates
+from .attacks import get as get_attack
+from .attacks.base import NO_ATTACK, AttackContext, AttackRecord, Behaviour, attack_success_rate, read_records
 from .configs import ConfigError, from_dict
 from .data import DatasetError, Example, affirmative_target, load_dataset, prompt_key, split
 from .directions import Directions, SelectionConfig
@@ -62,20 +63,12 @@ from .storage import read_jsonl, write_json, write_jsonl, write_text
 from .training import Pair, TrainConfig, train
 from .workflow import DataConfig, PromptSets, find_directions, training_pairs
 
-__all__ = ["ATTACKS", "DEFENSES", "AnalysisConfig", "AttackSpec", "ExperimentConfig", "Stage",
+__all__ = ["DEFENSES", "AnalysisConfig", "AttackSpec", "ExperimentConfig", "Stage",
            "load_config", "run_experiment", "stage_names"]
 
 log = logging.getLogger("refat.experiment")
 
 DEFENSES = ("base", "rt", "refat", "cat", "lat")  # base: the model as loaded; the others: training methods
-ATTACKS: dict[str, type] = {"rfa": rfa.RFAConfig, "prefill": prefill.PrefillConfig,
-                            "templates": templates.TemplatesConfig, "gcg": gcg.GCGConfig,
-                            "autodan": autodan.AutoDANConfig, "embedding": embedding.EmbeddingConfig,
-                            "pair": pair.PAIRConfig}
-_MODULES = {"prefill": prefill, "templates": templates, "gcg": gcg, "autodan": autodan, "embedding": embedding}
-# attacks whose record prompts are the user messages the model reads: their activations feed the analysis
-PROMPT_ATTACKS = ("gcg", "autodan", "templates", "pair")
-NO_ATTACK = "none"  # the ASR column of the unattacked prompts (a by-product of the first RFA attack)
 JUDGE_KINDS = {"refusal-strings": "refusal-strings", "llm": "chat-judge", "harmbench": "harmbench-cls",
                "llama-guard": "llama-guard"}  # spec prefix -> the judge's name prefix
 _DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64", "fp64")
@@ -89,31 +82,23 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 class AttackSpec:
     """One attack of the experiment: ``config`` holds the fields of that attack's config class."""
 
-    name: str  # a key of ATTACKS
+    name: str  # a registered attack (refat.attacks.REGISTRY)
     config: dict[str, Any] = field(default_factory=dict)
     n_behaviours: int | None = None  # the first n held-out behaviours (None: all); rfa: also n harmless prompts
     label: str | None = None  # its column in the results (default: name); set it to run one attack twice
-    attacker: str | None = None  # pair only: a chat endpoint URL or a model spec
-    attacker_model: str | None = None  # pair with a URL: the served model's name
-    attacker_api_key_env: str | None = None  # pair with a URL: environment variable holding the API key
 
     def __post_init__(self):
-        if self.name not in ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r}; choose from {', '.join(ATTACKS)}")
+        get_attack(self.name)  # the registry as it is now: an attack registered at run time counts
         self.label = self.label or self.name
         if not _NAME.fullmatch(self.label) or self.label in (NO_ATTACK, "harmful", "harmless"):
             raise ValueError(f"label {self.label!r} must be a simple name (letters, digits, . _ -), "
                              f"not {NO_ATTACK!r}, 'harmful' or 'harmless'")
         if self.n_behaviours is not None and self.n_behaviours < 1:
             raise ValueError(f"n_behaviours must be >= 1 or null, got {self.n_behaviours}")
-        if self.name == "pair" and not self.attacker:
-            raise ValueError("pair needs `attacker`: a chat endpoint URL or a model spec")
-        if self.name != "pair" and (self.attacker or self.attacker_model or self.attacker_api_key_env):
-            raise ValueError(f"attacker settings are for pair only, not {self.name}")
 
     def parsed(self, where: str = "config"):
         """The attack's config dataclass (unknown keys and wrong types raise, naming ``where``)."""
-        return from_dict(ATTACKS[self.name], self.config, where)
+        return from_dict(get_attack(self.name).config, self.config, where)
 
 
 @dataclass
@@ -388,10 +373,16 @@ def resolve_inputs(cfg: ExperimentConfig, *, check_model: bool = True) -> _Input
         if source is not None and source not in templates.SOURCES and not Path(source).expanduser().exists():
             raise ConfigError(f"attacks[{i}].config.source: {source!r} is not a template set "
                               f"({', '.join(templates.SOURCES)}) or an existing file or folder")
-        if a.name == "pair" and a.attacker.startswith(("http://", "https://")) and not a.attacker_model:
-            raise ConfigError(f"attacks[{i}].attacker_model: the served model's name is needed with a URL")
-        if a.name == "pair" and not a.attacker.startswith(("http://", "https://")):
-            _check_model(a.attacker, f"attacks[{i}].attacker")
+        if a.name == "pair":  # its chat models: the attacker (required) and a model rater
+            pc, key = a.parsed(), f"attacks[{i}].config"
+            if not pc.attacker:
+                raise ConfigError(f"{key}.attacker: pair needs an attacker, a chat endpoint URL or a model spec")
+            for role, spec, served in (("attacker", pc.attacker, pc.attacker_model),
+                                       ("rater", pc.rater, pc.rater_model)):
+                if spec.startswith(("http://", "https://")) and not served:
+                    raise ConfigError(f"{key}.{role}_model: the served model's name is needed with a URL")
+                if not spec.startswith(("http://", "https://")) and (role, spec) != ("rater", "judge"):
+                    _check_model(spec, f"{key}.{role}")
     if cfg.overrefusal is not None:
         spec = cfg.overrefusal.dataset
         if spec not in OVERREFUSAL_SETS and not spec.startswith("hf:") and not Path(spec).expanduser().is_file():
@@ -522,7 +513,7 @@ class _Runner:
 
 
 def _needs_directions(cfg: ExperimentConfig) -> bool:
-    return cfg.analysis is not None or any(a.name == "rfa" for a in cfg.attacks)
+    return cfg.analysis is not None or any("directions" in REGISTRY[a.name].needs for a in cfg.attacks)
 
 
 def _slug(text: str) -> str:
@@ -699,7 +690,7 @@ class _Pipeline:
         c, ids = self.cfg, {}
         for a in c.attacks:
             inputs = {**key, "attack": asdict(a), "judge": self.judge.name}
-            if a.name == "rfa":
+            if "directions" in REGISTRY[a.name].needs:
                 inputs["directions"] = directions
             ids[a.label] = self.stage(f"attacks/{d}/{a.label}", inputs, partial(self.attack, d, a))
         if c.utility is not None:
@@ -713,7 +704,7 @@ class _Pipeline:
             evals[f"analysis/{d}"] = self.stage(f"analysis/{d}", {
                 **key, "directions": directions, "analysis": asdict(c.analysis),
                 "rfa": asdict(rfa_spec) if rfa_spec else None,
-                "attacks": {a.label: ids[a.label] for a in c.attacks if a.name in PROMPT_ATTACKS}},
+                "attacks": {a.label: ids[a.label] for a in c.attacks if REGISTRY[a.name].prompt_attack}},
                 partial(self.analysis, d))
         return ids
 
@@ -757,43 +748,22 @@ class _Pipeline:
         return next((a for a in self.cfg.attacks if a.name == "rfa"), None)
 
     def attack(self, defense: str, spec: AttackSpec, folder: Path) -> None:
-        model, config = self.models.get(defense), spec.parsed()
+        c, entry = self.cfg, REGISTRY[spec.name]
         behaviours = self.inputs.behaviours[:spec.n_behaviours]
+        directions = Directions.load(self.dir / "directions" / defense) if "directions" in entry.needs else None
+        context = AttackContext(directions, self.inputs.sets.prompts("harmless", "test")[:spec.n_behaviours],
+                                seed=c.seed, dtype=c.dtype, device=c.device)
+        records = entry.run(self.models.get(defense), behaviours, spec.parsed(), folder, judge=self.judge,
+                            context=context)
         if spec.name == "rfa":
-            self._rfa(model, defense, behaviours, spec, config, folder)
-            return
-        if spec.name == "pair":
-            from .chat import from_spec
-
-            attacker = from_spec(spec.attacker, model_name=spec.attacker_model, api_key_env=spec.attacker_api_key_env,
-                                 seed=self.cfg.seed, dtype=self.cfg.dtype, device=self.cfg.device)
-            records = pair.run(model, behaviours, config, attacker=attacker, judge=self.judge, out_dir=folder)
+            summary = {**rfa.summary(records, directions), "defense": defense}
         else:
-            records = _MODULES[spec.name].run(model, behaviours, config, folder, judge=self.judge)
-        summary = {"attack": spec.name, "label": spec.label, "defense": defense, "n_records": len(records),
-                   "n_behaviours": len(behaviours), "asr": attack_success_rate(records), "judge": self.judge.name,
-                   "seconds": round(sum(r.cost.seconds for r in records), 1)}
-        if spec.name == "templates":
-            summary["templates"] = templates.summarize(records)
+            summary = {"attack": spec.name, "label": spec.label, "defense": defense, "n_records": len(records),
+                       "n_behaviours": len(behaviours), "asr": attack_success_rate(records),
+                       "judge": self.judge.name, "seconds": round(sum(r.cost.seconds for r in records), 1)}
+            if spec.name == "templates":
+                summary["templates"] = templates.summarize(records)
         write_json(folder / "summary.json", summary)
-
-    def _rfa(self, model: Model, defense: str, behaviours: list[Behaviour], spec: AttackSpec, config, folder: Path):
-        directions = Directions.load(self.dir / "directions" / defense)
-        harmless = self.inputs.sets.prompts("harmless", "test")[:spec.n_behaviours]
-        by_goal = {b.goal: b for b in behaviours}
-        result = rfa.evaluate(model, directions, [b.goal for b in behaviours], harmless, config, self.judge)
-        rows = []
-        for r in result.records:
-            b = by_goal.get(r["prompt"]) if r["kind"] == "harmful" else None
-            rows.append(AttackRecord(attack=r["attack"], behaviour_id=b.id if b else _digest(prompt_key(r["prompt"])),
-                                     goal=r["prompt"], target=b.target if b else "", prompt=r["prompt"],
-                                     completion=r["completion"], extra={"kind": r["kind"]}, refused=r["refused"],
-                                     judge=r["judge"]).to_dict())
-        write_jsonl(folder / "records.jsonl", rows)
-        sel = directions.selection
-        write_json(folder / "summary.json", {**result.rates, "layer": sel.layer, "position": sel.position,
-                                             "n_harmful": len(behaviours), "n_harmless": len(harmless),
-                                             "judge": self.judge.name, "defense": defense})
 
     def utility(self, defense: str, folder: Path) -> None:
         write_results(evaluate_utility(self.models.get(defense), self.cfg.utility), folder, self.cfg.utility)
@@ -810,7 +780,7 @@ class _Pipeline:
         harmless = self.inputs.sets.prompts("harmless", "test")[:a.max_prompts]
         attacked: dict[str, Any] = {}
         for spec in self.cfg.attacks:
-            if spec.name in PROMPT_ATTACKS:
+            if REGISTRY[spec.name].prompt_attack:
                 prompts = [r.prompt for r in self.records(defense, spec.label)]
                 if prompts:
                     attacked[spec.label] = prompts[:a.max_prompts]

@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import catalog
-from .attacks.rfa import RFAConfig, evaluate
+from .attacks import rfa
+from .attacks.base import AttackContext, behaviours_from
+from .attacks.rfa import RFAConfig
 from .data import Example, load_dataset, prompt_key, split
 from .directions import Directions, SelectionConfig, extract, select
 from .judges import RefusalStringJudge
 from .models import Model, load
-from .storage import claim_output, write_json, write_jsonl
+from .storage import claim_output, write_json
 
 __all__ = ["DataConfig", "PromptSets", "DemoConfig", "prompt_sets", "find_directions", "attack_rfa", "demo",
            "training_pairs"]
@@ -107,19 +109,16 @@ def attack_rfa(model: Model, directions: Directions, sets: PromptSets, config: R
                *, judge: RefusalStringJudge = RefusalStringJudge(), extra: dict | None = None) -> dict:
     """Refusal rates with and without RFA on the test split; writes records.jsonl and summary.json."""
     t0 = time.perf_counter()
-    result = evaluate(model, directions, sets.prompts("harmful", "test"), sets.prompts("harmless", "test"), config, judge)
-    sel = directions.selection
+    out = Path(out_dir)
+    records = rfa.run(model, behaviours_from(sets.harmful["test"]), config, out, judge=judge,
+                      context=AttackContext(directions, sets.prompts("harmless", "test")))
     summary = {
-        **result.rates,
-        "layer": sel.layer, "position": sel.position,
-        "n_harmful": len(sets.harmful["test"]), "n_harmless": len(sets.harmless["test"]),
-        "judge": judge.name, "model": model.name, "model_source": model.source,
+        **rfa.summary(records, directions),
+        "model": model.name, "model_source": model.source,
         "config": {"rfa": asdict(config), **(extra or {})},
         "seconds": round(time.perf_counter() - t0, 1),
         "versions": _versions(),
     }
-    out = Path(out_dir)
-    write_jsonl(out / "records.jsonl", result.records)
     write_json(out / "summary.json", summary)
     return summary
 

@@ -1,12 +1,12 @@
 """PAIR: Prompt Automatic Iterative Refinement (Chao et al. 2023, arXiv:2310.08419).
 
 An attacker LLM writes a jailbreak prompt, the target answers it, a rater scores the answer 1-10
-(the paper's "judge"), and the attacker sees the answer and the score and refines its prompt. ``n_streams`` conversations
-run in parallel for up to ``n_iterations`` rounds; the search stops as soon as one stream reaches
-``judge_threshold``. Black-box: the target is only queried, so it may be a refat
-:class:`~refat.models.Model` (greedy answers, hooks allowed) or any :class:`~refat.chat.ChatBackend`.
+(the paper's "judge"), and the attacker sees the answer and the score and refines its prompt.
+``n_streams`` conversations run in parallel for up to ``n_iterations`` rounds; the search stops as
+soon as one stream reaches ``judge_threshold``. Black-box: the target is only queried, so it may be a
+refat :class:`~refat.models.Model` (greedy answers, hooks allowed) or any :class:`~refat.chat.ChatBackend`.
 
-The attacker and judge prompts below are our condensed rewording of the authors' prompts
+The attacker and rater ("judge") prompts below are our condensed rewording of the authors' prompts
 (github.com/patrickrchao/JailbreakingLLMs, ``system_prompts.py``), keeping their structure: the
 setting and objective, a persuasion strategy per stream (role-play or logical appeal, as in the
 JailbreakBench version of PAIR), JSON ``{"improvement", "prompt"}`` answers, and the
@@ -358,11 +358,12 @@ def _chat(spec: str, served_name: str | None, target, config: PAIRConfig, contex
     return LocalChat(context.load(spec, target), seed=context.seed)
 
 
-def run(target: Model | ChatBackend, behaviours: Sequence[Behaviour], config: PAIRConfig | None = None,
+def run(model: Model | ChatBackend, behaviours: Sequence[Behaviour], config: PAIRConfig | None = None,
         out_dir=None, *, judge: RefusalStringJudge | None = None, context: AttackContext | None = None,
         progress: bool = True, attacker: ChatBackend | None = None,
         rater: ChatBackend | Rater | None = None) -> list[AttackRecord]:
-    """PAIR on each behaviour; with ``out_dir``, resumable (finished behaviours are skipped and kept).
+    """PAIR on each behaviour against ``model`` (a refat Model or any chat backend); with ``out_dir``,
+    resumable (finished behaviours are skipped and kept).
 
     ``judge`` stamps the records' verdicts (default: refusal strings). ``attacker`` and ``rater``, when
     given (a chat backend, or any :class:`Rater`), replace ``config.attacker`` and ``config.rater``, which
@@ -374,12 +375,12 @@ def run(target: Model | ChatBackend, behaviours: Sequence[Behaviour], config: PA
     if attacker is None:
         if not config.attacker:
             raise ValueError("PAIR needs an attacker: set PAIRConfig.attacker (--attacker) to a model spec or URL")
-        attacker = _chat(config.attacker, config.attacker_model, target, config, context)
+        attacker = _chat(config.attacker, config.attacker_model, model, config, context)
     if rater is None:
         rater = (JudgeRater(judge) if config.rater == "judge"
-                 else _chat(config.rater, config.rater_model, target, config, context))
+                 else _chat(config.rater, config.rater_model, model, config, context))
     if not hasattr(rater, "rate"):
         rater = LLMRater(rater, max_new_tokens=config.judge_max_new_tokens)
-    meta = {**asdict(config), "attacker": attacker.name, "rater": rater.name, "target": _target_name(target)}
-    return run_attack("pair", behaviours, _PAIR(target, attacker, rater, config, progress), config=meta,
+    meta = {**asdict(config), "attacker": attacker.name, "rater": rater.name, "target": _target_name(model)}
+    return run_attack("pair", behaviours, _PAIR(model, attacker, rater, config, progress), config=meta,
                       out_dir=out_dir, judge=judge, progress=progress)
