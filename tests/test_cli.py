@@ -8,6 +8,7 @@ import torch
 from refat import catalog
 from refat.cli import main
 from refat.directions import Directions
+from refat.workflow import DataConfig, prompt_sets
 
 from conftest import build_model
 
@@ -41,8 +42,13 @@ def test_directions_attack_orthogonalize_train(files, tmp_path, capsys):
     info = json.loads((tmp_path / "dirs" / "directions.json").read_text())
     assert info["selection"]["layer"] == d.selection.layer and info["meta"]["select_fingerprint"]
 
-    args = ["attack", "rfa", *_common(files, "--n-test", "4", "--max-new-tokens", "4"),
-            "--directions", str(tmp_path / "dirs"), "--out", str(tmp_path / "rfa")]
+    # the held-out test split (the prompts training leaves out) as the behaviours and harmless prompts
+    sets = prompt_sets(DataConfig(str(files / "harmful.csv"), str(files / "harmless.jsonl"), 6, 4, 4))
+    for kind in ("harmful", "harmless"):
+        (tmp_path / f"test-{kind}.csv").write_text("prompt\n" + "\n".join(sets.prompts(kind, "test")) + "\n")
+    args = ["attack", "rfa", "--model", str(files / "model"), "--behaviours", str(tmp_path / "test-harmful.csv"),
+            "--n-behaviours", "4", "--harmless", str(tmp_path / "test-harmless.csv"), "--n-harmless", "4",
+            "--max-new-tokens", "4", "--directions", str(tmp_path / "dirs"), "--out", str(tmp_path / "rfa")]
     assert main(args) == 0
     summary = json.loads((tmp_path / "rfa" / "summary.json").read_text())
     for key in ("harmful_refusal_rate", "harmful_refusal_rate_rfa", "harmless_refusal_rate", "harmless_refusal_rate_rfa"):

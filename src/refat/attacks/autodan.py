@@ -7,9 +7,9 @@ Fitness is the log-likelihood of the target answer given the prompt (minus the m
 over the target tokens, batched over the population). Each generation keeps the elites, draws
 parents by softmax roulette on fitness, crosses them over at sentence boundaries and mutates some
 children. The paper mutates with GPT-4 paraphrases; here the default mutation needs no LLM
-(synonym swaps from a small built-in list, or two sentences swapped), and any loaded model can be
-passed as ``mutator`` to paraphrase a sentence instead. The search stops early when the judge no
-longer sees a refusal in the best prompt's answer.
+(synonym swaps from a small built-in list, or two sentences swapped); a model named in the config's
+``mutator`` (or a loaded one passed as ``mutator=``) paraphrases a sentence instead. The search stops
+early when the judge no longer sees a refusal in the best prompt's answer.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..generation import _positions, batched, generate
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
 from ..models import Model, PromptTooLongError
-from .base import AttackCost, AttackRecord, Behaviour, run_attack
+from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack, string_judge
 from .templates import GARAK, model_identity
 
 __all__ = ["AutoDANConfig", "AUTODAN_INIT", "initial_prefix", "assemble", "target_fitness", "mutate", "crossover",
@@ -92,6 +92,7 @@ class AutoDANConfig:
     init_prompt: str | None = None  # None: AutoDAN's prompt from garak; else the starting prefix itself
     model_name: str | None = None  # replaces "ChatGPT" (default: from the model's name)
     developer: str | None = None  # replaces "ModelKeeper" (default: from the model's name)
+    mutator: str | None = None  # model spec that paraphrases sentences (None: word swaps); loaded by run
 
     def __post_init__(self):
         if self.population < 2:
@@ -218,9 +219,16 @@ def _roulette(fitness: list[float], k: int, rng: random.Random) -> list[int]:
 # --- the attack -------------------------------------------------------------------------------------
 
 def run(model: Model, behaviours: Sequence[Behaviour], config: AutoDANConfig = AutoDANConfig(),
-        out_dir: str | Path | None = None, *, mutator: Model | None = None,
-        judge: RefusalStringJudge = RefusalStringJudge(), progress: bool = True) -> list[AttackRecord]:
-    """One record per behaviour: the best prompt found, its greedy answer, best fitness per generation."""
+        out_dir: str | Path | None = None, *, judge: RefusalStringJudge | None = None,
+        context: AttackContext | None = None, progress: bool = True,
+        mutator: Model | None = None) -> list[AttackRecord]:
+    """One record per behaviour: the best prompt found, its greedy answer, best fitness per generation.
+
+    ``mutator`` (a loaded model) replaces ``config.mutator``, which is otherwise loaded with ``context``'s
+    dtype and device."""
+    judge = string_judge(judge)
+    if mutator is None and config.mutator is not None:
+        mutator = (context or AttackContext()).load(config.mutator, model)
     base = initial_prefix(model, config)
 
     def attack_one(b: Behaviour) -> AttackRecord:

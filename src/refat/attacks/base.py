@@ -2,8 +2,10 @@
 
 An attack is a function ``attack_one(behaviour) -> AttackRecord`` wrapped by :func:`run_attack`,
 which skips behaviours already in ``records.jsonl``, appends each finished record at once (so a
-killed run loses at most the behaviour in progress), and judges every completion. The shape is
-nanoGCG's: a config dataclass and ``run(model, behaviours, config, out_dir=None)`` per attack.
+killed run loses at most the behaviour in progress), and judges every completion with the judge it
+is given. The shape is nanoGCG's: a config dataclass and one signature for every attack,
+``run(model, behaviours, config, out_dir=None, *, judge=None, context=None, progress=True)``, where
+``context`` (:class:`AttackContext`) carries what only some attacks need.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -22,8 +25,14 @@ from ..data import Example, affirmative_target, load_dataset, prompt_key
 from ..judges import RefusalStringJudge
 from ..storage import FinishedRunError, write_json, write_jsonl
 
-__all__ = ["Behaviour", "AttackCost", "AttackRecord", "behaviours_from", "run_attack", "read_records",
-           "attack_success_rate", "AttackConfigMismatch", "refused_by"]
+if TYPE_CHECKING:
+    from ..directions import Directions
+    from ..models import Model
+
+__all__ = ["Behaviour", "AttackCost", "AttackRecord", "AttackContext", "behaviours_from", "run_attack", "read_records",
+           "attack_success_rate", "success_rates", "string_judge", "AttackConfigMismatch", "refused_by", "NO_ATTACK"]
+
+NO_ATTACK = "none"  # the attack name of a record answered without attack (RFA's baseline)
 
 
 class AttackConfigMismatch(FinishedRunError):
@@ -71,6 +80,38 @@ def refused_by(model, behaviours: Sequence[Behaviour], n: int | None = None, *,
         if n is not None and len(kept) >= n:
             break
     return kept[:n]
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """Resources beyond model, behaviours and config that some attacks need (``AttackEntry.needs`` names
+    them), so every attack keeps one signature and callers pass the same context to all."""
+
+    directions: Directions | None = None  # the refusal direction (RFA ablates it)
+    harmless: list[str] = field(default_factory=list)  # prompts whose refusal RFA also measures (over-refusal)
+    seed: int = 0
+    dtype: str = "float32"  # helper models loaded by spec (PAIR's attacker, AutoDAN's mutator) use these
+    device: str | None = None
+
+    def require(self, attack: str, resource: str):
+        """The resource, or a ValueError naming the attack and what it lacks."""
+        value = getattr(self, resource)
+        if value is None or (isinstance(value, list) and not value):
+            raise ValueError(f"{attack} needs {resource} in its AttackContext (e.g. --{resource} on the command line)")
+        return value
+
+    def load(self, spec: str, target: object) -> Model:
+        """A helper model by spec; the target itself when ``spec`` is its name (no second copy in memory)."""
+        from ..models import Model, load
+
+        if isinstance(target, Model) and spec == target.name:
+            return target
+        return load(spec, dtype=self.dtype, device=self.device)
+
+
+def string_judge(judge: RefusalStringJudge | None) -> RefusalStringJudge:
+    """``judge``, or the default refusal-string judge when None (every attack's default)."""
+    return RefusalStringJudge() if judge is None else judge
 
 
 @dataclass
@@ -146,8 +187,10 @@ def _claim(out: Path, name: str, config: dict) -> None:
 
 def run_attack(name: str, behaviours: Sequence[Behaviour], attack_one: Callable[[Behaviour], AttackRecord], *,
                config: object, out_dir: str | Path | None = None,
-               judge: RefusalStringJudge = RefusalStringJudge(), progress: bool = True) -> list[AttackRecord]:
-    """Attack each behaviour not already done in ``out_dir``; returns all records, in behaviour order."""
+               judge: RefusalStringJudge | None = None, progress: bool = True) -> list[AttackRecord]:
+    """Attack each behaviour not already done in ``out_dir``; returns all records, in behaviour order,
+    each stamped with ``judge``'s name and verdict (default: the refusal-string judge)."""
+    judge = string_judge(judge)
     if not behaviours:
         raise ValueError("the behaviour set is empty: nothing to attack")
     done: dict[str, AttackRecord] = {}
@@ -179,3 +222,15 @@ def attack_success_rate(records: Sequence[AttackRecord]) -> float:
     if not records:
         raise ValueError("no records")
     return sum(not r.refused for r in records) / len(records)
+
+
+def success_rates(records: Sequence[AttackRecord]) -> dict[str, float]:
+    """ASR per record, and per behaviour counting a success on any of its records (best of n: templates
+    send several prompts per behaviour, whose id is in ``extra["behaviour_id"]``)."""
+    if not records:
+        raise ValueError("no records")
+    best: dict[str, bool] = {}
+    for r in records:
+        group = r.extra.get("behaviour_id", r.behaviour_id)
+        best[group] = best.get(group, False) or not r.refused
+    return {"asr": attack_success_rate(records), "asr_best_of_n": sum(best.values()) / len(best)}

@@ -27,7 +27,7 @@ from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
 from ..models import Model, PromptTooLongError
 from ..pgd import Ball, constrain, signed_step
-from .base import AttackCost, AttackRecord, Behaviour, run_attack
+from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack, string_judge
 
 __all__ = ["EmbeddingConfig", "Segments", "segments", "target_loss", "generate_from_embeds", "run"]
 
@@ -124,10 +124,11 @@ def generate_from_embeds(model: Model, prompt_embeds: torch.Tensor, max_new_toke
 
 
 def run(model: Model, behaviours: Sequence[Behaviour], config: EmbeddingConfig = EmbeddingConfig(),
-        out_dir: str | Path | None = None, *, judge: RefusalStringJudge = RefusalStringJudge(),
-        progress: bool = True) -> list[AttackRecord]:
+        out_dir: str | Path | None = None, *, judge: RefusalStringJudge | None = None,
+        context: AttackContext | None = None, progress: bool = True) -> list[AttackRecord]:
     """One record per behaviour: the answer under the lowest-loss perturbation (or the first that the judge
     saw comply), the loss per step and the perturbation's norms."""
+    judge = string_judge(judge)
     weight = model.hf.get_input_embeddings().weight
     scale = float(_wide(weight.detach()).norm(dim=-1).median())
     ball = Ball(step=config.step_size * scale, radius=config.eps * scale if config.eps is not None else None)

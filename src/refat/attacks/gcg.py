@@ -36,7 +36,7 @@ from ..generation import _cache_keyword, _is_oom, generate
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
 from ..models import Model
-from .base import AttackCost, AttackRecord, Behaviour, run_attack
+from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack
 
 __all__ = ["GCGConfig", "GCGResult", "PromptSplit", "GCG", "split_prompt", "run_one", "run", "PLACEHOLDER"]
 
@@ -430,8 +430,9 @@ def run_one(model: Model, behaviour: Behaviour | tuple[str, str], config: GCGCon
     return GCG(model, config, progress=progress).attack(goal, target)
 
 
-def run(model: Model, behaviours: Sequence[Behaviour], config: GCGConfig = GCGConfig(), out_dir=None, *,
-        judge: RefusalStringJudge = RefusalStringJudge(), progress: bool = True) -> list[AttackRecord]:
+def run(model: Model, behaviours: Sequence[Behaviour], config: GCGConfig = GCGConfig(), out_dir=None,
+        *, judge: RefusalStringJudge | None = None,
+        context: AttackContext | None = None, progress: bool = True) -> list[AttackRecord]:
     """GCG on each behaviour (resumable with ``out_dir``); the record's completion answers the best string."""
     if not behaviours:
         raise ValueError("the behaviour set is empty: nothing to attack")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..judges import RefusalStringJudge
 from ..models import Model
-from .base import AttackRecord, Behaviour
+from .base import AttackContext, AttackRecord, Behaviour
 from .transfer import Message, send
 
 __all__ = ["PrefillConfig", "prefill_for", "run"]
@@ -47,8 +47,8 @@ def prefill_for(behaviour: Behaviour, config: PrefillConfig) -> str:
 
 
 def run(model: Model, behaviours: Sequence[Behaviour], config: PrefillConfig = PrefillConfig(),
-        out_dir: str | Path | None = None, *, judge: RefusalStringJudge = RefusalStringJudge(),
-        progress: bool = True) -> list[AttackRecord]:
+        out_dir: str | Path | None = None, *, judge: RefusalStringJudge | None = None,
+        context: AttackContext | None = None, progress: bool = True) -> list[AttackRecord]:
     """One record per behaviour: prompt = the goal, completion = prefill + greedy continuation."""
     if not behaviours:
         raise ValueError("the behaviour set is empty: nothing to attack")

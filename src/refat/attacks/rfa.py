@@ -1,21 +1,28 @@
 """Refusal feature ablation (RFA) as an attack: generate with the refusal direction ablated.
 
 RFA is white-box and cheap: no optimisation, one forward hook. It is the adaptive attack against
-a defended model when the directions are re-extracted from that model.
+a defended model when the directions are re-extracted from that model. Its records are the refusal
+rates with and without it: each harmful behaviour and each harmless prompt (over-refusal) answered
+plainly (attack ``none``) and under RFA (attack ``rfa``), generated in four batched passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 from .. import hooks
 from ..directions import Directions
 from ..generation import generate
-from ..judges import RefusalStringJudge, rate, refusal_records
+from ..judges import RefusalStringJudge
 from ..models import Model
+from ..storage import write_jsonl
+from .base import NO_ATTACK, AttackContext, AttackRecord, Behaviour, string_judge
 
-__all__ = ["RFAConfig", "RFAResult", "run", "evaluate"]
+__all__ = ["RFAConfig", "ablation", "run", "rates", "summary"]
+
+KINDS = ("harmful", "harmless")
 
 
 @dataclass
@@ -41,34 +48,56 @@ def ablation(model: Model, directions: Directions, config: RFAConfig):
     return hooks.ablate(model, directions.vector(), mode=config.mode, layers=layers, harmless_mean=mean)
 
 
-def run(model: Model, prompts: Sequence[str], directions: Directions, config: RFAConfig = RFAConfig()) -> list[str]:
-    """Completions of ``prompts`` under RFA."""
-    with ablation(model, directions, config):
-        return generate(model, prompts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                        desc=f"generating (RFA {config.mode})")
-
-
-@dataclass
-class RFAResult:
-    records: list[dict]
-    rates: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def evaluate(model: Model, directions: Directions, harmful: Sequence[str], harmless: Sequence[str],
-             config: RFAConfig = RFAConfig(), judge: RefusalStringJudge = RefusalStringJudge()) -> RFAResult:
-    """Refusal rates on harmful and harmless prompts, with and without RFA, with per-prompt records."""
-    records, rates = [], {}
-    for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
-        for attacked in (False, True):
-            if attacked:
-                completions = run(model, prompts, directions, config)
+def run(model: Model, behaviours: Sequence[Behaviour], config: RFAConfig = RFAConfig(),
+        out_dir: str | Path | None = None, *, judge: RefusalStringJudge | None = None,
+        context: AttackContext | None = None, progress: bool = True) -> list[AttackRecord]:
+    """Per harmful behaviour and per harmless prompt of ``context.harmless``, a record without attack and one
+    under RFA with ``context.directions`` (``extra["kind"]`` says which set). Not resumable: with ``out_dir``,
+    records.jsonl is written whole, atomically."""
+    context = context or AttackContext()
+    directions = context.require("rfa", "directions")
+    harmless = [Behaviour(p, "") for p in context.require("rfa", "harmless")]
+    judge = string_judge(judge)
+    records = []
+    for kind, items in zip(KINDS, (list(behaviours), harmless), strict=True):
+        prompts = [b.goal for b in items]
+        for attack in (NO_ATTACK, "rfa"):
+            if attack == "rfa":
+                with ablation(model, directions, config):
+                    completions = generate(model, prompts, max_new_tokens=config.max_new_tokens,
+                                           batch_size=config.batch_size, desc=f"generating (RFA {config.mode})",
+                                           progress=progress)
             else:
                 completions = generate(model, prompts, max_new_tokens=config.max_new_tokens,
-                                       batch_size=config.batch_size, desc=f"generating ({kind})")
-            rows = refusal_records(prompts, completions, judge, kind=kind, attack="rfa" if attacked else "none")
-            rates[f"{kind}_refusal_rate{'_rfa' if attacked else ''}"] = rate(rows)
-            records.extend(rows)
-    return RFAResult(records, rates)
+                                       batch_size=config.batch_size, desc=f"generating ({kind})", progress=progress)
+            records += [AttackRecord(attack, b.id, b.goal, b.target, b.goal, c, extra={"kind": kind},
+                                     refused=judge.refuses(c), judge=judge.name)
+                        for b, c in zip(items, completions, strict=True)]
+    if out_dir is not None:
+        write_jsonl(Path(out_dir) / "records.jsonl", [r.to_dict() for r in records])
+    return records
+
+
+def rates(records: Sequence[AttackRecord]) -> dict[str, float]:
+    """Refusal rate of each set (harmful, harmless) without and with RFA: the demo table's four numbers."""
+    out = {}
+    for kind in KINDS:
+        for attack in (NO_ATTACK, "rfa"):
+            rows = [r for r in records if r.extra.get("kind") == kind and r.attack == attack]
+            if not rows:
+                raise ValueError(f"no {kind} records {'under RFA' if attack == 'rfa' else 'without attack'}")
+            out[f"{kind}_refusal_rate{'_rfa' if attack == 'rfa' else ''}"] = sum(r.refused for r in rows) / len(rows)
+    return out
+
+
+def summary(records: Sequence[AttackRecord], directions: Directions) -> dict:
+    """:func:`rates` with what they were measured with: the direction's layer and position, the sizes of
+    both sets and the judge (the part every RFA summary shares: demo, ``refat attack rfa``, pipeline)."""
+    judges = {r.judge for r in records}
+    if len(judges) != 1:
+        raise ValueError(f"records judged by {len(judges)} judges ({', '.join(map(str, judges))}); "
+                         "summarize them apart")
+    sel = directions.selection
+    n = {kind: sum(r.extra.get("kind") == kind and r.attack == NO_ATTACK for r in records) for kind in KINDS}
+    return {**rates(records), "layer": sel.layer, "position": sel.position, "n_harmful": n["harmful"],
+            "n_harmless": n["harmless"], "judge": judges.pop()}

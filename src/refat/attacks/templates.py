@@ -30,7 +30,7 @@ from .. import catalog
 from ..data import PackageFile, read_package_file
 from ..judges import RefusalStringJudge
 from ..models import Model
-from .base import AttackRecord, Behaviour
+from .base import AttackContext, AttackRecord, Behaviour, success_rates
 from .transfer import Message, send
 
 __all__ = ["Template", "TemplateError", "TemplatesConfig", "SOURCES", "load_templates", "attempts", "run",
@@ -282,8 +282,9 @@ def attempts(behaviours: Sequence[Behaviour], templates: Sequence[Template], mod
 
 
 def run(model: Model, behaviours: Sequence[Behaviour], config: TemplatesConfig = TemplatesConfig(),
-        out_dir: str | Path | None = None, *, templates: Sequence[Template] | None = None,
-        judge: RefusalStringJudge = RefusalStringJudge(), progress: bool = True) -> list[AttackRecord]:
+        out_dir: str | Path | None = None, *, judge: RefusalStringJudge | None = None,
+        context: AttackContext | None = None, progress: bool = True,
+        templates: Sequence[Template] | None = None) -> list[AttackRecord]:
     """One record per (behaviour, template); prompts longer than ``model.max_prompt_tokens`` are skipped
     (reasons in ``out_dir/skipped.jsonl``). ``templates`` overrides ``config.source``."""
     if not behaviours:
@@ -304,19 +305,18 @@ def summarize(records: Sequence[AttackRecord]) -> dict:
     judges = {r.judge for r in records}
     if len(judges) > 1:
         raise ValueError(f"records judged by different judges ({', '.join(map(str, judges))}); summarize them apart")
-    by_template, by_behaviour = defaultdict(list), defaultdict(list)
+    by_template = defaultdict(list)
     for r in records:
         if "template" not in r.extra:
             raise ValueError(f"record {r.behaviour_id} of {r.attack} has no template in extra: not a template record")
-        broke = not r.refused
-        by_template[r.extra["template"]].append(broke)
-        by_behaviour[r.extra.get("behaviour_id", r.behaviour_id)].append(broke)
+        by_template[r.extra["template"]].append(not r.refused)
     per_template = {t: {"n": len(v), "asr": sum(v) / len(v)} for t, v in by_template.items()}
     per_template = dict(sorted(per_template.items(), key=lambda kv: (-kv[1]["asr"], kv[0])))
     return {
         "attack": records[0].attack, "judge": judges.pop(),
-        "n_records": len(records), "n_templates": len(by_template), "n_behaviours": len(by_behaviour),
+        "n_records": len(records), "n_templates": len(by_template),
+        "n_behaviours": len({r.extra.get("behaviour_id", r.behaviour_id) for r in records}),
         "asr_mean": sum(r["asr"] for r in per_template.values()) / len(per_template),
-        "asr_best_of_n": sum(any(v) for v in by_behaviour.values()) / len(by_behaviour),
+        "asr_best_of_n": success_rates(records)["asr_best_of_n"],
         "per_template": per_template,
     }

@@ -21,7 +21,7 @@ from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model
 from ..storage import write_jsonl
-from .base import AttackCost, AttackRecord, Behaviour, read_records, run_attack
+from .base import AttackCost, AttackRecord, Behaviour, read_records, run_attack, string_judge
 
 __all__ = ["Message", "Skipped", "send", "ReplayConfig", "replay"]
 
@@ -48,7 +48,7 @@ def _formatted(model: Model, m: Message) -> str:
 
 
 def send(model: Model, attack: str, messages: Sequence[Message], *, config: object, out_dir: str | Path | None = None,
-         max_new_tokens: int = 64, batch_size: int = 16, judge: RefusalStringJudge = RefusalStringJudge(),
+         max_new_tokens: int = 64, batch_size: int = 16, judge: RefusalStringJudge | None = None,
          progress: bool = True) -> tuple[list[AttackRecord], list[Skipped]]:
     """Records of the messages that fit (in message order) and the ones skipped as too long.
 
@@ -58,6 +58,7 @@ def send(model: Model, attack: str, messages: Sequence[Message], *, config: obje
     """
     if not messages:
         raise ValueError("no messages to send")
+    judge = string_judge(judge)
     ids = [m.behaviour.id for m in messages]
     if len(set(ids)) != len(ids):
         raise ValueError("two messages share a behaviour id; each record needs its own id to resume")
