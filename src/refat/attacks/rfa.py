@@ -90,14 +90,18 @@ def rates(records: Sequence[AttackRecord]) -> dict[str, float]:
     return out
 
 
+def summarize(records: Sequence[AttackRecord]) -> dict:
+    """:func:`rates` and the size of each set (the registry's summary of an RFA run)."""
+    n = {kind: sum(r.extra.get("kind") == kind and r.attack == NO_ATTACK for r in records) for kind in KINDS}
+    return {**rates(records), "n_harmful": n["harmful"], "n_harmless": n["harmless"]}
+
+
 def summary(records: Sequence[AttackRecord], directions: Directions) -> dict:
-    """:func:`rates` with what they were measured with: the direction's layer and position, the sizes of
-    both sets and the judge (the part every RFA summary shares: demo, ``refat attack rfa``, pipeline)."""
+    """:func:`summarize` with what it was measured with: the direction's layer and position and the judge
+    (what every RFA summary shows: demo, ``refat attack rfa``, pipeline)."""
     judges = {r.judge for r in records}
     if len(judges) != 1:
         raise ValueError(f"records judged by {len(judges)} judges ({', '.join(map(str, judges))}); "
                          "summarize them apart")
     sel = directions.selection
-    n = {kind: sum(r.extra.get("kind") == kind and r.attack == NO_ATTACK for r in records) for kind in KINDS}
-    return {**rates(records), "layer": sel.layer, "position": sel.position, "n_harmful": n["harmful"],
-            "n_harmless": n["harmless"], "judge": judges.pop()}
+    return {**summarize(records), "layer": sel.layer, "position": sel.position, "judge": judges.pop()}

@@ -273,6 +273,12 @@ class TemplatesConfig:
     max_new_tokens: int = 64
     batch_size: int = 16
 
+    def check_inputs(self) -> None:
+        """Before any model loads: the source is a known set or an existing file or folder."""
+        if self.source not in SOURCES and not Path(self.source).expanduser().exists():
+            raise ValueError(f"source: {self.source!r} is not a template set ({', '.join(SOURCES)}) "
+                             "or an existing file or folder")
+
 
 def attempts(behaviours: Sequence[Behaviour], templates: Sequence[Template], model_name: str) -> list[Message]:
     """Every template filled with every behaviour's goal, behaviour-major."""
@@ -296,6 +302,11 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: TemplatesConfig =
                       out_dir=out_dir, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                       judge=judge, progress=progress)
     return records
+
+
+def summary(records: Sequence[AttackRecord]) -> dict:
+    """The registry's summary of a templates run: ASR per prompt and best of n, and :func:`summarize`."""
+    return {**success_rates(records), "templates": summarize(records)}
 
 
 def summarize(records: Sequence[AttackRecord]) -> dict:

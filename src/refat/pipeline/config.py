@@ -29,6 +29,7 @@ DEFENSES = ("base", *METHODS)  # base: the model as loaded; the others: training
 NO_ATTACK = "none"  # the ASR column of the unattacked prompts (a by-product of the first RFA attack)
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64", "fp64")
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -190,6 +191,8 @@ def apply_overrides(data: dict, overrides: Sequence[str], where: str = "override
         *parents, last = key.split(".")
         try:
             parsed = yaml.safe_load(value)
+            if isinstance(parsed, str) and _FLOAT.fullmatch(parsed):  # YAML 1.1 reads 1e9 as a string
+                parsed = float(parsed)
             node = out
             for i, k in enumerate(parents):
                 node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
