@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import catalog
 from .attacks.rfa import RFAConfig, evaluate
+from .configs import at_least, require
 from .data import Example, load_dataset, prompt_key, split
 from .directions import Directions, SelectionConfig, extract, select
 from .judges import RefusalStringJudge
@@ -35,6 +36,11 @@ class DataConfig:
     n_val: int = 32
     n_test: int = 50
     seed: int = 0
+
+    def __post_init__(self):
+        require(bool(self.harmful), "harmful", "empty")
+        require(bool(self.harmless), "harmless", "empty")
+        at_least(self, 0, "n_train", "n_val", "n_test")
 
 
 @dataclass
