@@ -6,7 +6,7 @@ from typing import Literal
 
 import pytest
 
-from refat.configs import ConfigError, add_arguments, from_arguments, from_dict
+from refat.configs import ConfigError, FieldError, add_arguments, at_least, from_arguments, from_dict, require
 
 
 @dataclass
@@ -62,3 +62,57 @@ def test_arguments_mirror_scalar_fields():
         p.parse_args(["--mode", "c"])
     with pytest.raises(SystemExit):
         p.parse_args(["--inner", "x"])  # nested sections are not options
+
+
+@dataclass
+class Lists:
+    layers: list[int] | None = field(default_factory=lambda: [1])
+    names: tuple[str, ...] = ("a",)
+    modules: list[str] | str = "all"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_arguments_flatten_nested_fields_and_take_lists():
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    add_arguments(p, Lists, skip=("inner.rate",), aliases={"layers": "--old-layers"})
+    assert from_arguments(Lists, p.parse_args([])) == Lists()
+    args = p.parse_args(["--old-layers", "2", "3", "--names", "b", "c", "--modules", "x", "y", "--inner-layers", "4"])
+    assert from_arguments(Lists, args) == Lists([2, 3], ("b", "c"), ["x", "y"], Inner(layers=[4]))
+    args = p.parse_args(["--layers", "none", "--names", "--modules", "x", "--inner-layers", "none"])
+    assert from_arguments(Lists, args) == Lists(None, (), "x", Inner(layers=None))
+    for argv in (["--inner-rate", "1"], ["--layers", "1", "none"], ["--layers", "x"], ["--modules"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+
+
+@dataclass
+class Unexpressible:
+    table: dict[str, int] = field(default_factory=dict)
+
+
+def test_a_field_without_an_option_raises_when_the_parser_is_built():
+    with pytest.raises(TypeError, match=r"Unexpressible\.table"):
+        add_arguments(argparse.ArgumentParser(), Unexpressible)
+    add_arguments(argparse.ArgumentParser(), Unexpressible, skip=("table",))
+
+
+@dataclass
+class Checked:
+    count: int = 1
+    rate: float = 0.5
+    inner: Inner = field(default_factory=Inner)
+
+    def __post_init__(self):
+        at_least(self, 0, "count")
+        require(0 <= self.rate <= 1, "rate", f"must be in [0, 1], got {self.rate}")
+
+
+def test_field_errors_are_named_by_whoever_builds_the_config():
+    with pytest.raises(FieldError, match=r"^count: must be >= 0, got -1$"):
+        Checked(count=-1)
+    with pytest.raises(ConfigError, match=r"^run\.checked\.rate: must be in \[0, 1\], got 2"):
+        from_dict(Checked, {"rate": 2}, "run.checked")
+    p = argparse.ArgumentParser()
+    add_arguments(p, Checked, prefix="c-")
+    with pytest.raises(ConfigError, match=r"^count \(--c-count\): must be >= 0"):
+        from_arguments(Checked, p.parse_args(["--c-count", "-2"]), prefix="c-")

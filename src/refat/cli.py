@@ -106,35 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--directions", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
 
-    p = sub.add_parser("train", help="fine-tune with rt | refat | cat | lat (LoRA by default)")
+    p = sub.add_parser("train", help="fine-tune with rt | refat | cat | lat (LoRA by default)", allow_abbrev=False)
     _model_args(p), _data_args(p)
-    p.add_argument("--method", required=True, choices=["rt", "refat", "cat", "lat"])
+    from .configs import add_arguments
+    from .training import METHODS, TrainConfig
+    p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--n-harmful", type=int, default=64, help="harmful training prompts (refusal targets)")
     p.add_argument("--n-harmless", type=int, default=64, help="harmless training prompts (answer targets)")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup-steps", type=int, default=4)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    p.add_argument("--max-length", type=int, default=160)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--full-finetune", action="store_true")
-    # long names: torchrun rejects any script option that abbreviates one of its own (``--n``, ``--no``)
-    p.add_argument("--rfa-prob", type=float, default=0.5, help="refat: probability p of RFA on a harmful example")
-    p.add_argument("--recompute-every", type=int, default=4, help="refat: recompute the refusal features every k steps")
-    p.add_argument("--feature-prompts", type=int, default=32,
-                   help="refat: recompute them from this many (N) harmful and N harmless prompts")
-    p.add_argument("--rfa-mode", default="project", choices=["project", "mean", "subtract"])
+    # every other TrainConfig field (--seed is the data option's, shared); long names, no abbreviations:
+    # torchrun takes any script option that abbreviates one of its own (``--n``, ``--no``)
+    add_arguments(p, TrainConfig, skip=("method", "seed"), aliases=TRAIN_ALIASES)
     p.add_argument("--train-layers", type=int, nargs="*", default=None,
-                   help="refat: layers to ablate at (default 25%% depth to last); cat/lat: layers to perturb")
-    p.add_argument("--epsilon", type=float, default=0.1, help="cat/lat: relative per-token budget")
-    p.add_argument("--attack-steps", type=int, default=4, help="cat/lat: inner attack steps")
-    p.add_argument("--checkpoint-every", type=int, default=20)
-    p.add_argument("--merge", action="store_true", help="also write a merged checkpoint")
+                   help="old name of --refat-layers (refat) and --adversarial-layers (cat, lat)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
 
@@ -362,19 +346,29 @@ def _print_asr(name: str, records, out: Path) -> None:
           f"(judge {records[0].judge}); records in {out / 'records.jsonl'}")
 
 
-def _train(args, data) -> int:
-    from .training import AdversarialConfig, LoraSettings, RefatConfig, TrainConfig, train
-    from .training import training_pairs
+# earlier names of `refat train` options, still accepted
+TRAIN_ALIASES = {"refat.p": "--rfa-prob", "refat.k": "--recompute-every", "refat.n": "--feature-prompts",
+                 "refat.mode": "--rfa-mode", "adversarial.epsilon": "--epsilon", "adversarial.steps": "--attack-steps"}
 
-    layers = args.train_layers
-    cfg = TrainConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule, max_length=args.max_length,
-                      full_finetune=args.full_finetune, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                      merge=args.merge, lora=LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout),
-                      refat=RefatConfig(p=args.rfa_prob, k=args.recompute_every, n=args.feature_prompts, layers=layers if args.method == "refat" else None,
-                                        mode=args.rfa_mode),
-                      adversarial=AdversarialConfig(layers=layers if args.method in ("cat", "lat") else None,
-                                                    epsilon=args.epsilon, steps=args.attack_steps))
+
+def _train_config(args):
+    """The TrainConfig ``refat train``'s options describe."""
+    from dataclasses import replace
+
+    from .configs import from_arguments
+    from .training import TrainConfig
+
+    cfg = from_arguments(TrainConfig, args)
+    if args.train_layers is not None and args.method != "rt":
+        section = "refat" if args.method == "refat" else "adversarial"
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), layers=args.train_layers)})
+    return cfg
+
+
+def _train(args, data) -> int:
+    from .training import train, training_pairs
+
+    cfg = _train_config(args)
     from .storage import claim_output
     claim_output(args.out, "train_summary.json", overwrite=args.overwrite or args.resume)
     model = _load(args)

@@ -2,7 +2,9 @@
 
 Every config in refat is a dataclass; this module turns a mapping (a YAML file's section) or parsed
 command-line options into one, naming the exact key whenever a key is unknown or a value has the
-wrong type, so a typo fails before any long work starts.
+wrong type, so a typo fails before any long work starts. Each dataclass checks its own values in
+``__post_init__`` with :func:`require` / :func:`at_least`, naming the field; whoever builds it adds
+the section (``train.refat.p``) or the option (``--refat-p``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,39 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-__all__ = ["ConfigError", "add_arguments", "from_arguments", "from_dict"]
+__all__ = ["ConfigError", "FieldError", "add_arguments", "at_least", "from_arguments", "from_dict", "require"]
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A config key that does not exist or a value of the wrong type (the message names the key)."""
+
+
+class FieldError(ConfigError):
+    """A bad value found by a dataclass's own checks; ``field`` is relative to that dataclass, so whoever
+    built it (:func:`from_dict`, :func:`from_arguments`, an enclosing config) puts its section in front."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def require(ok: bool, field: str, message: str) -> None:
+    """A ``__post_init__`` check: raise :class:`FieldError` naming ``field`` unless ``ok``."""
+    if not ok:
+        raise FieldError(field, message)
+
+
+def at_least(config: Any, low: float, *fields: str, strict: bool = False) -> None:
+    """:func:`require` each named field of ``config`` to be >= ``low`` (> if ``strict``); None passes (unset)."""
+    for name in fields:
+        value = getattr(config, name)
+        require(value is None or (value > low if strict else value >= low), name,
+                f"must be {'>' if strict else '>='} {low}, got {value}")
 
 
 def _check(value: Any, hint: Any, where: str) -> Any:
@@ -75,59 +100,132 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
                           f"{cls.__name__} takes {', '.join(names)}")
+    values = {k: _check(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
-        return cls(**{k: _check(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+        return cls(**values)
+    except FieldError as e:  # the dataclass's own validation, naming its field
+        raise ConfigError(f"{where}.{e.field}: {e.message}") from e
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:  # the dataclass's own validation
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
 
 
-def _scalar(hint: Any) -> tuple[Any, bool, tuple | None]:
-    """(python type, optional, choices) for a command-line option; type None if not expressible."""
-    origin, args = get_origin(hint), get_args(hint)
-    optional = False
-    if origin in (typing.Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        optional = len(rest) < len(args)
-        if len(rest) != 1:
-            return None, optional, None
-        hint, origin, args = rest[0], get_origin(rest[0]), get_args(rest[0])
-    if origin is Literal:
-        return type(args[0]), optional, args
-    if hint in (int, float, str, bool):
-        return hint, optional, None
-    return None, optional, None
+def _parser(hint: Any, optional: bool) -> Callable[[str], Any] | None:
+    """Text -> value for one option value of type ``hint`` (int, float, str or a Literal of them); None if
+    no text can express it. ``optional``: 'none' means None."""
+    choices = get_args(hint) if get_origin(hint) is Literal else None
+    base = type(choices[0]) if choices else hint
+    if base not in (int, float, str):
+        return None
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() == "none":
+            return None
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+        if choices and value not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), prefix: str = "") -> None:
-    """One ``--field-name`` option per scalar field of ``cls`` (defaults and choices from the dataclass)."""
+class _Collect(argparse.Action):
+    """A list option's values: 'none' alone clears an optional field; one value of an ``X | list[X]`` field
+    stays X (as the same field written in YAML would)."""
+
+    def __init__(self, option_strings, dest, *, kind: type, single: bool, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.kind, self.single = kind, single
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if None in values:
+            if len(values) > 1:
+                raise argparse.ArgumentError(self, "'none' must be the only value")
+            value = None
+        else:
+            value = values[0] if self.single and len(values) == 1 else self.kind(values)
+        setattr(namespace, self.dest, value)
+
+
+def _option(hint: Any, default: Any) -> dict[str, Any] | None:
+    """``add_argument`` keywords for a field of type ``hint``; None if no option can express it."""
+    union = get_origin(hint) in (typing.Union, types.UnionType)
+    members = [a for a in get_args(hint) if a is not type(None)] if union else [hint]
+    optional = union and len(members) < len(get_args(hint))
+    lists = [m for m in members if get_origin(m) in (list, tuple)]
+    help_text = f"default: {default}" + (" ('none' to unset)" if optional else "")
+    if members == [bool] and not optional:
+        return {"action": argparse.BooleanOptionalAction, "help": help_text}
+    if len(members) == 1 and not lists:
+        parse = _parser(members[0], optional)
+        choices = get_args(members[0]) if get_origin(members[0]) is Literal else None
+        return parse and {"type": parse, "help": help_text,
+                          "metavar": "{" + ",".join(map(str, choices)) + "}" if choices else None}
+    if len(lists) != 1 or len(members) - len(lists) > 1:
+        return None
+    kind, (item, *rest) = get_origin(lists[0]), get_args(lists[0]) or (str,)
+    single = len(members) == 2
+    if rest not in ([], [Ellipsis]) or (single and item not in members):
+        return None  # a fixed-length tuple, or a union of a list with another type than its items'
+    parse = _parser(item, optional)
+    return parse and {"type": parse, "nargs": "+" if single else "*", "action": _Collect, "kind": kind,
+                      "single": single, "help": help_text + ("; one value or several" if single else "")}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Collection[str] = (), prefix: str = "",
+                  aliases: Mapping[str, str | Sequence[str]] | None = None) -> None:
+    """One ``--field-name`` option per field of ``cls`` (defaults from the dataclass), so a command reaches
+    every field without restating it. A nested dataclass's fields are flattened under its name
+    (``lora.r`` -> ``--lora-r``); bools get ``--x/--no-x``, lists take several values ('none' clears an
+    optional one). ``skip`` and ``aliases`` (extra option strings, e.g. an old name) take dotted field
+    paths. A field no option can express raises TypeError here, instead of being silently unreachable."""
+    _add(parser, cls, set(skip), dict(aliases or {}), prefix, "")
+
+
+def _add(parser, cls: type, skip: set[str], aliases: dict, prefix: str, path: str) -> None:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
+        name = path + f.name
+        if name in skip or not f.init:
             continue
-        typ, optional, choices = _scalar(hints[f.name])
-        if typ is None:
+        flag = f"{prefix}{f.name.replace('_', '-')}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            _add(parser, hints[f.name], skip, aliases, f"{flag}-", f"{name}.")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = f"--{prefix}{f.name.replace('_', '-')}"
-        dest = f"{prefix.replace('-', '_')}{f.name}"
-        if typ is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            parse = typ
-            if optional:
-                def parse(text, typ=typ):  # "none" clears an optional field
-                    return None if text.lower() == "none" else typ(text)
-            parser.add_argument(flag, dest=dest, type=parse, default=default, choices=choices,
-                                help=f"default: {default}" + (" ('none' to unset)" if optional else ""))
+        option = _option(hints[f.name], _default(f))
+        if option is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line option can express {hints[f.name]}; "
+                            "skip it and set it in the command")
+        extra = aliases.get(name, ())
+        parser.add_argument(f"--{flag}", *([extra] if isinstance(extra, str) else extra),
+                            dest=flag.replace("-", "_"), default=_default(f), **option)
 
 
-def from_arguments(cls: type[T], args: argparse.Namespace, *, prefix: str = "", **overrides) -> T:
-    """The dataclass built from the options :func:`add_arguments` added (plus ``overrides``)."""
+def from_arguments(cls: type[T], args: argparse.Namespace, *, prefix: str = "", **overrides: Any) -> T:
+    """The dataclass built from the options :func:`add_arguments` added (plus ``overrides``); a value the
+    dataclass rejects raises :class:`ConfigError` naming its field and option."""
+    return _build(cls, args, prefix, "", overrides)
+
+
+def _build(cls: type[T], args: argparse.Namespace, prefix: str, path: str, overrides: dict[str, Any]) -> T:
+    hints = get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
-        dest = f"{prefix.replace('-', '_')}{f.name}"
-        if hasattr(args, dest):
-            values[f.name] = getattr(args, dest)
-    return cls(**{**values, **overrides})
+        flag = f"{prefix}{f.name.replace('_', '-')}"
+        if f.name in overrides or not f.init:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = _build(hints[f.name], args, f"{flag}-", f"{path}{f.name}.", {})
+        elif hasattr(args, flag.replace("-", "_")):
+            values[f.name] = getattr(args, flag.replace("-", "_"))
+    try:
+        return cls(**values, **overrides)
+    except FieldError as e:
+        raise ConfigError(f"{path}{e.field} (--{prefix}{e.field.replace('_', '-')}): {e.message}") from e

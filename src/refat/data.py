@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import catalog
+from .configs import at_least, require
 
 __all__ = ["DataConfig", "PromptSets", "prompt_sets", "Example", "REGISTRY", "load_dataset", "split", "dedupe", "prompt_key", "affirmative_target", "read_package_file", "DatasetError"]
 
@@ -263,6 +264,11 @@ class DataConfig:
     n_val: int = 32
     n_test: int = 50
     seed: int = 0
+
+    def __post_init__(self):
+        require(bool(self.harmful), "harmful", "empty")
+        require(bool(self.harmless), "harmless", "empty")
+        at_least(self, 0, "n_train", "n_val", "n_test")
 
     @property
     def sizes(self) -> dict[str, int]:

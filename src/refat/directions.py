@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import hooks
+from .configs import at_least, require
 from .data import PromptSets
 from .generation import batched, forward_last_logits
 from .models import Model
@@ -180,6 +181,14 @@ class SelectionConfig:
     positions: list[int] | None = None  # candidate positions (default: all extracted)
     batch_size: int = 32
 
+    def __post_init__(self):
+        require(0 <= self.prune_layer_fraction < 1, "prune_layer_fraction",
+                f"must be in [0, 1), got {self.prune_layer_fraction}")
+        at_least(self, 1, "screen_prompts", "screen_keep", "batch_size")
+        require(all(l >= 0 for l in self.layers or ()), "layers", f"must be >= 0, got {self.layers}")
+        require(all(p < 0 for p in self.positions or ()), "positions",
+                f"must be negative offsets from the end, got {self.positions}")
+
 
 @torch.no_grad()
 def _last_logits(model: Model, prompts: Sequence[str], batch_size: int) -> Tensor:
@@ -193,8 +202,6 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
     """Choose the (layer, position) candidate as Arditi et al. do; stores and returns the :class:`Selection`."""
     if not harmful_val or not harmless_val:
         raise ValueError("select needs non-empty harmful and harmless validation prompts")
-    if not 0 <= config.prune_layer_fraction < 1:
-        raise ValueError("prune_layer_fraction must be in [0, 1)")
     ref_ids = refusal_token_ids(model)
     bs = config.batch_size
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..configs import at_least, require
 from ..data import (DatasetError, Example, PackageFile, _examples_from_records, _records_from_file, dedupe,
                     load_dataset, read_package_file)
 from ..generation import generate
@@ -43,8 +44,8 @@ class OverRefusalConfig:
     batch_size: int = 16
 
     def __post_init__(self):
-        if self.n is not None and self.n < 1:
-            raise ValueError(f"OverRefusalConfig.n must be >= 1 or None, got {self.n}")
+        require(bool(self.dataset), "dataset", "empty")
+        at_least(self, 1, "n", "max_new_tokens", "batch_size")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from ..configs import at_least, require
 from ..data import PackageFile, read_package_file
 from ..generation import generate
 from ..models import Model
@@ -98,17 +99,11 @@ class UtilityConfig:
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
         unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not self.tasks:
-            raise ValueError(f"UtilityConfig.tasks: unknown task(s) {unknown or '(none given)'}; "
-                             f"choose from {', '.join(TASKS)}")
-        if self.n_per_task is not None and self.n_per_task < 1:
-            raise ValueError(f"UtilityConfig.n_per_task must be >= 1 or None, got {self.n_per_task}")
-        if self.few_shot < 0:
-            raise ValueError(f"UtilityConfig.few_shot must be >= 0, got {self.few_shot}")
-        if self.batch_size < 1 or self.gsm8k_max_new_tokens < 1:
-            raise ValueError("UtilityConfig.batch_size and gsm8k_max_new_tokens must be >= 1")
-        if self.source not in ("offline", "hub"):
-            raise ValueError(f"UtilityConfig.source must be 'offline' or 'hub', got {self.source!r}")
+        require(bool(self.tasks) and not unknown, "tasks", f"unknown task(s) {unknown or '(none given)'}; "
+                f"choose from {', '.join(TASKS)}")
+        at_least(self, 1, "n_per_task", "batch_size", "gsm8k_max_new_tokens")
+        at_least(self, 0, "few_shot")
+        require(self.source in ("offline", "hub"), "source", f"must be 'offline' or 'hub', got {self.source!r}")
 
 
 @dataclass

@@ -14,14 +14,17 @@ answers for harmless ones); they differ only in the context the training forward
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from .. import hooks
+from ..configs import at_least, require
 from ..directions import extract
 from ..memory import release_freed_memory
 from ..models import Model
@@ -29,9 +32,10 @@ from ..pgd import Ball, default_step, pgd
 from .data import Batch, response_loss
 
 __all__ = ["RefatConfig", "AdversarialConfig", "Perturbation", "RefatPerturbation",
-           "AdversarialPerturbation", "make_perturbation", "METHODS", "Cost"]
+           "AdversarialPerturbation", "make_perturbation", "METHODS", "Method", "Cost"]
 
-METHODS = ("rt", "refat", "cat", "lat")
+Method = Literal["rt", "refat", "cat", "lat"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 @dataclass
@@ -41,16 +45,19 @@ class RefatConfig:
     n: int = 32  # from n harmful and n harmless prompts
     layers: list[int] | None = None  # default: from 25 % depth to the last layer
     mode: hooks.AblationMode = "project"
-    position: int = -1  # post-instruction position the features are read at
+    position: int = -1  # post-instruction position the features are read at (an offset from the end)
+
+    def __post_init__(self):
+        require(0.0 <= self.p <= 1.0, "p", f"must be in [0, 1], got {self.p}")
+        at_least(self, 1, "k", "n")
+        require(self.mode in hooks.ABLATION_MODES, "mode", f"must be one of {', '.join(hooks.ABLATION_MODES)}, "
+                f"got {self.mode!r}")
+        require(self.position < 0, "position", f"must be a negative offset from the end, got {self.position}")
+        _check_layers(self.layers)
 
     def validate(self, n_layers: int) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"refat.p must be in [0, 1], got {self.p}")
-        if self.k < 1 or self.n < 1:
-            raise ValueError("refat.k and refat.n must be at least 1")
-        if self.mode not in hooks.ABLATION_MODES:
-            raise ValueError(f"refat.mode must be one of {hooks.ABLATION_MODES}, got {self.mode!r}")
-        _check_layers(self.layers, n_layers, "refat.layers")
+        """The checks that need the model."""
+        _check_layers(self.layers, n_layers)
 
 
 @dataclass
@@ -61,17 +68,22 @@ class AdversarialConfig:
     step_size: float | None = None  # per-token L2 length of a step, relative like epsilon; default 2.5 epsilon / steps
     away_weight: float | None = None  # weight of "away from the refusal" in the attack loss (cat: 0, lat: 1)
 
+    def __post_init__(self):
+        at_least(self, 0, "epsilon", "step_size", strict=True)
+        at_least(self, 1, "steps")
+        at_least(self, 0, "away_weight")
+        _check_layers(self.layers)
+
     def validate(self, n_layers: int) -> None:
-        if self.epsilon < 0 or self.steps < 1 or (self.step_size is not None and self.step_size <= 0):
-            raise ValueError("epsilon must be ≥ 0, steps ≥ 1 and step_size > 0 (or None)")
-        _check_layers(self.layers, n_layers, "layers")
+        """The checks that need the model."""
+        _check_layers(self.layers, n_layers)
 
 
-def _check_layers(layers, n_layers: int, name: str) -> None:
-    if layers is not None:
-        bad = [l for l in layers if not 0 <= l < n_layers]
-        if bad:
-            raise ValueError(f"{name}: layer(s) {bad} out of range 0..{n_layers - 1}")
+def _check_layers(layers: list[int] | None, n_layers: int | None = None) -> None:
+    """Layer indices are >= 0 (checked on construction) and < n_layers (once the model is known)."""
+    bad = [l for l in layers or () if not 0 <= l < (math.inf if n_layers is None else n_layers)]
+    require(not bad, "layers", f"layer(s) {bad} out of range " + ("(must be >= 0)" if n_layers is None
+                                                                  else f"0..{n_layers - 1}"))
 
 
 @dataclass

@@ -17,16 +17,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
 
+from ..configs import FieldError, at_least, require
 from ..memory import release_freed_memory
 from ..models import Model, wrap
 from ..storage import FinishedRunError, atomic_dir, read_jsonl, write_json, write_jsonl
 from .data import Pair, collate, response_loss
 from .distributed import rank_and_world
-from .perturbations import METHODS, AdversarialConfig, Cost, RefatConfig, make_perturbation, step_generator
+from .perturbations import METHODS, AdversarialConfig, Cost, Method, RefatConfig, make_perturbation, step_generator
 
 __all__ = ["LoraSettings", "TrainConfig", "TrainResult", "train", "TrainingDivergedError"]
 
@@ -35,23 +37,33 @@ class TrainingDivergedError(RuntimeError):
     pass
 
 
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+
+
 @dataclass
 class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
+    target_modules: list[str] | str = "all-linear"  # peft's: module names, or one name/regex/"all-linear"
+
+    def __post_init__(self):
+        at_least(self, 1, "r")
+        at_least(self, 0, "alpha", strict=True)
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(bool(self.target_modules), "target_modules", "empty")
 
 
 @dataclass
 class TrainConfig:
-    method: str = "refat"
+    method: Method = "refat"
     steps: int = 60
     batch_size: int = 4  # global batch: half harmful, half harmless rows
     grad_accum: int = 1
     lr: float = 2e-4
     warmup_steps: int = 4
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: Schedule = "cosine"
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     max_length: int = 160
@@ -63,15 +75,23 @@ class TrainConfig:
     checkpoint_every: int = 20
     merge: bool = False  # also write a merged checkpoint plain transformers can load
 
+    def __post_init__(self):
+        require(self.method in METHODS, "method", f"unknown training method {self.method!r}; "
+                f"choose from {', '.join(METHODS)}")
+        require(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        at_least(self, 1, "steps", "grad_accum", "max_length", "checkpoint_every")
+        require(self.batch_size >= 2, "batch_size", f"must be >= 2 (one harmful and one harmless row), "
+                f"got {self.batch_size}")
+        at_least(self, 0, "warmup_steps", "weight_decay")
+        at_least(self, 0, "lr", "max_grad_norm", strict=True)
+
     def validate(self, n_layers: int) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown training method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.steps < 1 or self.batch_size < 2 or self.grad_accum < 1:
-            raise ValueError("steps ≥ 1, batch_size ≥ 2 (one harmful and one harmless row) and grad_accum ≥ 1")
-        self.refat.validate(n_layers)
-        self.adversarial.validate(n_layers)
+        """The checks that need the model (layer indices), named as ``refat.layers`` / ``adversarial.layers``."""
+        for name in ("refat", "adversarial"):
+            try:
+                getattr(self, name).validate(n_layers)
+            except FieldError as e:
+                raise FieldError(f"{name}.{e.field}", e.message) from e
 
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed (the step count may grow)."""
