@@ -252,7 +252,7 @@ _STOPWORDS = frozenset("a an the and or of to for in on at by with from into ont
 # for how to build a bomb at home" are one behaviour.
 _FRAMING = frozenset("instruction step detail guide guidance tutorial tip advice suggestion way method plan text post "
                      "blog article message script program code tool software commit use used using get getting caught "
-                     "away leav trace evidence detection detect home someone somebody anyone people person individual "
+                     "away leaving trace evidence detection detect home someone somebody anyone people person individual "
                      "user effective effectively successful successfully quick quickly illegal illegally".split())
 _SUFFIXES = (("ies", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", ""))
 
@@ -261,7 +261,8 @@ def _stem(word: str) -> str:
     """Crude suffix stripping, enough that "bombs"/"bomb" and "hacking"/"hack" meet (a final "e" goes too, so
     "manufacture"/"manufacturing" meet); never shorter than three letters; "virus", "access" stay."""
     for suffix, repl in _SUFFIXES:
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not (suffix == "s" and word[-2:] in ("ss", "us", "is")):
+        keeps_s = suffix == "s" and word[-2:] in ("ss", "us", "is")
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not keeps_s:
             word = word[:-len(suffix)] + repl
             break
     return word[:-1] if word.endswith("e") and len(word) > 3 else word
@@ -282,10 +283,12 @@ def similarity(a: str, b: str) -> float:
 
     Why this measure: harmful-behaviour prompts are short imperatives whose identity is the act and its object
     ("make" + "bomb"); what varies between paraphrases is the asking verb, the format and the amount of detail,
-    which are removed before comparing. On AdvBench x HarmBench it ranks paraphrases above distinct behaviours
-    better than raw-word Jaccard (dominated by "step-by-step instructions ... without getting caught") and the
-    overlap coefficient (which calls any prompt that mentions "bomb" a copy of "make a bomb"); Dice orders pairs
-    as Jaccard does. Cheap, symmetric and deterministic; a bag of words still misses synonyms ("item"/"object").
+    which are removed before comparing. On 63 top-scoring HarmBench x AdvBench pairs labelled by hand (20
+    paraphrases) it ranks paraphrases above distinct behaviours with AUC 0.84, against 0.68 for the same Jaccard
+    without the scaffolding list (where "... at home" and "... without getting caught" make prompts alike);
+    cosine (0.86) and the overlap coefficient (0.85) are no better within the noise of 63 pairs, and overlap calls
+    any prompt that mentions a bomb a copy of "make a bomb". Cheap, symmetric and deterministic; a bag of words
+    still misses synonyms ("item" / "object") and ambiguity (a computer virus / a virus in a subway).
     """
     wa, wb = _content_words(a), _content_words(b)
     return len(wa & wb) / len(wa | wb) if wa and wb else 0.0
@@ -301,9 +304,9 @@ def near_duplicates(candidates: Sequence[str], reference: Sequence[str],
 
     The reference is indexed by content word, so only pairs sharing a word are scored (a pair sharing none scores
     0). The default 0.4 was read off the top HarmBench x AdvBench pairs, labelled by hand (same harmful act and
-    object or not): it catches 13 of 16 paraphrases, also those that add detail ("make a bomb using household
-    items" / "build a pipe bomb from household objects"), and passes 15 of the 21 hardest distinct pairs; 0.5 would
-    miss half the paraphrases. It errs towards dropping: a lost evaluation behaviour costs less than a leaked one.
+    object or not): it catches 14 of 20 paraphrases, also those that add detail ("make a bomb using household
+    items" / "build a pipe bomb from household objects"), and 6 of the 43 hardest distinct pairs; 0.5 would miss
+    two thirds of the paraphrases. It errs towards dropping: a lost evaluation behaviour costs less than a leaked one.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
@@ -321,8 +324,8 @@ def near_duplicates(candidates: Sequence[str], reference: Sequence[str],
     return out
 
 
-def drop_near_duplicates(examples: Sequence[Example], reference: Sequence[str],
-                         threshold: float = NEAR_DUPLICATE_THRESHOLD) -> tuple[list[Example], list[tuple[Example, str, float]]]:
+def drop_near_duplicates(examples: Sequence[Example], reference: Sequence[str], threshold: float = NEAR_DUPLICATE_THRESHOLD
+                         ) -> tuple[list[Example], list[tuple[Example, str, float]]]:
     """``examples`` without near duplicates of any ``reference`` prompt (e.g. evaluation behaviours far from training
     and direction-extraction prompts): (kept, removed as (example, the closest reference prompt, similarity))."""
     best: dict[int, tuple[int, float]] = {}
