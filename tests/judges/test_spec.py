@@ -8,6 +8,7 @@ import torch
 from refat.configs import ConfigError
 from refat.judges import (JUDGE_KINDS, ChatJudge, HarmBenchJudge, JudgeSpec, LlamaGuardJudge, RefusalStringJudge,
                           from_spec, judge_name, judge_threshold, parse_spec)
+from refat.judges.strings import RefusalPrefixJudge
 
 from conftest import build_model
 
@@ -40,6 +41,7 @@ def test_parse_spec():
 @pytest.mark.parametrize("spec, message", [
     ("strings", "unknown judge 'strings'"),
     ("refusal-strings:nope", "unknown refusal string list 'nope'"),
+    ("refusal-prefix:gcg", "unknown refusal string list 'gcg' for refusal-prefix; choose from default"),
     ("llm", "llm: needs a model"),
     ("harmbench:@0.3", "harmbench: needs a model"),
     ("llm:m@1.5", "'llm:m@1.5': the threshold after '@'"),
@@ -70,3 +72,13 @@ def test_from_spec_builds_each_model_judge_offline(model_dir, kind, cls):
 def test_from_spec_refusal_strings():
     judge = from_spec("refusal-strings")
     assert judge == RefusalStringJudge("default") and judge.name == judge_name("refusal-strings")
+
+
+def test_refusal_prefix_spec():
+    assert JUDGE_KINDS["refusal-prefix"] == "refusal-prefix"
+    assert parse_spec("refusal-prefix") == parse_spec("refusal-prefix:default") == JudgeSpec("refusal-prefix", "default")
+    assert judge_name("refusal-prefix:default") == judge_name("refusal-prefix") == "refusal-prefix:default"
+    assert judge_threshold("refusal-prefix") == 0.5
+    judge = from_spec("refusal-prefix:default")
+    assert type(judge) is RefusalPrefixJudge and judge.name == "refusal-prefix:default"
+    assert type(from_spec("refusal-strings:gcg")) is RefusalStringJudge

@@ -1,8 +1,9 @@
 """Judge specs: the strings configs and the command line name judges by, parsed before any model loads.
 
-``refusal-strings:<list>``, ``llm:<model>``, ``harmbench:<model>`` or ``llama-guard:<model>``; a model
-judge takes ``@<threshold>`` on its score (default 0.5). A spec's judge name and threshold are known
-from the string alone, so a bad spec fails at config time and cached scores are found without a model.
+``refusal-strings:<list>``, ``refusal-prefix:<list>``, ``llm:<model>``, ``harmbench:<model>`` or
+``llama-guard:<model>``; a model judge takes ``@<threshold>`` on its score (default 0.5). A spec's judge
+name and threshold are known from the string alone, so a bad spec fails at config time and cached
+scores are found without a model.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from ..configs import ConfigError
 from ..models import load as load_model
 from .base import DEFAULT_THRESHOLD, Judge
 from .classifiers import ChatJudge, HarmBenchJudge, LlamaGuardJudge, threshold_suffix
-from .strings import PREFIX_LISTS, RefusalStringJudge
+from .strings import RefusalPrefixJudge, RefusalStringJudge
 
 __all__ = ["JUDGE_KINDS", "JudgeSpec", "parse_spec", "judge_name", "judge_threshold", "from_spec"]
 
-_CLASSES: dict[str, type] = {"refusal-strings": RefusalStringJudge, "llm": ChatJudge, "harmbench": HarmBenchJudge,
-                             "llama-guard": LlamaGuardJudge}
+_CLASSES: dict[str, type] = {"refusal-strings": RefusalStringJudge, "refusal-prefix": RefusalPrefixJudge,
+                             "llm": ChatJudge, "harmbench": HarmBenchJudge, "llama-guard": LlamaGuardJudge}
+_STRING_KINDS = tuple(k for k, cls in _CLASSES.items() if issubclass(cls, RefusalStringJudge))  # a list, no model
 JUDGE_KINDS = {kind: cls.kind for kind, cls in _CLASSES.items()}  # spec prefix -> the judge's name prefix
 
 
@@ -39,12 +41,13 @@ def parse_spec(spec: str, where: str = "judge") -> JudgeSpec:
     """Check a spec without loading anything; a ConfigError names ``where`` (e.g. ``judges[1]``)."""
     kind, _, arg = spec.partition(":")
     if kind not in JUDGE_KINDS:
-        raise ConfigError(f"{where}: unknown judge {spec!r}; use refusal-strings:<{'|'.join(PREFIX_LISTS)}>, "
+        lists = ", ".join(f"{k}:<{'|'.join(_CLASSES[k].lists)}>" for k in _STRING_KINDS)
+        raise ConfigError(f"{where}: unknown judge {spec!r}; use {lists}, "
                           "llm:<model>[@threshold], harmbench:<model>[@threshold] or llama-guard:<model>[@threshold]")
-    if kind == "refusal-strings":
-        arg = arg or "default"
-        if arg not in PREFIX_LISTS:
-            raise ConfigError(f"{where}: unknown refusal string list {arg!r}; choose from {', '.join(PREFIX_LISTS)}")
+    if kind in _STRING_KINDS:
+        arg, lists = arg or "default", _CLASSES[kind].lists
+        if arg not in lists:
+            raise ConfigError(f"{where}: unknown refusal string list {arg!r} for {kind}; choose from {', '.join(lists)}")
         return JudgeSpec(kind, arg)
     threshold = None
     model, at, value = arg.rpartition("@")
@@ -75,7 +78,7 @@ def judge_threshold(spec: str) -> float:
 def from_spec(spec: str, *, dtype: str | None = None, device: str | None = None) -> Judge:
     """The judge of ``spec``, its model loaded (``dtype``, ``device``) for the model judges."""
     s = parse_spec(spec)
-    if s.kind == "refusal-strings":
-        return RefusalStringJudge(s.arg)
+    if s.kind in _STRING_KINDS:
+        return _CLASSES[s.kind](s.arg)
     kw = {} if s.threshold is None else {"threshold": s.threshold}
     return _CLASSES[s.kind](load_model(s.arg, dtype=dtype, device=device, max_prompt_tokens=4096), **kw)

@@ -1,0 +1,94 @@
+"""Uncertainty for every reported rate: Wilson and bootstrap intervals, paired differences, spread over seeds.
+
+An ASR of 36 % on 50 behaviours is anything from about 24 % to 50 %; a cell that shows no n and no
+interval invites reading noise as an effect. Pure Python (``random``, ``statistics``): deterministic
+given a seed, no numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["wilson", "bootstrap", "paired_bootstrap", "Rate", "rate", "mean_sd"]
+
+
+def _z(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials: unlike the normal approximation it stays inside
+    [0, 1] and is not zero-width at 0/n or n/n, where attack and refusal rates often sit."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    z2 = _z(confidence) ** 2
+    p = k / n
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = math.sqrt(z2) / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap(values: Sequence[float] | Sequence[bool], statistic: Callable[[Sequence[float]], float] = statistics.fmean,
+              n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over items (e.g. behaviours): resample the items with
+    replacement ``n_resamples`` times and take the central ``confidence`` share of the statistic's values.
+    For any statistic, not only proportions (a mean score, a difference); the same seed gives the same interval."""
+    _z(confidence)
+    values = [float(v) for v in values]
+    if not values or n_resamples < 1:
+        raise ValueError("bootstrap needs at least one value and one resample")
+    rng = random.Random(seed)
+    stats = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(n_resamples))
+    tail = (1 - confidence) / 2
+    return stats[int(tail * n_resamples)], stats[max(0, math.ceil((1 - tail) * n_resamples) - 1)]
+
+
+def paired_bootstrap(a: Sequence[float] | Sequence[bool], b: Sequence[float] | Sequence[bool], n_resamples: int = 2000,
+                     confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Interval of mean(a) - mean(b) for paired outcomes (the same behaviours under two models or attacks),
+    resampling pairs: the pairing removes the behaviours' shared difficulty, so it is narrower than two
+    separate intervals suggest."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples must have equal length, got {len(a)} and {len(b)}")
+    return bootstrap([float(x) - float(y) for x, y in zip(a, b)], n_resamples=n_resamples, confidence=confidence,
+                     seed=seed)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A proportion with its sample size and 95 % interval: what every ASR / refusal cell shows."""
+
+    value: float
+    n: int
+    ci: tuple[float, float]
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "n": self.n, "ci": list(self.ci)}
+
+    def format(self) -> str:
+        """E.g. ``36 % [24, 50] (n=50)``: percentages, rounded to whole points."""
+        lo, hi = self.ci
+        return f"{100 * self.value:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}] (n={self.n})"
+
+
+def rate(flags: Sequence[bool], method: str = "wilson") -> Rate:
+    """The share of true ``flags`` with a Wilson (default) or percentile-bootstrap interval."""
+    if method not in ("wilson", "bootstrap"):
+        raise ValueError(f"method must be 'wilson' or 'bootstrap', got {method!r}")
+    n, k = len(flags), sum(bool(f) for f in flags)
+    if n == 0:
+        raise ValueError("no flags to rate")
+    return Rate(k / n, n, wilson(k, n) if method == "wilson" else bootstrap(flags))
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1) over seeds; the sd of one value is 0."""
+    if not values:
+        raise ValueError("no values")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

@@ -1,0 +1,69 @@
+"""Intervals for reported rates: Wilson against textbook values, bootstrap behaviour, Rate formatting."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from refat.stats import Rate, bootstrap, mean_sd, paired_bootstrap, rate, wilson
+
+
+@pytest.mark.parametrize("k, n, expected", [(0, 10, (0.0, 0.27753)), (5, 10, (0.23659, 0.76341)),
+                                            (10, 10, (0.72247, 1.0))])
+def test_wilson_known_values(k, n, expected):
+    assert wilson(k, n) == pytest.approx(expected, abs=1e-4)
+
+
+def test_wilson_confidence_and_errors():
+    assert wilson(5, 10, confidence=0.99)[0] < wilson(5, 10)[0]
+    for k, n in [(0, 0), (3, 2), (-1, 5)]:
+        with pytest.raises(ValueError):
+            wilson(k, n)
+    with pytest.raises(ValueError, match="confidence"):
+        wilson(1, 2, confidence=1.0)
+
+
+def test_bootstrap_contains_mean_shrinks_with_n_and_is_deterministic():
+    small = [True, False, False, True, False] * 4
+    large = small * 10
+    lo, hi = bootstrap(small)
+    assert lo <= statistics.fmean(small) <= hi
+    lo_l, hi_l = bootstrap(large)
+    assert lo_l <= statistics.fmean(large) <= hi_l and hi_l - lo_l < (hi - lo) / 2
+    scores = [(i * 0.37) % 1 for i in range(30)]
+    assert bootstrap(scores, seed=3) == bootstrap(scores, seed=3) != bootstrap(scores, seed=4)
+    assert bootstrap([2.0, 4.0, 9.0], statistic=statistics.median, n_resamples=50) >= (2.0, 2.0)
+    with pytest.raises(ValueError):
+        bootstrap([])
+
+
+def test_paired_bootstrap():
+    a = [True, False, True, True, False, False, True, False]
+    assert paired_bootstrap(a, a) == (0.0, 0.0)
+    lo, hi = paired_bootstrap([True] * 20, [False] * 10 + [True] * 10)
+    assert 0.0 < lo <= 0.5 <= hi <= 1.0
+    with pytest.raises(ValueError, match="equal length"):
+        paired_bootstrap([True], [True, False])
+
+
+def test_rate_and_format():
+    flags = [True] * 18 + [False] * 32
+    r = rate(flags)
+    assert r.value == 0.36 and r.n == 50 and r.ci == wilson(18, 50)
+    assert r.format() == "36 % [24, 50] (n=50)"
+    assert r.to_dict() == {"value": 0.36, "n": 50, "ci": list(wilson(18, 50))}
+    b = rate(flags, method="bootstrap")
+    assert isinstance(b, Rate) and b.value == 0.36 and b.ci[0] < 0.36 < b.ci[1]
+    with pytest.raises(ValueError):
+        rate([])
+    with pytest.raises(ValueError, match="method"):
+        rate(flags, method="normal")
+
+
+def test_mean_sd():
+    assert mean_sd([0.2]) == (0.2, 0.0)
+    m, sd = mean_sd([1.0, 2.0, 3.0])
+    assert m == 2.0 and sd == pytest.approx(1.0)  # n - 1 in the denominator
+    with pytest.raises(ValueError):
+        mean_sd([])
