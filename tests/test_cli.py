@@ -32,7 +32,7 @@ def _common(files, *extra):
             "--harmless", str(files / "harmless.jsonl"), "--n-train", "6", "--n-val", "4", *extra]
 
 
-LOOSE = ["--kl-threshold", "1e9", "--induce-refusal-threshold=-1e9", "--screen-prompts", "0"]
+LOOSE = ["--kl-threshold", "1e9", "--induce-refusal-threshold=-1e9", "--screen-prompts", "none"]
 
 
 def test_directions_attack_orthogonalize_train(files, tmp_path, capsys):

@@ -10,13 +10,15 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import pytest
 import yaml
 
-from refat.cli import TRAIN_ALIASES, _train_config, build_parser
+from refat.attacks import REGISTRY
+from refat.cli import DIRECTIONS_DATA, DIRECTIONS_SELECTION, TRAIN_ALIASES, _train_config, build_parser
 from refat.configs import ConfigError, FieldError, from_arguments, from_dict
 from refat.directions import SelectionConfig
 from refat.evals.overrefusal import OverRefusalConfig
 from refat.evals.utility import UtilityConfig
 from refat.training import AdversarialConfig, LoraSettings, RefatConfig, TrainConfig
-from refat.workflow import DataConfig
+from refat.data import DataConfig
+from refat.pipeline.demo import demo_config
 
 
 def subparser(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
@@ -71,15 +73,20 @@ def replaced(config: Any, path: str, value: Any) -> Any:
     return dataclasses.replace(config, **{head: replaced(getattr(config, head), rest, value) if rest else value})
 
 
-def check_options_reach_config(argv: list[str], cls: type, **fixed: Any) -> None:
-    """``argv`` (a command and its required options) gives ``cls(**fixed)``; then each field, set to a valid
-    non-default value through ``--its-dotted-path`` (and to None through 'none' when optional), arrives."""
+KNOWN = {"strategies": [("roleplaying",)]}  # fields whose valid values candidates() cannot guess
+
+
+def check_options_reach_config(argv: list[str], cls: type, base: Any = None, **fixed: Any) -> None:
+    """``argv`` (a command and its required options) gives ``base`` (the command's own defaults; by default
+    ``cls(**fixed)``); then each field, set to a valid non-default value through ``--its-dotted-path`` (and to
+    None through 'none' when optional), arrives."""
     parser = build_parser()
-    base = cls(**fixed)
+    base = cls(**fixed) if base is None else base
     assert from_arguments(cls, parser.parse_args(argv)) == base
-    for path, hint, default in leaves(cls):
+    for path, hint, _ in leaves(cls):
         option = "--" + path.replace(".", "-").replace("_", "-")
-        values = [v for v in candidates(hint, getattr_path(base, path)) if valid(base, path, v)][:1]
+        default = getattr_path(base, path)
+        values = [v for v in KNOWN.get(path) or candidates(hint, default) if valid(base, path, v)][:1]
         if type(None) in get_args(hint) and default is not None:
             values.append(None)
         assert values, f"{path}: no valid non-default value to try"
@@ -107,6 +114,39 @@ TRAIN = ["train", "--method", "rt", "--out", "x"]
 
 def test_train_options_reach_every_train_config_field():
     check_options_reach_config(TRAIN, TrainConfig, method="rt")
+
+
+def test_train_options_reach_every_data_config_field():
+    check_options_reach_config(TRAIN, DataConfig)
+
+
+def test_directions_options_reach_its_data_and_selection_configs():
+    argv = ["directions", "--out", "x"]
+    check_options_reach_config(argv, DataConfig, DIRECTIONS_DATA)
+    check_options_reach_config(argv, SelectionConfig, DIRECTIONS_SELECTION)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_attack_options_reach_every_field_of_its_config(name):
+    entry = REGISTRY[name]
+    argv = ["attack", name, "--out", "x", *(["--directions", "d"] if "directions" in entry.needs else [])]
+    check_options_reach_config(argv, entry.config)
+
+
+@pytest.mark.parametrize("section, cls", [("data", DataConfig), ("selection", SelectionConfig),
+                                          ("train", TrainConfig)])
+def test_run_and_demo_overrides_reach_every_field(section, cls):
+    """`refat run CONFIG key=value` and `refat demo key=value`: any field of a section, checked like the file."""
+    base = getattr(demo_config(), section)
+    for path, hint, _ in leaves(cls):
+        if f"{section}.{path}" == "train.method":
+            continue  # each defense's own: the file refuses it
+        value = next((v for v in candidates(hint, getattr_path(base, path)) if valid(base, path, v)), None)
+        if value is None:
+            continue
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        got = getattr(demo_config(overrides=[f"{section}.{path}={text}"]), section)
+        assert getattr_path(got, path) == (list(value) if isinstance(value, tuple) else value), path
 
 
 def test_train_keeps_its_earlier_option_names():

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from . import catalog
-
+from .configs import add_arguments, from_arguments
+from .data import DataConfig
+from .directions import SelectionConfig
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -20,40 +22,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="refuse longer prompts (a clear error, not OOM)")
 
 
-def _data_args(p: argparse.ArgumentParser, *, n_test: bool = True) -> None:
-    p.add_argument("--harmful", default="advbench", help="registry name, .csv/.jsonl/.json file or hf:org/name")
-    p.add_argument("--harmless", default="alpaca", help="registry name, .csv/.jsonl/.json file or hf:org/name")
-    p.add_argument("--n-train", type=int, default=128)
-    p.add_argument("--n-val", type=int, default=32)
-    if n_test:
-        p.add_argument("--n-test", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _selection_args(p: argparse.ArgumentParser, defaults=None) -> None:
-    from .directions import SelectionConfig
-
-    d = defaults or SelectionConfig(screen_prompts=8, screen_keep=12)
-    p.add_argument("--kl-threshold", type=float, default=d.kl_threshold)
-    p.add_argument("--induce-refusal-threshold", type=float, default=d.induce_refusal_threshold)
-    p.add_argument("--prune-layer-fraction", type=float, default=d.prune_layer_fraction)
-    p.add_argument("--screen-prompts", type=int, default=d.screen_prompts or 0,
-                   help="score every candidate on this many val prompts first (0: all candidates on all prompts)")
-    p.add_argument("--screen-keep", type=int, default=d.screen_keep)
-
-
-def _rfa_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="project", choices=["project", "mean", "subtract"])
-    p.add_argument("--layers", type=int, nargs="*", default=None, help="blocks to ablate at (default: whole stream)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=16)
+# what `refat directions` and `refat train` read: the data splits (no test split for directions, which
+# uses train and val only) and the demo's relaxed screening of candidates
+DIRECTIONS_DATA = DataConfig(n_test=0)
+DIRECTIONS_SELECTION = SelectionConfig(screen_prompts=8, screen_keep=12)
 
 
 def _attack_parsers(attacks) -> None:
     """One sub-command per registered attack: its options are its config dataclass's fields, plus the
     context resources it needs; and ``replay``, which re-sends another run's prompts."""
     from .attacks import REGISTRY
-    from .configs import add_arguments
 
     for entry in REGISTRY.values():
         a = attacks.add_parser(entry.name, help=entry.help)
@@ -91,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"catalog models ({', '.join(catalog.CATALOG)}) or dataset names")
 
     p = sub.add_parser("directions", help="extract and select the refusal direction")
-    _model_args(p), _data_args(p, n_test=False), _selection_args(p)
+    _model_args(p)
+    add_arguments(p, DataConfig, defaults=DIRECTIONS_DATA)
+    add_arguments(p, SelectionConfig, defaults=DIRECTIONS_SELECTION)
     p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("attack", help="run an attack")
@@ -107,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("train", help="fine-tune with rt | refat | cat | lat (LoRA by default)", allow_abbrev=False)
-    _model_args(p), _data_args(p)
-    from .configs import add_arguments
+    _model_args(p)
+    add_arguments(p, DataConfig)
     from .training import METHODS, TrainConfig
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, type=Path)
@@ -157,21 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _judge_agreement(args) -> int:
-    from .judges import (calibrate_threshold, from_spec, judge_agreement, judge_name, load_classifier_comparison,
+    from .judges import (calibrate_threshold, from_spec, judge_agreement, load_classifier_comparison, parse_spec,
                          published_agreement)
     from .storage import write_json
 
     if args.out is not None and args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    for spec in args.judges:  # every spec checked before any model loads
-        judge_name(spec)
+    for i, spec in enumerate(args.judges):  # every spec checked before any model loads
+        parse_spec(spec, f"judge {i + 1}")
     rows = load_classifier_comparison()
     results = []
     truth = [r.human_majority for r in rows]
     for spec in args.judges:
         judge = from_spec(spec, dtype=args.dtype, device=args.device)
         result = {"spec": spec, **judge_agreement(judge, rows, behaviour_field=args.behaviour_field)}
-        if args.calibrate and not spec.startswith("refusal-strings"):
+        if args.calibrate and parse_spec(spec).needs_model:
             result["calibration"] = calibrate_threshold(result["scores"], truth)
         results.append(result)
         del judge
@@ -198,23 +178,6 @@ def _load(args):
     from .models import load
     return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                 adapter=getattr(args, "adapter", None), max_prompt_tokens=args.max_prompt_tokens)
-
-
-def _data(args):
-    from .data import DataConfig
-    return DataConfig(args.harmful, args.harmless, args.n_train, args.n_val, getattr(args, "n_test", 0), args.seed)
-
-
-def _selection(args):
-    from .directions import SelectionConfig
-    return SelectionConfig(kl_threshold=args.kl_threshold, induce_refusal_threshold=args.induce_refusal_threshold,
-                           prune_layer_fraction=args.prune_layer_fraction, screen_prompts=args.screen_prompts or None,
-                           screen_keep=args.screen_keep)
-
-
-def _rfa(args):
-    from .attacks.rfa import RFAConfig
-    return RFAConfig(mode=args.mode, layers=args.layers, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +209,7 @@ def _run(args) -> int:
         print(f"run finished: {run_dir} (report/report.md, report/asr.json, provenance.json)")
         return 0
     if args.command == "train":
-        return _train(args, _data(args))
+        return _train(args, from_arguments(DataConfig, args))
     if args.command == "demo":
         from .pipeline.demo import demo
         demo(args.out, args.overrides)
@@ -254,7 +217,8 @@ def _run(args) -> int:
     if args.command == "directions":
         from .data import prompt_sets
         from .directions import find_directions
-        d = find_directions(_load(args), prompt_sets(_data(args)), _selection(args), args.out)
+        d = find_directions(_load(args), prompt_sets(from_arguments(DataConfig, args)),
+                            from_arguments(SelectionConfig, args), args.out)
         s = d.selection
         print(f"selected layer {s.layer}, position {s.position}: refusal score {s.baseline_refusal_score:.2f} -> "
               f"{s.refusal_score:.2f} under ablation (KL {s.kl:.3f}, induced {s.induce_score:.2f}); saved in {args.out}")
@@ -282,7 +246,6 @@ def _attack(args) -> int:
     """Any registered attack through one call (or ``replay``); prints its ASR, or RFA's refusal-rate table."""
     from .attacks import get
     from .attacks.base import AttackContext, behaviours_from, refused_by
-    from .configs import from_arguments
 
     if args.attack == "replay":
         return _replay(args)
@@ -330,7 +293,6 @@ def _harmless(args) -> list[str]:
 def _replay(args) -> int:
     from .attacks.base import read_records
     from .attacks.transfer import ReplayConfig, replay
-    from .configs import from_arguments
 
     path = args.records / "records.jsonl" if args.records.is_dir() else args.records
     records = read_records(path)
@@ -355,7 +317,6 @@ def _train_config(args):
     """The TrainConfig ``refat train``'s options describe."""
     from dataclasses import replace
 
-    from .configs import from_arguments
     from .training import TrainConfig
 
     cfg = from_arguments(TrainConfig, args)

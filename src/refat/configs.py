@@ -175,37 +175,36 @@ def _option(hint: Any, default: Any) -> dict[str, Any] | None:
                       "single": single, "help": help_text + ("; one value or several" if single else "")}
 
 
-def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-
-
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Collection[str] = (), prefix: str = "",
-                  aliases: Mapping[str, str | Sequence[str]] | None = None) -> None:
+                  aliases: Mapping[str, str | Sequence[str]] | None = None, defaults: Any = None) -> None:
     """One ``--field-name`` option per field of ``cls`` (defaults from the dataclass), so a command reaches
     every field without restating it. A nested dataclass's fields are flattened under its name
     (``lora.r`` -> ``--lora-r``); bools get ``--x/--no-x``, lists take several values ('none' clears an
     optional one). ``skip`` and ``aliases`` (extra option strings, e.g. an old name) take dotted field
-    paths. A field no option can express raises TypeError here, instead of being silently unreachable."""
-    _add(parser, cls, set(skip), dict(aliases or {}), prefix, "")
+    paths. ``defaults``: an instance of ``cls`` whose values are this command's defaults (a command that
+    deliberately differs from the library's, e.g. the demo's selection). A field no option can express
+    raises TypeError here, instead of being silently unreachable."""
+    _add(parser, cls, set(skip), dict(aliases or {}), prefix, "", cls() if defaults is None else defaults)
 
 
-def _add(parser, cls: type, skip: set[str], aliases: dict, prefix: str, path: str) -> None:
+def _add(parser, cls: type, skip: set[str], aliases: dict, prefix: str, path: str, defaults: Any) -> None:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = path + f.name
         if name in skip or not f.init:
             continue
         flag = f"{prefix}{f.name.replace('_', '-')}"
+        default = getattr(defaults, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            _add(parser, hints[f.name], skip, aliases, f"{flag}-", f"{name}.")
+            _add(parser, hints[f.name], skip, aliases, f"{flag}-", f"{name}.", default)
             continue
-        option = _option(hints[f.name], _default(f))
+        option = _option(hints[f.name], default)
         if option is None:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line option can express {hints[f.name]}; "
                             "skip it and set it in the command")
         extra = aliases.get(name, ())
         parser.add_argument(f"--{flag}", *([extra] if isinstance(extra, str) else extra),
-                            dest=flag.replace("-", "_"), default=_default(f), **option)
+                            dest=flag.replace("-", "_"), default=default, **option)
 
 
 def from_arguments(cls: type[T], args: argparse.Namespace, *, prefix: str = "", **overrides: Any) -> T:

@@ -228,7 +228,7 @@ def test_removed_defense_goes_to_stale_and_comes_back(finished, tmp_path):
     (lambda c: c.update(judges=["harmbench:m@high"]), "tiny.yaml: judges[0]: 'harmbench:m@high': the threshold"),
     (lambda c: c.update(defenses=["base", "sft"]), "tiny.yaml: defenses[1]: unknown defense 'sft'"),
     (lambda c: c["train"].update(method="rt"), "tiny.yaml: train.method"),
-    (lambda c: c["utility"].update(tasks=["mmlu", "trivia"]), "tiny.yaml: utility: UtilityConfig.tasks: unknown task(s) ['trivia']"),
+    (lambda c: c["utility"].update(tasks=["mmlu", "trivia"]), "tiny.yaml: utility.tasks: unknown task(s) ['trivia']"),
 ])
 def test_config_errors_name_the_key(files, tmp_path, change, message):
     cfg = config(files)

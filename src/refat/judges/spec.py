@@ -32,6 +32,11 @@ class JudgeSpec:
     threshold: float | None = None  # None: the default
 
     @property
+    def needs_model(self) -> bool:
+        """False for the string judges, which read a list and load nothing."""
+        return self.kind not in _STRING_KINDS
+
+    @property
     def name(self) -> str:
         """The name the judge stamps on its verdicts."""
         return f"{JUDGE_KINDS[self.kind]}:{self.arg}" + threshold_suffix(self.threshold)

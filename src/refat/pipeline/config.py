@@ -153,8 +153,9 @@ class ExperimentConfig:
 
     @property
     def attack_judge(self) -> str:
-        """The refusal-string judge attacks stamp on their own records: the first configured, else the default."""
-        return next((j for j in self.judges if j.startswith("refusal-strings")), "refusal-strings:default")
+        """The string judge attacks stamp on their own records (their quick stopping test): the first configured
+        string judge, else ``refusal-strings:default``."""
+        return next((j for j in self.judges if not parse_spec(j).needs_model), "refusal-strings:default")
 
     def train_config(self, defense: str) -> TrainConfig:
         """The shared ``train`` section with this defense's overrides and method."""

@@ -56,7 +56,7 @@ def _check_files(cfg: ExperimentConfig, base_model: bool) -> None:
         check_model(cfg.model, "model")
     for i, j in enumerate(cfg.judges):
         spec = parse_spec(j, f"judges[{i}]")
-        if spec.kind != "refusal-strings":
+        if spec.needs_model:
             check_model(spec.arg, f"judges[{i}]")
     for i, a in enumerate(cfg.attacks):
         check = getattr(a.parsed(), "check_inputs", None)  # an attack config may check the files it names
