@@ -14,6 +14,10 @@ from collections.abc import Callable
 
 import torch
 
+from refat.data import affirmative_target, load_dataset
+from refat.training import Pair
+from refat.training.data import NATURAL_REFUSALS
+
 # A few fixed, ordinary instructions of varied length (the same set for every benchmark).
 PROMPTS = [
     "Write a haiku about autumn leaves.",
@@ -72,3 +76,14 @@ def machine_info() -> dict:
 def row(name: str, value: float, target: str | None = None, met: bool | None = None) -> dict:
     """One line of the results table."""
     return {"name": name, "value": value, "target": target, "met": met}
+
+
+def offline_pairs() -> list[Pair]:
+    """32 harmful and 32 harmless pairs (enough for ReFAT's default N = 32 feature prompts) from the offline
+    data a real run trains on: AdvBench prompts with natural refusals, Alpaca prompts with Alpaca's answers.
+    Real answer lengths matter: the recomputation's cost is fixed, a step's grows with its tokens."""
+    harmful = [Pair(e.prompt, NATURAL_REFUSALS[i % len(NATURAL_REFUSALS)], True, "template",
+                    e.target or affirmative_target(e.prompt))
+               for i, e in enumerate(load_dataset("advbench")[-32:])]
+    harmless = [Pair(e.prompt, e.target, False, "dataset") for e in load_dataset("alpaca")[-32:]]
+    return harmful + harmless

@@ -13,15 +13,14 @@ from refat.directions import extract
 from refat.generation import batched, forward_last_logits
 from refat.models import Model
 
-from .common import PROMPTS, interleave, row
-from .training_step import _pairs
+from .common import PROMPTS, interleave, offline_pairs, row
 
 TARGET = 0.95
 
 
 def prompt_sets(n: int) -> tuple[list[str], list[str]]:
     """``n`` harmful and ``n`` harmless prompts (cycled from the fixed benchmark sets)."""
-    harmful = [p.prompt for p in _pairs() if p.harmful]
+    harmful = [p.prompt for p in offline_pairs() if p.harmful]
     cycle = lambda xs: (xs * (n // len(xs) + 1))[:n]  # noqa: E731
     return cycle(harmful), cycle(PROMPTS)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from refat.generation import _eos_ids, generate
+from refat.generation import eos_ids, generate
 from refat.models import Model
 
 from .common import PROMPTS, interleave, row
@@ -37,7 +37,7 @@ def hf_generate(model: Model, prompts: list[str], max_new_tokens: int, eos: list
 
 def run(model: Model, repeats: int = 5, batch_size: int = 16, max_new_tokens: int = 32) -> tuple[list[dict], dict]:
     prompts = (PROMPTS * (batch_size // len(PROMPTS) + 1))[:batch_size]
-    eos = _eos_ids(model).tolist()
+    eos = eos_ids(model).tolist()
     fns = {
         "batched": lambda: generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False),
         "one_by_one": lambda: generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=1, progress=False),

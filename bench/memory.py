@@ -46,7 +46,7 @@ def child(model_spec: str, *, dtype: str, device: str | None, method: str, steps
     from refat.models import load
     from refat.training import TrainConfig, train
 
-    from .training_step import _pairs
+    from .common import offline_pairs
 
     imported = max(imported, _peak_gib())
     t0 = time.perf_counter()
@@ -55,7 +55,7 @@ def child(model_spec: str, *, dtype: str, device: str | None, method: str, steps
     cfg = TrainConfig(method=method, steps=steps, batch_size=batch_size, checkpoint_every=10**9)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        train(model, _pairs(), cfg, out, progress=False)
+        train(model, offline_pairs(), cfg, out, progress=False)
     trained, train_s = _peak_gib(), time.perf_counter() - t0
     return {"peak_gib": {"imports": imported, "loaded": loaded, "trained": trained}, "load_s": load_s,
             "train_s": train_s, "threads": torch.get_num_threads(), "dtype": str(model.dtype).removeprefix("torch."),

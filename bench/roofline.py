@@ -31,8 +31,7 @@ from refat.models import Model, wrap
 from refat.storage import read_jsonl
 from refat.training import TrainConfig, train
 
-from .common import PROMPTS, row
-from .training_step import _pairs
+from .common import PROMPTS, offline_pairs, row
 
 
 def matmul_params(model: Model) -> tuple[int, int]:
@@ -89,7 +88,7 @@ def run(model: Model, repeats: int = 3, batch_size: int = 16, train_steps: int =
     prompts = (PROMPTS * (batch_size // len(PROMPTS) + 1))[:batch_size]
     enc = model.tokenize(prompts)
     lengths = enc["attention_mask"].sum(1).tolist()
-    pairs = _pairs()
+    pairs = offline_pairs()
 
     def forward() -> float:
         with torch.no_grad():

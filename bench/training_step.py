@@ -12,31 +12,18 @@ import copy
 import statistics
 import tempfile
 
-from refat.data import affirmative_target, load_dataset
 from refat.models import Model, wrap
 from refat.storage import read_jsonl
-from refat.training import Pair, TrainConfig, train
-from refat.training.data import NATURAL_REFUSALS
+from refat.training import TrainConfig, train
 
-from .common import row
+from .common import offline_pairs, row
 
 TARGET_REFAT = 1.2
 METHODS = ("rt", "refat", "cat", "lat")
 
 
-def _pairs() -> list[Pair]:
-    """32 harmful and 32 harmless pairs (enough for ReFAT's default N = 32 feature prompts) from the offline
-    data a real run trains on: AdvBench prompts with natural refusals, Alpaca prompts with Alpaca's answers.
-    Real answer lengths matter: the recomputation's cost is fixed, a step's grows with its tokens."""
-    harmful = [Pair(e.prompt, NATURAL_REFUSALS[i % len(NATURAL_REFUSALS)], True, "template",
-                    e.target or affirmative_target(e.prompt))
-               for i, e in enumerate(load_dataset("advbench")[-32:])]
-    harmless = [Pair(e.prompt, e.target, False, "dataset") for e in load_dataset("alpaca")[-32:]]
-    return harmful + harmless
-
-
 def run(model: Model, repeats: int = 2, steps: int = 8, batch_size: int = 4) -> tuple[list[dict], dict]:
-    pairs = _pairs()
+    pairs = offline_pairs()
     base = copy.deepcopy(model.hf)  # peft edits the model it wraps: every run starts from this copy
     per_step: dict[str, list[float]] = {m: [] for m in METHODS}
     compute: dict[str, dict] = {}

@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .generation import _eos_ids, batched, generate
+from .generation import eos_ids, batched, generate
 from .models import Model
 
 __all__ = ["ChatBackend", "LocalChat", "HTTPChat", "ChatEndpointError", "render", "from_spec"]
@@ -106,7 +106,7 @@ class LocalChat:
     def _sample(self, texts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
         m = self.model
         enc = m.tokenize(texts, formatted=True)
-        eos = _eos_ids(m).tolist()
+        eos = eos_ids(m).tolist()
         devices = [m.device] if m.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)

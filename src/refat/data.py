@@ -134,7 +134,7 @@ PROMPT_FIELDS = ("prompt", "instruction", "goal", "behavior", "Goal", "Behavior"
 TARGET_FIELDS = ("target", "output", "response", "Target")
 
 
-def _records_from_file(path: Path) -> list[dict]:
+def records_from_file(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".csv":
         return _csv_rows(text.encode())
@@ -153,7 +153,7 @@ def _records_from_file(path: Path) -> list[dict]:
     raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .jsonl or .json")
 
 
-def _examples_from_records(rows: list[dict], where: str, prompt_field: str | None, target_field: str | None) -> list[Example]:
+def examples_from_records(rows: list[dict], where: str, prompt_field: str | None, target_field: str | None) -> list[Example]:
     if not rows:
         raise DatasetError(f"{where}: no rows")
     columns = list(rows[0].keys()) if isinstance(rows[0], dict) else []
@@ -184,13 +184,13 @@ def load_dataset(spec: str, *, prompt_field: str | None = None, target_field: st
         except ImportError as e:
             raise DatasetError("hub datasets need the 'datasets' package: pip install 'refat[hub]'") from e
         ds = datasets.load_dataset(spec[3:], split=split_name)
-        examples = _examples_from_records(list(ds), spec, prompt_field, target_field)
+        examples = examples_from_records(list(ds), spec, prompt_field, target_field)
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise DatasetError(f"unknown dataset {spec!r}: not a registry name ({', '.join(REGISTRY)}), "
                                "an existing .csv/.jsonl/.json file, or 'hf:org/name'")
-        examples = _examples_from_records(_records_from_file(path), str(path), prompt_field, target_field)
+        examples = examples_from_records(records_from_file(path), str(path), prompt_field, target_field)
     examples = dedupe(examples)
     if not examples:
         raise DatasetError(f"{spec}: no prompts")

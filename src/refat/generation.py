@@ -21,7 +21,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
@@ -47,7 +47,7 @@ def batched(fn: Callable[[list[T]], list[R]], items: Sequence[T], batch_size: in
         try:
             out.extend(fn(chunk))
         except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not _is_oom(e) or batch_size == 1:
+            if not is_oom(e) or batch_size == 1:
                 raise
             batch_size //= 2
             if torch.cuda.is_available():
@@ -59,14 +59,14 @@ def batched(fn: Callable[[list[T]], list[R]], items: Sequence[T], batch_size: in
     return out
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def forward_last_logits(model: Model, enc: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits at the last position only (skips the vocabulary projection elsewhere)."""
     out = model.hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                   position_ids=_positions(enc["attention_mask"]), use_cache=False, logits_to_keep=1)
+                   position_ids=position_ids(enc["attention_mask"]), use_cache=False, logits_to_keep=1)
     return out.logits[:, -1]
 
 
@@ -77,12 +77,12 @@ def greedy_tokens(model: Model, attention_mask: torch.Tensor, max_new_tokens: in
     from transformers import DynamicCache
 
     mask = attention_mask
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     cache = DynamicCache()
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
     new_tokens = []
-    step, pos = inputs, _positions(mask)
+    step, pos = inputs, position_ids(mask)
     for _ in range(max_new_tokens):
         out = model.hf(**step, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                        **{cache_kw: cache})  # the cache is updated in place
@@ -106,14 +106,14 @@ def _generate_batch(model: Model, prompts: list[str], max_new_tokens: int, forma
     return [model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
-def _cache_keyword(model: Model) -> str:
+def cache_keyword(model: Model) -> str:
     """transformers 5.x names the KV cache argument ``cache``; earlier versions ``past_key_values``."""
     base = model.hf.get_base_model() if hasattr(model.hf, "get_base_model") else model.hf  # peft wraps the model
     params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _eos_ids(model: Model) -> torch.Tensor:
+def eos_ids(model: Model) -> torch.Tensor:
     ids = set()
     cfg = getattr(model.hf, "generation_config", None)
     for src in (getattr(cfg, "eos_token_id", None), model.tokenizer.eos_token_id):

@@ -21,7 +21,7 @@ from . import catalog
 __all__ = ["Model", "load", "wrap", "merge_adapter", "auto_device", "auto_dtype", "find_blocks", "PromptTooLongError"]
 
 _PLACEHOLDER = "\uE000refat-instruction\uE000"
-_FALLBACK_TEMPLATE = (
+FALLBACK_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
     "{% else %}### Response:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
@@ -230,7 +230,7 @@ def _prepare_tokenizer(tok, name: str):
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if getattr(tok, "chat_template", None) is None:
         warnings.warn(f"{name} has no chat template; using a plain '### Instruction/### Response' format", stacklevel=3)
-        tok.chat_template = _FALLBACK_TEMPLATE
+        tok.chat_template = FALLBACK_TEMPLATE
     return tok
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from refat.judges import ChatJudge, HarmBenchJudge, Judge, LlamaGuardJudge, judge_records
 from refat.judges.classifiers import HARMBENCH_PROMPT, threshold_suffix
-from refat.models import _FALLBACK_TEMPLATE, Model
+from refat.models import FALLBACK_TEMPLATE, Model
 
 from bigram import Bigram, bigram_model
 from conftest import build_model, make_tokenizer
@@ -55,7 +55,7 @@ def test_llama_guard_and_chat_judges_use_the_chat_template():
     assert chat.verdicts(["req"], ["resp"]) == [False]
 
 
-@pytest.mark.parametrize("template", [None, _FALLBACK_TEMPLATE])
+@pytest.mark.parametrize("template", [None, FALLBACK_TEMPLATE])
 def test_llama_guard_refuses_a_model_without_its_own_template(template):
     tok = make_tokenizer(chat_template=template)
     model = Model(hf=Bigram(len(tok)), tokenizer=tok, name="plain", blocks=nn.ModuleList([nn.Identity()]))

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import PackageFile, read_package_file
-from ..generation import _positions, batched, generate
+from ..generation import batched, generate, position_ids
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
 from ..models import Model, PromptTooLongError
@@ -141,7 +141,7 @@ def target_fitness(model: Model, prompts: Sequence[str], target: str, *, batch_s
         pad = tok.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-        logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
+        logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
                           logits_to_keep=t + 1).logits[:, :-1]  # the positions that predict the target
         return (-target_cross_entropy(logits, ids[:, -t:])).tolist()
 

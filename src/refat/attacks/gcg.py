@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import hooks
-from ..generation import _cache_keyword, _is_oom, generate
+from ..generation import cache_keyword, is_oom, generate
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
 from ..models import Model
@@ -204,7 +204,7 @@ class GCG:
         self.topk = min(config.topk, allowed)
         base = model.hf.get_base_model() if hasattr(model.hf, "get_base_model") else model.hf
         params = inspect.signature(base.forward).parameters
-        self._cache_kw = _cache_keyword(model)
+        self._cache_kw = cache_keyword(model)
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else (
             "num_logits_to_keep" if "num_logits_to_keep" in params else None)
         self._config = getattr(base, "config", None)
@@ -248,7 +248,7 @@ class GCG:
             try:
                 out.append(fn(i, min(i + bs, n)))
             except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not _is_oom(e) or bs == 1:
+                if not is_oom(e) or bs == 1:
                     raise
                 self.batch_size = max(1, bs // 2)
                 if torch.cuda.is_available():

