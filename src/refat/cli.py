@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("judge-agreement", help="each judge's agreement with JailbreakBench's 100 human-labelled "
                                                "responses (and the published judges' for comparison)")
     p.add_argument("judges", nargs="+", metavar="JUDGE",
-                   help="refusal-strings:<list> | llm:<model> | harmbench:<model> | llama-guard:<model>; a model "
-                        "judge takes @<threshold> on P(jailbroken), default 0.5")
+                   help="refusal-strings:<list> | refusal-prefix:<list> | llm:<model> | harmbench:<model> | "
+                        "llama-guard:<model> | ensemble:<file>; a model judge takes @<threshold> on P(jailbroken), "
+                        "default 0.5")
     p.add_argument("--dtype", default="float32", help="for model judges (default: float32)")
     p.add_argument("--device", default=None)
     p.add_argument("--behaviour-field", default="goal", choices=["goal", "prompt"],
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="also fit each model judge's threshold to the labels (best Cohen's kappa) and report the "
                         "kappa such a threshold reaches on held-out rows (2-fold cross-validation, 20 splits)")
+    p.add_argument("--fit-ensemble", type=Path, default=None, metavar="FILE",
+                   help="also fit a logistic combination of the judges to the labels, measure it by nested "
+                        "cross-validation (members, weights and threshold chosen inside the training folds) and "
+                        "write it to FILE, usable as the judge ensemble:FILE")
     p.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
     p.add_argument("--overwrite", action="store_true")
 
@@ -137,24 +142,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _judge_agreement(args) -> int:
-    from .judges import (calibrate_threshold, from_spec, judge_agreement, load_classifier_comparison, parse_spec,
-                         published_agreement)
+    from . import catalog
+    from .judges import (calibrate_threshold, cache_path, cached_scores, load_classifier_comparison, parse_spec,
+                         published_agreement, score_agreement)
+    from .judges.ensemble import fit, nested_cv
     from .storage import write_json
 
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    for i, spec in enumerate(args.judges):  # every spec checked before any model loads
-        parse_spec(spec, f"judge {i + 1}")
+    for path in (args.out, args.fit_ensemble):
+        if path is not None and path.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    specs = [parse_spec(spec, f"judge {i + 1}") for i, spec in enumerate(args.judges)]  # before any model loads
     rows = load_classifier_comparison()
-    results = []
     truth = [r.human_majority for r in rows]
-    for spec in args.judges:
-        judge = from_spec(spec, dtype=args.dtype, device=args.device)
-        result = {"spec": spec, **judge_agreement(judge, rows, behaviour_field=args.behaviour_field)}
-        if args.calibrate and parse_spec(spec).needs_model:
-            result["calibration"] = calibrate_threshold(result["scores"], truth)
+    pairs = [(getattr(r, args.behaviour_field), r.response) for r in rows]
+    cache = catalog.cache_dir() / "judge-agreement" / args.behaviour_field  # a rerun judges nothing again
+    results, member_scores = [], {}
+    for spec, parsed in zip(args.judges, specs):
+        scores = cached_scores(spec, pairs, cache_path(cache, spec), dtype=args.dtype, device=args.device)
+        member_scores[spec] = scores
+        result = {"spec": spec, **score_agreement(parsed.name, scores, parsed.threshold or 0.5, truth)}
+        if args.calibrate and parsed.needs_model:
+            result["calibration"] = calibrate_threshold(scores, truth)
         results.append(result)
-        del judge
+    if args.fit_ensemble is not None:
+        cv = nested_cv(member_scores, truth)
+        chosen = max(cv["chosen"], key=cv["chosen"].get).split("+")
+        fitted = fit(member_scores, truth, chosen)
+        fitted = type(fitted)(fitted.members, fitted.weights, fitted.bias, fitted.threshold,
+                              {"fitted_on": "jailbreakbench classifier_comparison.csv, human majority (n=100)",
+                               "behaviour_field": args.behaviour_field, "nested_cv": cv})
+        fitted.save(args.fit_ensemble)
+        probs = fitted.probability([member_scores[m] for m in fitted.members])
+        results.append({"spec": f"ensemble:{args.fit_ensemble}",
+                        **score_agreement(f"ensemble:{args.fit_ensemble.stem}#{fitted.version} (in sample)", probs,
+                                          fitted.threshold, truth), "nested_cv": cv})
     results += published_agreement(rows)
     print(f"{'judge':44s} {'acc':>5s} {'prec':>5s} {'rec':>5s} {'F1':>5s} {'kappa':>6s} {'AUC':>5s}")
     for r in results:
@@ -168,6 +189,11 @@ def _judge_agreement(args) -> int:
                   f"held-out kappa {cv['cohen_kappa']:.3f} [{cv['cohen_kappa_range'][0]:.2f}, "
                   f"{cv['cohen_kappa_range'][1]:.2f}], accuracy {cv['accuracy']:.2f}; use {r['spec'].split('@')[0]}"
                   f"@{c['threshold']:.3g}")
+        if "nested_cv" in r:
+            cv = r["nested_cv"]
+            print(f"  nested cross-validation: kappa {cv['cohen_kappa']:.3f} ± {cv['cohen_kappa_se']:.3f} (SE) "
+                  f"[{cv['cohen_kappa_range'][0]:.2f}, {cv['cohen_kappa_range'][1]:.2f} over {cv['repeats']} repeats]; "
+                  f"members chosen: {cv['chosen']}; written to {args.fit_ensemble}")
     if args.out is not None:
         write_json(args.out, {"labels": "jailbreakbench classifier_comparison.csv, human majority (n=100)",
                               "behaviour_field": args.behaviour_field, "results": results})

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from ..data import JBB, PackageFile, read_package_file
 from .base import Judge, check_pair
 
-__all__ = ["LabelledResponse", "load_classifier_comparison", "agreement", "judge_agreement", "published_agreement",
-           "rank_auc", "calibrate_threshold"]
+__all__ = ["LabelledResponse", "load_classifier_comparison", "agreement", "judge_agreement", "score_agreement",
+           "published_agreement", "rank_auc", "calibrate_threshold"]
 
 CLASSIFIER_COMPARISON = PackageFile(JBB, "jailbreakbench/data/classifier_comparison.csv")
 REFERENCE_JUDGES = ("TDC", "GCG", "BERT", "llama_guard", "gpt_4_turbo", "gpt_4")
@@ -89,9 +89,13 @@ def judge_agreement(judge: Judge, rows: Sequence[LabelledResponse] | None = None
     if behaviour_field not in ("goal", "prompt"):
         raise ValueError(f"behaviour_field must be 'goal' or 'prompt', got {behaviour_field!r}")
     scores = judge.scores([getattr(r, behaviour_field) for r in rows], [r.response for r in rows])
-    truth = [r.human_majority for r in rows]
-    return {"judge": judge.name, **agreement([s > judge.threshold for s in scores], truth),
-            "threshold": judge.threshold, "auc": rank_auc(scores, truth), "scores": scores}
+    return score_agreement(judge.name, scores, judge.threshold, [r.human_majority for r in rows])
+
+
+def score_agreement(name: str, scores: Sequence[float], threshold: float, truth: Sequence[bool]) -> dict:
+    """:func:`judge_agreement` from scores already computed (e.g. cached) by the judge called ``name``."""
+    return {"judge": name, **agreement([s > threshold for s in scores], truth), "threshold": threshold,
+            "auc": rank_auc(scores, truth), "scores": list(scores)}
 
 
 def rank_auc(scores: Sequence[float], truth: Sequence[bool]) -> float | None:

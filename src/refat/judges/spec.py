@@ -1,7 +1,8 @@
 """Judge specs: the strings configs and the command line name judges by, parsed before any model loads.
 
-``refusal-strings:<list>``, ``refusal-prefix:<list>``, ``llm:<model>``, ``harmbench:<model>`` or
-``llama-guard:<model>``; a model judge takes ``@<threshold>`` on its score (default 0.5). A spec's judge
+``refusal-strings:<list>``, ``refusal-prefix:<list>``, ``llm:<model>``, ``harmbench:<model>``,
+``llama-guard:<model>`` or ``ensemble:<fitted file>``; a model judge takes ``@<threshold>`` on its score
+(default 0.5). A spec's judge
 name and threshold are known from the string alone, so a bad spec fails at config time and cached
 scores are found without a model.
 """
@@ -9,18 +10,21 @@ scores are found without a model.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 from ..configs import ConfigError
 from ..models import load as load_model
 from .base import DEFAULT_THRESHOLD, Judge
 from .classifiers import ChatJudge, HarmBenchJudge, LlamaGuardJudge, threshold_suffix
+from .ensemble import EnsembleFit, EnsembleJudge
 from .strings import RefusalPrefixJudge, RefusalStringJudge
 
 __all__ = ["JUDGE_KINDS", "JudgeSpec", "parse_spec", "judge_name", "judge_threshold", "from_spec"]
 
 _CLASSES: dict[str, type] = {"refusal-strings": RefusalStringJudge, "refusal-prefix": RefusalPrefixJudge,
-                             "llm": ChatJudge, "harmbench": HarmBenchJudge, "llama-guard": LlamaGuardJudge}
+                             "llm": ChatJudge, "harmbench": HarmBenchJudge, "llama-guard": LlamaGuardJudge,
+                             "ensemble": EnsembleJudge}
 _STRING_KINDS = tuple(k for k, cls in _CLASSES.items() if issubclass(cls, RefusalStringJudge))  # a list, no model
 JUDGE_KINDS = {kind: cls.kind for kind, cls in _CLASSES.items()}  # spec prefix -> the judge's name prefix
 
@@ -32,13 +36,23 @@ class JudgeSpec:
     threshold: float | None = None  # None: the default
 
     @property
+    def models(self) -> list[str]:
+        """The model specs this judge loads (none for the string judges; an ensemble's members' models)."""
+        if self.kind in _STRING_KINDS:
+            return []
+        if self.kind == "ensemble":
+            return [m for member in EnsembleFit.load(self.arg).members for m in parse_spec(member).models]
+        return [self.arg]
+
+    @property
     def needs_model(self) -> bool:
-        """False for the string judges, which read a list and load nothing."""
-        return self.kind not in _STRING_KINDS
+        return bool(self.models)
 
     @property
     def name(self) -> str:
-        """The name the judge stamps on its verdicts."""
+        """The name the judge stamps on its verdicts (an ensemble's names its fitted weights' digest)."""
+        if self.kind == "ensemble":
+            return f"ensemble:{Path(self.arg).stem}#{EnsembleFit.load(self.arg).version}"
         return f"{JUDGE_KINDS[self.kind]}:{self.arg}" + threshold_suffix(self.threshold)
 
 
@@ -48,11 +62,19 @@ def parse_spec(spec: str, where: str = "judge") -> JudgeSpec:
     if kind not in JUDGE_KINDS:
         lists = ", ".join(f"{k}:<{'|'.join(_CLASSES[k].lists)}>" for k in _STRING_KINDS)
         raise ConfigError(f"{where}: unknown judge {spec!r}; use {lists}, "
-                          "llm:<model>[@threshold], harmbench:<model>[@threshold] or llama-guard:<model>[@threshold]")
+                          "llm:<model>[@threshold], harmbench:<model>[@threshold], llama-guard:<model>[@threshold] "
+                          "or ensemble:<fitted file>")
     if kind in _STRING_KINDS:
         arg, lists = arg or "default", _CLASSES[kind].lists
         if arg not in lists:
             raise ConfigError(f"{where}: unknown refusal string list {arg!r} for {kind}; choose from {', '.join(lists)}")
+        return JudgeSpec(kind, arg)
+    if kind == "ensemble":
+        try:
+            for i, member in enumerate(EnsembleFit.load(arg).members):
+                parse_spec(member, f"{where}: {arg} member {i}")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from None
         return JudgeSpec(kind, arg)
     threshold = None
     model, at, value = arg.rpartition("@")
@@ -85,5 +107,9 @@ def from_spec(spec: str, *, dtype: str | None = None, device: str | None = None)
     s = parse_spec(spec)
     if s.kind in _STRING_KINDS:
         return _CLASSES[s.kind](s.arg)
+    if s.kind == "ensemble":
+        fitted = EnsembleFit.load(s.arg)
+        members = [from_spec(m, dtype=dtype, device=device) for m in fitted.members]
+        return EnsembleJudge(fitted, members, label=Path(s.arg).stem)
     kw = {} if s.threshold is None else {"threshold": s.threshold}
     return _CLASSES[s.kind](load_model(s.arg, dtype=dtype, device=device, max_prompt_tokens=4096), **kw)

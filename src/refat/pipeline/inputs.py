@@ -55,9 +55,8 @@ def _check_files(cfg: ExperimentConfig, base_model: bool) -> None:
     if base_model:
         check_model(cfg.model, "model")
     for i, j in enumerate(cfg.judges):
-        spec = parse_spec(j, f"judges[{i}]")
-        if spec.needs_model:
-            check_model(spec.arg, f"judges[{i}]")
+        for model in parse_spec(j, f"judges[{i}]").models:
+            check_model(model, f"judges[{i}]")
     for i, a in enumerate(cfg.attacks):
         check = getattr(a.parsed(), "check_inputs", None)  # an attack config may check the files it names
         if check is not None:
