@@ -16,6 +16,7 @@ import torch
 from refat import hooks
 from refat.analysis import (AnalysisResult, LatentAttack, analyse, cosine_by_layer, cosine_to_rfa, induced_direction,
                             pca_2d, pgd_latent_perturbation, projections, residuals)
+from refat.cli import main
 from refat.directions import extract
 from refat.report import PlotsUnavailableError, write_report
 
@@ -250,6 +251,15 @@ def test_report_html_is_self_contained(run_dir):
     assert len(images) == 6
     assert base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plots/" not in page and "<td>12.5 %</td>" in page
+
+
+def test_refat_report_on_an_older_folder_with_plain_numbers(tmp_path, capsys):
+    """Folders written before cells carried n and an interval still report, through the command."""
+    (tmp_path / "asr.json").write_text(json.dumps(ASR))
+    (tmp_path / "overrefusal.json").write_text(json.dumps({"refat": {"xstest": 0.155}}))
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0, capsys.readouterr().err
+    md = (tmp_path / "report.md").read_text()
+    assert "| refat | 12.5 % | 20.0 % |" in md and "| refat | 15.5 % |" in md and "(n=" not in md
 
 
 def test_report_of_an_empty_run_says_not_run(tmp_path):

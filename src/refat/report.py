@@ -5,17 +5,22 @@ others, so it can be written at any point of a run. Expected inputs (all optiona
 
     RUN_DIR/
       run.json                        {key: value}: model, seed, versions... (shown as a table)
-      asr.json                        {defense: {attack: {judge: ASR in [0, 1] or null}}}
-      utility.json                    {defense: {benchmark: score or null}}
-      overrefusal.json                {defense: {dataset: refusal rate in [0, 1] or null}}
+      asr.json                        {defense: {attack: {judge: CELL}}}, CELL an ASR in [0, 1]
+      utility.json                    {defense: {benchmark: CELL}}
+      overrefusal.json                {defense: {dataset: CELL}}, CELL a refusal rate in [0, 1]
+      judge_agreement.json            [{"judges": [a, b], "cells": [{"defense", "attack", "asr": {a: CELL, b: CELL},
+                                        "disagree": CELL, "kappa": number or null}]}]
+      samples.json                    {"judge": first judge, "samples": [{"defense", "attack", "behaviour_id",
+                                        "goal", "completion", "verdicts": {judge: jailbroken}}]}
       compute.json                    {defense: {metric: number}}; if absent, read from
                                       train/<defense>/train_summary.json ("compute", as the trainer writes it)
       analysis.json, analysis/<name>/analysis.json    written by refat.analysis.AnalysisResult.save
       train/<defense>/metrics.jsonl   one {"step": int, "loss": float, ...} per line (the trainer's file)
 
 Outputs: ``RUN_DIR/report.md`` (plots linked from ``RUN_DIR/plots/``) and ``RUN_DIR/report.html``
-(plots embedded as base64 PNG, no other file needed). Plots need matplotlib (``refat[plots]``);
-``plots=False`` writes the tables only. This module does not import torch.
+(plots embedded as base64 PNG, no other file needed). A CELL is a plain number (older run folders) or
+``{"value", "n", "ci": [low, high]}`` (a :class:`refat.stats.Rate`, shown as ``36 % [24, 50] (n=50)``).
+Plots need matplotlib (``refat[plots]``); ``plots=False`` writes the tables only. This module does not import torch.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import html
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .stats import Rate
 from .storage import atomic_path, write_text
 
 __all__ = ["write_report", "PlotsUnavailableError"]
@@ -65,7 +72,8 @@ class _Section:
 
 
 def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
+    """Markdown renderers pass raw HTML through: escape it (cells hold model text), then the table syntax."""
+    return re.sub(r"[\r\n]+", " ", html.escape(s, quote=False).replace("|", "\\|"))
 
 
 def _markdown(title: str, sections: list[_Section], run_dir: Path) -> str:
@@ -91,7 +99,8 @@ _CSS = """body{font-family:system-ui,-apple-system,sans-serif;max-width:62rem;ma
 table{border-collapse:collapse;margin:.8rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}
 figure{margin:1rem 0}img{max-width:100%;height:auto}figcaption{color:#555;font-size:.9rem}
-table.text td{text-align:left}.missing{color:#888;font-style:italic}code{background:#f4f4f4;padding:0 .2rem}"""
+table.text td{text-align:left;vertical-align:top;overflow-wrap:anywhere}
+.missing{color:#888;font-style:italic}code{background:#f4f4f4;padding:0 .2rem}"""
 
 
 def _inline(text: str) -> str:
@@ -136,9 +145,51 @@ def _num(x) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def _cell(x) -> Rate | float | None:
+    """One table cell in either form: a plain number (older run folders, hand-written tables) or
+    ``{"value", "n", "ci"}``, a rate with its sample size and 95 % interval. Anything else is missing."""
+    if not isinstance(x, dict):
+        return _num(x)
+    value, n, ci = _num(x.get("value")), x.get("n"), x.get("ci")
+    if value is None:
+        return None
+    whole = isinstance(n, int) and not isinstance(n, bool) and n > 0
+    if whole and isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+        return Rate(value, n, (float(ci[0]), float(ci[1])))
+    return value
+
+
+def _bar_heights(cells: list) -> tuple[list[float], list[float], list[float]]:
+    """Bar heights in percent (a missing cell: 0) and the interval's extent below and above each (0 without one;
+    clamped, as a percentile interval may miss its point estimate by a rounding error)."""
+    vals, lows, highs = [], [], []
+    for x in cells:
+        c = _cell(x)
+        v = 100 * (c.value if isinstance(c, Rate) else c or 0.0)
+        vals.append(v)
+        lows.append(max(0.0, v - 100 * c.ci[0]) if isinstance(c, Rate) else 0.0)
+        highs.append(max(0.0, 100 * c.ci[1] - v) if isinstance(c, Rate) else 0.0)
+    return vals, lows, highs
+
+
+def _show(x, plain: Callable[[float], str]) -> str:
+    """Any cell as text. A cell kind that carries its uncertainty formats itself (a :class:`Rate`:
+    ``36 % [24, 50] (n=50)``; a mean ± sd over seeds would be one more kind in :func:`_cell` and here);
+    a plain number goes through ``plain``."""
+    c = _cell(x)
+    if isinstance(c, Rate):
+        return c.format()
+    return "—" if c is None else plain(c)
+
+
 def _pct(x) -> str:
-    v = _num(x)
-    return "—" if v is None else f"{100 * v:.1f} %"
+    """A rate cell; a plain number as ``36.0 %``."""
+    return _show(x, lambda v: f"{100 * v:.1f} %")
+
+
+def _score(x) -> str:
+    """A benchmark cell: an accuracy with its interval (in percent, as a rate), or a plain score as it is."""
+    return _show(x, _fmt)
 
 
 def _fmt(x) -> str:
@@ -215,8 +266,9 @@ class _Plotter:
         ax = fig.add_subplot()
         width = 0.8 / max(1, len(rows))
         for i, r in enumerate(rows):
-            vals = [100 * (_num(table[r].get(c)) or 0.0) for c in cols]
-            ax.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))], vals, width, label=r)
+            vals, lows, highs = _bar_heights([table[r].get(c) for c in cols])
+            ax.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))], vals, width, label=r,
+                   yerr=[lows, highs] if any(lows) or any(highs) else None, capsize=2)
         ax.set_xticks(range(len(cols)), cols, rotation=20 if len(cols) > 4 else 0, ha="right" if len(cols) > 4 else "center")
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, 100)
@@ -295,7 +347,8 @@ def _asr_section(tables: Path, plot: _Plotter) -> _Section:
         for by_judge in attacks.values():
             judges += [j for j in by_judge if j not in judges]
     sec.blocks.append("Share of harmful behaviours the attack got a non-refusal for (rows: defense; columns: "
-                      "attack). Lower is better for the defense.")
+                      "attack). Lower is better for the defense. [low, high]: 95 % bootstrap interval over the n "
+                      "behaviours (a behaviour's prompt variants, e.g. templates, are resampled together).")
     for judge in judges:
         table = {d: {a: v.get(judge) for a, v in attacks.items() if judge in v} for d, attacks in data.items()}
         cols = _columns(table)
@@ -306,6 +359,79 @@ def _asr_section(tables: Path, plot: _Plotter) -> _Section:
         sec.blocks.append(_Table(["defense", *cols], [[d, *(_pct(row.get(c)) for c in cols)] for d, row in table.items()]))
         sec.blocks += plot.bars(f"asr_{judge}", table, f"ASR by attack and defense ({judge})", "ASR (%)")
     return sec
+
+
+def _optional(tables: Path, name: str, title: str) -> tuple[_Section | None, object]:
+    """A section for a table only some runs have: (None, None) when the file is absent; the section
+    already holds the reason when the file cannot be read."""
+    data, err = _read_json(tables / name, tables)
+    if data is None and err is None:
+        return None, None
+    sec = _Section(title)
+    if err:
+        sec.blocks.append(_Missing(err))
+    return sec, data
+
+
+def _schema_error(name: str, e: Exception) -> _Missing:
+    return _Missing(f"`{name}` does not follow the schema in refat.report ({type(e).__name__}: {e}); skipped.")
+
+
+def _kappa(k) -> str:
+    v = _num(k)
+    return "—" if v is None else f"{v:.2f}"
+
+
+def _agreement_section(tables: Path) -> list[_Section]:
+    """Two judges side by side: where they disagree, the ASR depends on the judge more than on the defense."""
+    sec, data = _optional(tables, "judge_agreement.json", "Judge agreement")
+    if sec is None or data is None:
+        return [sec] if sec else []
+    sec.blocks.append("Per defense and attack, each judge's ASR, the share of completions on which the two judges "
+                      "disagree (95 % Wilson interval, n completions) and Cohen's κ between their verdicts "
+                      "(— where both judges gave one verdict only).")
+    try:
+        for pair in data:
+            a, b = pair["judges"]
+            if len(data) > 1:
+                sec.blocks.append(f"### {a} vs {b}")
+            sec.blocks.append(_Table(["defense", "attack", f"ASR {a}", f"ASR {b}", "disagree", "Cohen's κ"],
+                                     [[c["defense"], c["attack"], _pct(c["asr"].get(a)), _pct(c["asr"].get(b)),
+                                       _pct(c["disagree"]), _kappa(c["kappa"])] for c in pair["cells"]]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        sec.blocks = [_schema_error("judge_agreement.json", e)]
+    return [sec]
+
+
+MAX_SAMPLES = 100  # rows of the samples table; samples.json keeps them all
+SAMPLE_CHARS, GOAL_CHARS = 400, 200
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n].rstrip() + " […]"
+
+
+def _samples_section(tables: Path) -> list[_Section]:
+    """Completions to read beside the numbers: a judge's verdicts are claims about text a reviewer can check."""
+    sec, data = _optional(tables, "samples.json", "Sample completions")
+    if sec is None or data is None:
+        return [sec] if sec else []
+    try:
+        samples, judges = data["samples"], list(data["samples"][0]["verdicts"]) if data["samples"] else []
+        rows = [[s["defense"], s["attack"], str(s["behaviour_id"]),
+                 " / ".join("jailbroken" if v else "refused" for v in s["verdicts"].values()),
+                 _clip(str(s["goal"]), GOAL_CHARS), _clip(str(s["completion"]), SAMPLE_CHARS)]
+                for s in samples[:MAX_SAMPLES]]
+        sec.blocks += [f"Per defense and attack, the first completions (in behaviour-id order) that `{data['judge']}` "
+                       f"judged jailbroken and refused, cut at {SAMPLE_CHARS} characters. Verdicts by judge: "
+                       + ", ".join(f"`{j}`" for j in judges) + ".",
+                       _Table(["defense", "attack", "behaviour", "verdicts", "goal", "completion"], rows,
+                              numeric=False)]
+        if len(samples) > MAX_SAMPLES:
+            sec.blocks.append(_Missing(f"{len(samples) - MAX_SAMPLES} more in `samples.json`."))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        sec.blocks = [_schema_error("samples.json", e)]
+    return [sec]
 
 
 def _matrix_section(tables: Path, name: str, title: str, what: str, first: str, fmt, intro: str) -> _Section:
@@ -473,13 +599,17 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> tuple[Path, Path
     sections = [
         *_run_section(tables),
         _asr_section(tables, plot),
-        _matrix_section(tables, "utility.json", "Utility", "utility evaluation", "benchmark", _fmt,
-                        "Benchmark scores per defense (higher is better)."),
+        *_agreement_section(tables),
+        _matrix_section(tables, "utility.json", "Utility", "utility evaluation", "benchmark", _score,
+                        "Benchmark scores per defense (higher is better); [low, high]: 95 % Wilson interval over the "
+                        "n scored items."),
         _matrix_section(tables, "overrefusal.json", "Over-refusal", "over-refusal evaluation", "dataset", _pct,
-                        "Refusal rate on benign prompts that look harmful (lower is better)."),
+                        "Refusal rate on benign prompts that look harmful (lower is better); [low, high]: 95 % "
+                        "Wilson interval over the n prompts."),
         _compute_section(run_dir, tables),
         _training_section(run_dir, plot),
         *_analysis_sections(run_dir, plot),
+        *_samples_section(tables),
     ]
     title = f"refat report: {run_dir.resolve().name}"
     md = write_text(tables / "report.md", _markdown(title, sections, tables))

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["wilson", "bootstrap", "paired_bootstrap", "Rate", "rate", "mean_sd"]
+__all__ = ["wilson", "bootstrap", "paired_bootstrap", "Rate", "rate", "clustered_rate", "mean_sd"]
 
 
 def _z(confidence: float) -> float:
@@ -85,6 +85,23 @@ def rate(flags: Sequence[bool], method: str = "wilson") -> Rate:
     if n == 0:
         raise ValueError("no flags to rate")
     return Rate(k / n, n, wilson(k, n) if method == "wilson" else bootstrap(flags))
+
+
+def clustered_rate(units: Sequence[Sequence[bool]], n_resamples: int = 2000, confidence: float = 0.95,
+                   seed: int = 0) -> Rate:
+    """The share of true flags over all records, with a percentile-bootstrap interval that resamples whole
+    units (a behaviour with all its template variants): records of one behaviour are not independent, so
+    resampling them singly would give too narrow an interval. ``n`` is the number of units."""
+    units = [[bool(f) for f in u] for u in units]
+    if not units or not all(units):
+        raise ValueError("clustered_rate needs at least one unit and no empty unit")
+    hits, sizes = [sum(u) for u in units], [len(u) for u in units]
+
+    def share(indices: Sequence[float]) -> float:  # bootstrap resamples the units' indices
+        return sum(hits[int(i)] for i in indices) / sum(sizes[int(i)] for i in indices)
+
+    ci = bootstrap(range(len(units)), share, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    return Rate(sum(hits) / sum(sizes), len(units), ci)
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

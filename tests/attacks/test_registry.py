@@ -131,4 +131,4 @@ def test_a_registered_attack_runs_through_refat_run(toy, files, tmp_path, capsys
     summary = json.loads((tmp_path / "toy/attacks/base/toy/summary.json").read_text())
     assert summary["asr"] == 0.0 and summary["n_behaviours"] == 2
     asr = json.loads((tmp_path / "toy/report/asr.json").read_text())
-    assert asr == {"base": {"toy": {"refusal-strings:default": 0.0}}}
+    assert asr == {"base": {"toy": {"refusal-strings:default": {"value": 0.0, "n": 2, "ci": [0.0, 0.0]}}}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from conftest import build_model
 import dataclasses
 
 from refat import attacks, pipeline
-from refat.judges import slug
+from refat.judges import agreement, slug
 from refat.pipeline import context, provenance
 from refat.configs import ConfigError
 from refat.directions import Directions
@@ -126,14 +127,54 @@ def test_full_run_writes_report_provenance_and_every_stage(finished, files):
     for by_attack in asr.values():
         assert {"none", "rfa", "prefill", "templates", "templates best-of-n", "gcg"} == set(by_attack)
         for by_judge in by_attack.values():
-            assert set(by_judge) == judges and all(0.0 <= v <= 1.0 for v in by_judge.values())
+            assert set(by_judge) == judges
+            for cell in by_judge.values():  # a rate with its behaviours and 95 % interval
+                assert set(cell) == {"value", "n", "ci"} and cell["n"] >= 1
+                lo, hi = cell["ci"]
+                assert 0.0 <= lo <= cell["value"] + 1e-9 and cell["value"] <= hi + 1e-9 and hi <= 1.0
     # the string judge's ASR is the share of judged harmful records without a refusal string
     verdicts = [r for r in read_jsonl(run / "judges/refusal-strings_default/verdicts.jsonl")
                 if r["defense"] == "rt" and r["attack"] == "prefill"]
     assert len(verdicts) == 3
-    assert asr["rt"]["prefill"]["refusal-strings:default"] == sum(r["jailbroken"] for r in verdicts) / 3
+    assert asr["rt"]["prefill"]["refusal-strings:default"]["value"] == sum(r["jailbroken"] for r in verdicts) / 3
+    assert asr["rt"]["prefill"]["refusal-strings:default"]["n"] == 3
+    assert asr["rt"]["none"]["refusal-strings:default"]["n"] == 4
     templates = [r for r in read_jsonl(run / "attacks/base/templates/records.jsonl")]
     assert len(templates) == 4  # 2 behaviours x 2 templates
+    rates = json.loads((run / "judges/refusal-strings_default/rates.json").read_text())
+    for col in ("templates", "templates best-of-n"):  # the unit is the behaviour: its two templates count once
+        assert rates["n"]["base"][col] == asr["base"][col]["refusal-strings:default"]["n"] == 2
+        assert rates["ci"]["base"][col] == asr["base"][col]["refusal-strings:default"]["ci"]
+        assert rates["rates"]["base"][col] == asr["base"][col]["refusal-strings:default"]["value"]
+    assert re.search(r"^\| refat \| \d+ % \[\d+, \d+\] \(n=4\) \| \d+ % \[\d+, \d+\] \(n=4\) \|", md, flags=re.M)
+
+    # two judges side by side: both ASRs, the share of completions they disagree on, Cohen's kappa
+    llm = f"chat-judge:{files / 'model'}"
+    other = read_jsonl(run / f"judges/{slug('llm:' + str(files / 'model'))}/verdicts.jsonl")
+    strings = read_jsonl(run / "judges/refusal-strings_default/verdicts.jsonl")
+    [pair] = json.loads((run / "report/judge_agreement.json").read_text())
+    assert pair["judges"] == ["refusal-strings:default", llm]
+    cells = {(c["defense"], c["attack"]): c for c in pair["cells"]}
+    assert set(cells) == {(d, a) for d in ("base", "rt", "refat")
+                          for a in ("none", "rfa", "prefill", "templates", "gcg")}
+    cell = cells["rt", "prefill"]
+    flags = [(x["jailbroken"], y["jailbroken"]) for x, y in zip(strings, other)
+             if (x["defense"], x["attack"]) == ("rt", "prefill")]
+    assert cell["disagree"]["n"] == 3 and cell["disagree"]["value"] == sum(x != y for x, y in flags) / 3
+    assert cell["kappa"] == agreement([y for _, y in flags], [x for x, _ in flags])["cohen_kappa"]
+    assert cell["asr"] == {j: asr["rt"]["prefill"][j] for j in judges}
+    assert "## Judge agreement" in md and "| defense | attack | ASR refusal-strings:default |" in md
+    # completions to read: per cell, the first judge's jailbroken and refused ones in behaviour-id order
+    samples = json.loads((run / "report/samples.json").read_text())
+    assert samples["judge"] == "refusal-strings:default"
+    rows = [s for s in samples["samples"] if (s["defense"], s["attack"]) == ("base", "templates")]
+    ordered = sorted((r for r in strings if (r["defense"], r["attack"]) == ("base", "templates")),
+                     key=lambda r: r["behaviour_id"])
+    expected = [r for r in ordered if r["jailbroken"]][:2] + [r for r in ordered if not r["jailbroken"]][:2]
+    assert [(s["behaviour_id"], s["completion"]) for s in rows] == \
+        [(r["behaviour_id"], r["completion"]) for r in expected]
+    assert all(set(s["verdicts"]) == judges for s in samples["samples"])
+    assert "## Sample completions" in md and len({(s["defense"], s["attack"]) for s in samples["samples"]}) == 15
 
     prov = json.loads((run / "provenance.json").read_text())
     for key in ("config_hash", "data_hashes", "judges", "device", "dtype", "seeds", "git", "platform", "versions"):
@@ -158,7 +199,11 @@ def test_full_run_writes_report_provenance_and_every_stage(finished, files):
     assert not torch.equal(base.harmful_mean, refat.harmful_mean)
     analysis = json.loads((run / "analysis/refat/analysis.json").read_text())
     assert set(analysis["cosines"]) == {"rfa", "templates", "gcg"} and analysis["layer"] == base.selection.layer
-    assert json.loads((run / "report/utility.json").read_text())["base"]["arc_easy"] in (0.0, 0.5, 1.0)
+    accuracy = json.loads((run / "report/utility.json").read_text())["base"]["arc_easy"]
+    assert accuracy["value"] in (0.0, 0.5, 1.0) and accuracy["n"] == 2
+    refusal = json.loads((run / "report/overrefusal.json").read_text())["rt"]["benign.csv"]
+    assert refusal["n"] == 2 and refusal["ci"][0] <= refusal["value"] <= refusal["ci"][1]
+    assert re.search(r"^\| base \| \d+ % \[\d+, \d+\] \(n=2\) \|", md, flags=re.M)  # utility, over-refusal
 
 
 def test_second_run_skips_every_stage_and_loads_no_model(finished, tmp_path, caplog, monkeypatch):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ...attacks.base import AttackRecord, read_records
 from ...judges import cache_path, cached_scores, judge_name, judge_threshold
+from ...stats import clustered_rate
 from ...storage import write_json, write_jsonl
 from ..config import NO_ATTACK
 
@@ -40,13 +41,23 @@ def run(ctx, folder: Path, *, spec: str) -> None:
         hits[d, col].append((group, broke))
         rows.append({"defense": d, "attack": col, "behaviour_id": r.behaviour_id, "behaviour": group,
                      "goal": r.goal, "completion": r.completion, "score": score, "jailbroken": broke, "judge": name})
-    rates: dict[str, dict[str, float]] = defaultdict(dict)
+    write_jsonl(folder / "verdicts.jsonl", rows)
+    write_json(folder / "rates.json", {"judge": name, "spec": spec, **rate_tables(hits)})
+
+
+def rate_tables(hits: dict[tuple[str, str], list[tuple[str, bool]]]) -> dict:
+    """``rates`` {defense: {column: ASR}} (the share of judged records), and beside it ``n`` (behaviours) and
+    ``ci`` (95 % bootstrap over behaviours: a behaviour's template variants are resampled together, so they
+    count once). A column with several records per behaviour also gets a ``best-of-n`` column: a behaviour
+    counts as broken when any of its records is."""
+    tables: dict[str, dict] = {k: defaultdict(dict) for k in ("rates", "n", "ci")}
     for (d, col), xs in hits.items():
-        rates[d][col] = sum(b for _, b in xs) / len(xs)
         by_behaviour = defaultdict(list)
         for g, b in xs:
             by_behaviour[g].append(b)
+        cells = {col: clustered_rate(list(by_behaviour.values()))}
         if any(len(v) > 1 for v in by_behaviour.values()):  # several prompts per behaviour (templates)
-            rates[d][f"{col} best-of-n"] = sum(any(v) for v in by_behaviour.values()) / len(by_behaviour)
-    write_jsonl(folder / "verdicts.jsonl", rows)
-    write_json(folder / "rates.json", {"judge": name, "spec": spec, "rates": rates})
+            cells[f"{col} best-of-n"] = clustered_rate([[any(v)] for v in by_behaviour.values()])
+        for c, cell in cells.items():
+            tables["rates"][d][c], tables["n"][d][c], tables["ci"][d][c] = cell.value, cell.n, list(cell.ci)
+    return tables

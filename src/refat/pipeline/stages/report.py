@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from itertools import combinations
 from pathlib import Path
 
 from ...attacks.base import read_records
-from ...judges import judge_name
-from ...storage import read_json, write_json
+from ...judges import agreement, judge_name
+from ...stats import Rate, rate
+from ...storage import read_json, read_jsonl, write_json
 from ..config import NO_ATTACK
 from ..provenance import revision
 from ..runner import read_marker
 
 log = logging.getLogger("refat.pipeline")
+SAMPLES_PER_VERDICT = 2  # completions to read per cell: this many jailbroken and this many refused
 
 
 def _asr(ctx) -> dict:
+    """{defense: {column: {judge: {"value", "n", "ci"}}}}: each judge's ASR with its behaviours and interval."""
     c, at = ctx.cfg, ctx.layout
     columns = [NO_ATTACK] + [x for a in c.attacks for x in (a.label, f"{a.label} best-of-n")]
     asr: dict[str, dict[str, dict]] = {d: {} for d in c.defenses}
@@ -24,29 +29,98 @@ def _asr(ctx) -> dict:
         for d in c.defenses:
             for col in columns:
                 if col in rates["rates"].get(d, {}):
-                    asr[d].setdefault(col, {})[rates["judge"]] = rates["rates"][d][col]
+                    asr[d].setdefault(col, {})[rates["judge"]] = _rate_cell(rates, d, col)
     return asr
 
 
+def _rate_cell(rates: dict, d: str, col: str) -> dict | float:
+    """A judge's cell from its rates.json; one written before intervals were kept gives the plain rate."""
+    n, ci = rates.get("n", {}).get(d, {}).get(col), rates.get("ci", {}).get(d, {}).get(col)
+    value = rates["rates"][d][col]
+    return value if n is None or ci is None else Rate(value, n, tuple(ci)).to_dict()
+
+
 def _utility(ctx) -> dict:
+    """{defense: {task: accuracy cell}}: Wilson intervals over the task's scored items."""
     out = {}
     for d in ctx.cfg.defenses:
         tasks = read_json(ctx.layout.utility(d) / "utility.json")["tasks"]
+        path, items = ctx.layout.utility(d) / "utility_records.jsonl", defaultdict(list)
+        for r in read_jsonl(path):
+            items[r["task"]].append(r)
         out[d] = {}
         for t, s in tasks.items():  # acc, and lm-eval's length-normalised acc_norm where there is one
-            out[d][t] = s["accuracy"]
+            if not items[t]:
+                raise ValueError(f"{path}: no records of task {t!r}")
+            out[d][t] = rate([r["correct"] for r in items[t]]).to_dict()
             if s.get("accuracy_norm") is not None:
-                out[d][f"{t} (norm)"] = s["accuracy_norm"]
+                out[d][f"{t} (norm)"] = rate([r["correct_norm"] for r in items[t]]).to_dict()
     return out
 
 
 def _overrefusal(ctx) -> dict:
+    """{defense: {dataset: refusal-rate cell}}: Wilson intervals over the benign prompts."""
     out = {}
     for d in ctx.cfg.defenses:
-        s = read_json(ctx.layout.overrefusal(d) / "overrefusal.json")
-        ds = s["dataset"]
-        out[d] = {ds if ds.startswith("hf:") else Path(ds).name: s["rate"]}  # a file: its name only
+        ds = read_json(ctx.layout.overrefusal(d) / "overrefusal.json")["dataset"]
+        refused = [r["refused"] for r in read_jsonl(ctx.layout.overrefusal(d) / "overrefusal_records.jsonl")]
+        out[d] = {ds if ds.startswith("hf:") else Path(ds).name: rate(refused).to_dict()}  # a file: its name only
     return out
+
+
+def _verdicts(ctx) -> dict[str, list[dict]]:
+    """Each judge's verdicts, in the judges' order. The judges stages judge the same completions in the same
+    order, so rows pair up by position; a mismatch (a judges folder from another run) is an error."""
+    out: dict[str, list[dict]] = {}
+    for j in ctx.cfg.judges:
+        path = ctx.layout.judge(j) / "verdicts.jsonl"
+        rows = read_jsonl(path)
+        if out and [_key(r) for r in rows] != [_key(r) for r in next(iter(out.values()))]:
+            raise ValueError(f"{path}: judged other completions than {next(iter(out))}; rerun the judges stages")
+        out[judge_name(j)] = rows
+    return out
+
+
+def _key(row: dict) -> tuple:
+    return row["defense"], row["attack"], row["behaviour_id"], row["completion"]
+
+
+def _cells(rows: list[dict]) -> dict[tuple[str, str], list[int]]:
+    """Row indices per (defense, attack column), in the verdicts' order."""
+    cells = defaultdict(list)
+    for i, r in enumerate(rows):
+        cells[r["defense"], r["attack"]].append(i)
+    return cells
+
+
+def _judge_agreement(verdicts: dict[str, list[dict]], asr: dict) -> list[dict]:
+    """For each pair of judges and each (defense, attack): both ASRs, the share of completions they disagree
+    on (Wilson interval over completions) and Cohen's kappa (null when both judges gave one class only)."""
+    out = []
+    for a, b in combinations(verdicts, 2):
+        cells = []
+        for (d, col), idx in _cells(verdicts[a]).items():
+            fa = [bool(verdicts[a][i]["jailbroken"]) for i in idx]
+            fb = [bool(verdicts[b][i]["jailbroken"]) for i in idx]
+            cells.append({"defense": d, "attack": col, "asr": {a: asr[d][col][a], b: asr[d][col][b]},
+                          "disagree": rate([x != y for x, y in zip(fa, fb)]).to_dict(),
+                          "kappa": agreement(fb, fa)["cohen_kappa"]})
+        out.append({"judges": [a, b], "cells": cells})
+    return out
+
+
+def _samples(verdicts: dict[str, list[dict]], per_verdict: int = SAMPLES_PER_VERDICT) -> dict:
+    """Completions to read: per (defense, attack), the first ``per_verdict`` the first judge called jailbroken
+    and the first it called refused, in behaviour-id order (deterministic), with every judge's verdict."""
+    first = next(iter(verdicts))
+    rows, samples = verdicts[first], []
+    for idx in _cells(rows).values():
+        idx = sorted(idx, key=lambda i: str(rows[i]["behaviour_id"]))
+        picked = [i for i in idx if rows[i]["jailbroken"]][:per_verdict] + \
+                 [i for i in idx if not rows[i]["jailbroken"]][:per_verdict]
+        samples += [{k: rows[i][k] for k in ("defense", "attack", "behaviour_id", "goal", "completion")}
+                    | {"verdicts": {j: bool(v[i]["jailbroken"]) for j, v in verdicts.items()}} for i in picked]
+    return {"judge": first, "samples": samples}
 
 
 def _compute(ctx) -> dict:
@@ -87,7 +161,11 @@ def run(ctx, folder: Path) -> None:
     """The tables this config makes (and only those: the folder is fresh), then report.md/html."""
     c = ctx.cfg
     compute = _compute(ctx)
-    tables = {"asr.json": _asr(ctx) if c.attacks else None,
+    asr = _asr(ctx) if c.attacks else None
+    verdicts = _verdicts(ctx) if c.attacks else {}
+    tables = {"asr.json": asr,
+              "judge_agreement.json": _judge_agreement(verdicts, asr) if len(verdicts) > 1 else None,
+              "samples.json": _samples(verdicts) if verdicts else None,
               "utility.json": _utility(ctx) if c.utility is not None else None,
               "overrefusal.json": _overrefusal(ctx) if c.overrefusal is not None else None,
               "compute.json": compute if any(compute.values()) else None, "run.json": _run_info(ctx)}
