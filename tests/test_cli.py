@@ -48,7 +48,8 @@ def test_directions_attack_orthogonalize_train(files, tmp_path, capsys):
         (tmp_path / f"test-{kind}.csv").write_text("prompt\n" + "\n".join(sets.prompts(kind, "test")) + "\n")
     args = ["attack", "rfa", "--model", str(files / "model"), "--behaviours", str(tmp_path / "test-harmful.csv"),
             "--n-behaviours", "4", "--harmless", str(tmp_path / "test-harmless.csv"), "--n-harmless", "4",
-            "--max-new-tokens", "4", "--directions", str(tmp_path / "dirs"), "--out", str(tmp_path / "rfa")]
+            "--max-new-tokens", "4", "--directions", str(tmp_path / "dirs"), "--out", str(tmp_path / "rfa"),
+            "--validation", str(files / "harmful.csv")]  # worst-case RFA chooses on the prompts it does not attack
     assert main(args) == 0
     summary = json.loads((tmp_path / "rfa" / "summary.json").read_text())
     for key in ("harmful_refusal_rate", "harmful_refusal_rate_rfa", "harmless_refusal_rate", "harmless_refusal_rate_rfa"):

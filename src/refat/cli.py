@@ -51,6 +51,12 @@ def _attack_parsers(attacks) -> None:
             a.add_argument("--harmless", default="alpaca",
                            help="harmless prompts whose refusal is also measured: registry name, file or hf:org/name")
             a.add_argument("--n-harmless", type=int, default=10, help="the first N harmless prompts")
+        if entry.name == "rfa":
+            a.add_argument("--validation", default=None,
+                           help="harmful prompts the worst-case attacker chooses its ablation on: registry name, file "
+                                "or hf:org/name (default: the --behaviours dataset); attacked behaviours are left out")
+            a.add_argument("--n-validation", type=int, default=32,
+                           help="the first N prompts of --validation that are not attacked behaviours")
         add_arguments(a, entry.config)
     a = attacks.add_parser("replay", help="send another run's attack prompts to this model (transfer)")
     _model_args(a)
@@ -280,14 +286,16 @@ def _attack(args) -> int:
     if not entry.resumable:
         from .storage import claim_output
         claim_output(args.out, "records.jsonl", overwrite=args.overwrite)
-    context = AttackContext(_directions(args) if "directions" in entry.needs else None,
-                            _harmless(args) if "harmless" in entry.needs else [], dtype=args.dtype, device=args.device)
+    directions = _directions(args) if "directions" in entry.needs else None
+    harmless = _harmless(args) if "harmless" in entry.needs else []
     model = _load(args)
     behaviours = behaviours_from(args.behaviours)
     behaviours = (refused_by(model, behaviours, args.n_behaviours) if args.only_refused
                   else behaviours[:args.n_behaviours])
     if not behaviours:
         raise ValueError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
+    validation = _validation(args, behaviours) if getattr(config, "direction", None) == "worst-case" else []
+    context = AttackContext(directions, harmless, validation, dtype=args.dtype, device=args.device)
     records = entry.run(model, behaviours, config, args.out, context=context)
     if entry.name == "rfa":
         from .attacks import rfa
@@ -314,6 +322,22 @@ def _directions(args):
 def _harmless(args) -> list[str]:
     from .data import load_dataset
     return [e.prompt for e in load_dataset(args.harmless)][:args.n_harmless]
+
+
+def _validation(args, behaviours) -> list[str]:
+    """Worst-case RFA's validation prompts: the first --n-validation prompts of --validation (default: the
+    --behaviours dataset) that are not attacked behaviours, so the attacker never chooses on what it is scored on."""
+    from .data import load_dataset, prompt_key
+
+    if args.n_validation < 1:
+        raise ValueError(f"--n-validation must be >= 1, got {args.n_validation}")
+    spec = args.validation or args.behaviours
+    attacked = {prompt_key(b.goal) for b in behaviours}
+    prompts = [e.prompt for e in load_dataset(spec) if prompt_key(e.prompt) not in attacked][:args.n_validation]
+    if not prompts:
+        raise ValueError(f"--validation {spec}: every prompt is an attacked behaviour; pass --validation with other "
+                         "harmful prompts (or --direction selected)")
+    return prompts
 
 
 def _replay(args) -> int:

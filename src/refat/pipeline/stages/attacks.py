@@ -15,6 +15,7 @@ def run(ctx, folder: Path, *, defense: str, spec: AttackSpec) -> None:
     behaviours = ctx.inputs.behaviours[:spec.n_behaviours]
     directions = Directions.load(ctx.layout.directions(defense)) if "directions" in entry.needs else None
     context = AttackContext(directions=directions, harmless=ctx.inputs.harmless_test(spec.n_behaviours),
+                            validation=ctx.inputs.sets.prompts("harmful", "val"),  # never a held-out behaviour
                             seed=ctx.cfg.seed, dtype=ctx.cfg.dtype, device=ctx.cfg.device)
     records = entry.run(ctx.models.get(defense), behaviours, config, folder, judge=ctx.attack_judge, context=context)
     summary = {"attack": spec.name, "label": spec.label, "defense": defense, "n_records": len(records),

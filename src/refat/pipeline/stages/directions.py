@@ -14,7 +14,9 @@ def base(ctx, folder: Path) -> None:
 
 
 def adaptive(ctx, folder: Path, *, defense: str) -> None:
-    """The defended model's own refusal features at the base model's selected layer and position."""
+    """The defended model's own refusal features: every layer × position candidate (what worst-case RFA
+    sweeps), with the selection forced to the base model's layer and position (selected-direction RFA's
+    reference)."""
     sel = Directions.load(ctx.layout.directions("base")).selection
     batch_size = ctx.cfg.selection.batch_size
     forced = SelectionConfig(kl_threshold=math.inf, induce_refusal_threshold=-math.inf, prune_layer_fraction=0.0,
