@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from . import catalog
 from .configs import add_arguments, from_arguments
 from .data import DataConfig
 from .directions import SelectionConfig
+from .storage import claim_output, folder_lock, replacing, write_json
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -41,10 +44,12 @@ def _attack_parsers(attacks) -> None:
         a.add_argument("--only-refused", action="store_true",
                        help="keep only behaviours the model refuses without attack (screened before taking N)")
         if entry.resumable:
-            a.add_argument("--out", required=True, type=Path, help="records.jsonl goes here; a rerun resumes it")
+            a.add_argument("--out", required=True, type=Path,
+                           help="records.jsonl goes here; a rerun of the same model, config and behaviours resumes it")
         else:
             a.add_argument("--out", required=True, type=Path, help="records.jsonl and summary.json go here")
-            a.add_argument("--overwrite", action="store_true", help="replace a finished result in --out")
+        a.add_argument("--overwrite", action="store_true",
+                       help="a fresh run replacing --out's records once it finishes (the old ones stay until then)")
         if "directions" in entry.needs:
             a.add_argument("--directions", required=True, type=Path, help="folder written by `refat directions`")
         if "harmless" in entry.needs:
@@ -62,6 +67,7 @@ def _attack_parsers(attacks) -> None:
     _model_args(a)
     a.add_argument("--records", required=True, type=Path, help="records.jsonl (or its folder) of an earlier attack")
     a.add_argument("--out", required=True, type=Path)
+    a.add_argument("--overwrite", action="store_true", help="a fresh run replacing --out's records once it finishes")
     from .attacks.transfer import ReplayConfig
     add_arguments(a, ReplayConfig)
 
@@ -79,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, DataConfig, defaults=DIRECTIONS_DATA)
     add_arguments(p, SelectionConfig, defaults=DIRECTIONS_SELECTION)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace directions of another model in --out (the old ones stay until the new are done)")
 
     p = sub.add_parser("attack", help="run an attack")
     _attack_parsers(p.add_subparsers(dest="attack", required=True))
@@ -249,8 +257,9 @@ def _run(args) -> int:
     if args.command == "directions":
         from .data import prompt_sets
         from .directions import find_directions
-        d = find_directions(_load(args), prompt_sets(from_arguments(DataConfig, args)),
-                            from_arguments(SelectionConfig, args), args.out)
+        with _output(args.out, args.overwrite) as out:
+            d = find_directions(_load(args), prompt_sets(from_arguments(DataConfig, args)),
+                                from_arguments(SelectionConfig, args), out)
         s = d.selection
         print(f"selected layer {s.layer}, position {s.position}: refusal score {s.baseline_refusal_score:.2f} -> "
               f"{s.refusal_score:.2f} under ablation (KL {s.kl:.3f}, induced {s.induce_score:.2f}); saved in {args.out}")
@@ -277,32 +286,34 @@ def _run(args) -> int:
 def _attack(args) -> int:
     """Any registered attack through one call (or ``replay``); prints its ASR, or RFA's refusal-rate table."""
     from .attacks import get
-    from .attacks.base import AttackContext, behaviours_from, refused_by
+    from .attacks.base import AttackContext, behaviours_from, claim_model, refused_by
 
     if args.attack == "replay":
         return _replay(args)
     entry = get(args.attack)
     config = from_arguments(entry.config, args)
-    if not entry.resumable:
-        from .storage import claim_output
-        claim_output(args.out, "records.jsonl", overwrite=args.overwrite)
     directions = _directions(args) if "directions" in entry.needs else None
     harmless = _harmless(args) if "harmless" in entry.needs else []
-    model = _load(args)
-    behaviours = behaviours_from(args.behaviours)
-    behaviours = (refused_by(model, behaviours, args.n_behaviours) if args.only_refused
-                  else behaviours[:args.n_behaviours])
-    if not behaviours:
-        raise ValueError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
-    validation = _validation(args, behaviours) if getattr(config, "direction", None) == "worst-case" else []
-    context = AttackContext(directions, harmless, validation, dtype=args.dtype, device=args.device)
-    records = entry.run(model, behaviours, config, args.out, context=context)
+    with _output(args.out, args.overwrite) as out:
+        if not entry.resumable:
+            claim_output(out, "records.jsonl")
+        model = _load(args)
+        behaviours = behaviours_from(args.behaviours)
+        behaviours = (refused_by(model, behaviours, args.n_behaviours) if args.only_refused
+                      else behaviours[:args.n_behaviours])
+        if not behaviours:
+            raise ValueError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
+        if entry.resumable:
+            claim_model(out, model)
+        validation = _validation(args, behaviours) if getattr(config, "direction", None) == "worst-case" else []
+        context = AttackContext(directions, harmless, validation, dtype=args.dtype, device=args.device)
+        records = entry.run(model, behaviours, config, out, context=context)
+        if entry.name == "rfa":
+            from .attacks import rfa
+            from .pipeline.demo import format_table
+            summary = {**rfa.summary(records, context.directions), "model": model.name}
+            write_json(out / "summary.json", summary)
     if entry.name == "rfa":
-        from .attacks import rfa
-        from .pipeline.demo import format_table
-        from .storage import write_json
-        summary = {**rfa.summary(records, context.directions), "model": model.name}
-        write_json(args.out / "summary.json", summary)
         print(format_table(summary))
         return 0
     _print_asr(args.attack, records, args.out)
@@ -312,6 +323,18 @@ def _attack(args) -> int:
         print(f"{s['n_templates']} templates × {s['n_behaviours']} behaviours: mean ASR per template "
               f"{s['asr_mean']:.0%}, best-of-N ASR {s['asr_best_of_n']:.0%}")
     return 0
+
+
+@contextmanager
+def _output(out: Path, overwrite: bool, *, main: bool = True, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """The folder a command writes into, locked against a second writer (by the main process only, under
+    torchrun); with ``overwrite``, a fresh sibling that replaces ``out`` only when the command succeeds."""
+    with folder_lock(out) if main else nullcontext():
+        if overwrite:
+            with replacing(out, keep=keep, main=main) as fresh:
+                yield fresh
+        else:
+            yield out
 
 
 def _directions(args):
@@ -341,14 +364,18 @@ def _validation(args, behaviours) -> list[str]:
 
 
 def _replay(args) -> int:
-    from .attacks.base import read_records
+    from .attacks.base import claim_model, read_records
     from .attacks.transfer import ReplayConfig, replay
 
     path = args.records / "records.jsonl" if args.records.is_dir() else args.records
     records = read_records(path)
     if not records:
         raise FileNotFoundError(f"no attack records in {path}")
-    _print_asr(args.attack, replay(_load(args), records, args.out, config=from_arguments(ReplayConfig, args)), args.out)
+    with _output(args.out, args.overwrite) as out:
+        model = _load(args)
+        claim_model(out, model)
+        replayed = replay(model, records, out, config=from_arguments(ReplayConfig, args))
+    _print_asr(args.attack, replayed, args.out)
     return 0
 
 
@@ -378,20 +405,26 @@ def _train_config(args):
 
 def _train(args, data) -> int:
     from .training import train, training_pairs
+    from .training.distributed import rank_and_world
 
     cfg = _train_config(args)
-    from .storage import claim_output
-    claim_output(args.out, "train_summary.json", overwrite=args.overwrite or args.resume)
-    model = _load(args)
-    cfg.validate(model.n_layers)  # before any long work
-    pairs = training_pairs(model, data, args.n_harmful, args.n_harmless, args.out / "pairs.jsonl")
-    result = train(model, pairs, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one")
+    main_process = rank_and_world()[0] == 0
+    with _output(args.out, args.overwrite, main=main_process, keep=(PAIRS_FILE,)) as out:
+        claim_output(out, "train_summary.json", overwrite=args.resume)
+        model = _load(args)
+        cfg.validate(model.n_layers)  # before any long work
+        pairs = training_pairs(model, data, args.n_harmful, args.n_harmless, out / PAIRS_FILE)
+        result = train(model, pairs, cfg, out, resume=args.resume)
     c = result.compute
-    from .training.distributed import rank_and_world
-    if rank_and_world()[0] == 0:
+    if main_process:
         print(f"{args.method}: final loss {result.final_loss:.3f}; {c['train_forward']} training forwards, "
               f"{c['perturbation']['forward']} extra forwards, {c['seconds']:.0f} s; adapter in {args.out / 'adapter'}")
     return 0
+
+
+PAIRS_FILE = "pairs.jsonl"  # the training pairs, cached in the run folder (kept by --overwrite: same inputs)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from . import hooks
 from .configs import at_least, require
 from .data import PromptSets
 from .generation import batched, forward_last_logits
-from .models import Model
-from .storage import atomic_path, digest, write_json
+from .models import Model, check_resumable, describe_identity, identity
+from .storage import FinishedRunError, atomic_path, digest, write_json
 
 __all__ = ["Directions", "Selection", "SelectionConfig", "extract", "select", "refusal_token_ids", "refusal_scores",
            "mean_refusal_score", "REFUSAL_PHRASES"]
@@ -264,17 +264,39 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
                        "induce_refusal_threshold or use more extraction prompts")
 
 
+def _check_same_model(saved: Directions, model: Model, model_identity: dict, out_dir: str | Path) -> None:
+    """Directions of this model, or of the model at the same place (spec and adapter) whose weights have since
+    changed, may be replaced by new ones; another model's are refused."""
+    stored = saved.meta.get("model_identity")
+    if stored == model_identity:
+        return
+    same_place = (saved.model == model.name
+                  and saved.meta.get("model_source", {}).get("adapter") == model.source.get("adapter"))
+    if same_place:
+        print(f"refat: the weights of {model.name} changed since the directions in {out_dir} were found "
+              f"({describe_identity(stored)}, now {describe_identity(model_identity)}); extracting anew", file=sys.stderr)
+        return
+    raise FinishedRunError(f"{out_dir} holds the directions of another model ({saved.model}: {describe_identity(stored)}; "
+                           f"this run: {model.name}: {describe_identity(model_identity)}); pass --overwrite to replace "
+                           "them or choose another --out")
+
+
 def find_directions(model: Model, sets: PromptSets, selection: SelectionConfig, out_dir: str | Path | None = None,
                     *, batch_size: int = 32) -> Directions:
     """Extract on the train split and select on the val split. Each step is saved as it finishes and
-    reused when its inputs are unchanged: a new selection config reuses the extraction."""
-    extract_key = digest([model.name, model.source, sets.prompts("harmful", "train"), sets.prompts("harmless", "train")])
+    reused when its inputs are unchanged: a new selection config reuses the extraction. Saved work is keyed by
+    the model's :func:`~refat.models.identity` (its weights' sha256, adapter, dtype, device), so new weights
+    at the same path are extracted anew; a folder holding another model's directions is refused."""
+    model_identity = identity(model)
+    extract_key = digest([model_identity, sets.prompts("harmful", "train"), sets.prompts("harmless", "train")])
     select_key = digest([extract_key, sets.prompts("harmful", "val"), sets.prompts("harmless", "val"),
                          asdict(selection)])
     d = None
     if out_dir is not None and (Path(out_dir) / "directions.safetensors").exists():
         saved = Directions.load(out_dir)
+        _check_same_model(saved, model, model_identity, out_dir)
         if saved.meta.get("extract_fingerprint") == extract_key:
+            check_resumable(model, out_dir)
             if saved.selection is not None and saved.meta.get("select_fingerprint") == select_key:
                 print(f"refat: reusing directions in {out_dir} (same model, data and selection config)", file=sys.stderr)
                 return saved
@@ -283,7 +305,7 @@ def find_directions(model: Model, sets: PromptSets, selection: SelectionConfig, 
     if d is None:
         t0 = time.perf_counter()
         d = extract(model, sets.prompts("harmful", "train"), sets.prompts("harmless", "train"), batch_size=batch_size)
-        d.meta = {"extract_fingerprint": extract_key, "model_source": model.source,
+        d.meta = {"extract_fingerprint": extract_key, "model_source": model.source, "model_identity": model_identity,
                   "seconds": {"extract": round(time.perf_counter() - t0, 1)}}
         if out_dir is not None:
             d.save(out_dir)

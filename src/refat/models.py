@@ -7,6 +7,7 @@ write into the residual stream are found by shape. Every choice can be overridde
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -17,8 +18,11 @@ import torch
 from torch import nn
 
 from . import catalog
+from .storage import digest, file_digest, read_json, write_json
 
-__all__ = ["Model", "load", "wrap", "merge_adapter", "auto_device", "auto_dtype", "find_blocks", "PromptTooLongError"]
+__all__ = ["Model", "load", "wrap", "merge_adapter", "auto_device", "auto_dtype", "find_blocks", "PromptTooLongError",
+           "identity", "spec_identity", "describe_identity", "check_resumable", "file_sha256", "files_sha256", "model_files",
+           "UnidentifiedModelError"]
 
 _PLACEHOLDER = "\uE000refat-instruction\uE000"
 FALLBACK_TEMPLATE = (
@@ -236,11 +240,16 @@ def _prepare_tokenizer(tok, name: str):
 
 def wrap(hf_model: nn.Module, tokenizer, *, name: str | None = None, blocks: str | None = None,
          system_prompt: str | None = None, max_prompt_tokens: int = 2048) -> Model:
-    """Describe an already-loaded HF model and tokenizer as a :class:`Model` (nothing is copied)."""
+    """Describe an already-loaded HF model and tokenizer as a :class:`Model` (nothing is copied).
+
+    Such a model has no files to fingerprint: its :func:`identity` is its name. Passing ``name`` vouches that
+    the name stands for these weights, so results stored under it may be resumed; without one, resuming is
+    refused (:func:`check_resumable`)."""
+    source = {} if name else {"anonymous": True}
     name = name or getattr(getattr(hf_model, "config", None), "_name_or_path", None) or type(hf_model).__name__
     return Model(hf=hf_model, tokenizer=_prepare_tokenizer(tokenizer, name), name=name,
                  blocks=find_blocks(hf_model, blocks), system_prompt=system_prompt,
-                 max_prompt_tokens=max_prompt_tokens)
+                 max_prompt_tokens=max_prompt_tokens, source=source)
 
 
 def merge_adapter(hf_model: nn.Module, adapter: str | Path) -> nn.Module:
@@ -265,32 +274,11 @@ def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
     dev = torch.device(device) if device else auto_device()
     dt = _parse_dtype(dtype, dev)
     kwargs: dict = {"dtype": dt, "trust_remote_code": trust_remote_code}
-    source = {"spec": spec}
-    path = Path(spec).expanduser()
-    if spec in catalog.CATALOG:
-        location = str(catalog.ensure_model(spec))
-        source["catalog"] = catalog.CATALOG[spec].upstream
-    elif path.suffix == ".gguf" or gguf_file:
+    location, gguf_file, source = _locate(spec, gguf_file, fetch=True)
+    if gguf_file:
         from transformers import GgufConfig
 
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise FileNotFoundError(f"GGUF file not found: {path}")
-            location, gguf_file = str(path.parent), path.name
-        else:
-            location = spec
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-        source["gguf_file"] = gguf_file
-    elif path.is_dir():
-        location = str(path)
-    elif path.exists() or spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{spec}: not a model directory or .gguf file")
-    elif "/" in spec:
-        location = spec  # a hub id, loaded by transformers' ordinary code
-    else:
-        raise catalog.UnknownModelError(
-            f"unknown model {spec!r}: not a catalog name ({', '.join(catalog.CATALOG)}), "
-            "a local directory, a .gguf file, or an 'org/name' hub id")
     tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}
     tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
     hf = AutoModelForCausalLM.from_pretrained(location, **kwargs).to(dev)
@@ -303,3 +291,159 @@ def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
                  max_prompt_tokens=max_prompt_tokens)
     model.source = source | {"dtype": str(dt).removeprefix("torch."), "device": str(dev)}
     return model
+
+
+def _locate(spec: str, gguf_file: str | None, *, fetch: bool) -> tuple[str, str | None, dict]:
+    """Where ``spec``'s files are (a folder or hub id), its GGUF file name if any, and the ``source`` that
+    :func:`identity` reads: the catalog's pinned sha256, or the local files that hold the model. ``fetch``:
+    build a catalog model's local copy if missing (the identity alone needs only its pinned hash)."""
+    source: dict = {"spec": spec}
+    path = Path(spec).expanduser()
+    if spec in catalog.CATALOG:
+        location = str(catalog.ensure_model(spec)) if fetch else ""
+        source |= {"catalog": catalog.CATALOG[spec].upstream, "catalog_sha256": catalog.CATALOG[spec].sha256}
+    elif path.suffix == ".gguf" or gguf_file:
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {path}")
+            location, gguf_file = str(path.parent), path.name
+        else:
+            location = spec
+        source["gguf_file"] = gguf_file
+        if Path(location, gguf_file).is_file():
+            source["files"] = [str(Path(location, gguf_file).resolve())]
+        else:
+            source["hub"] = spec
+    elif path.is_dir():
+        location = str(path)
+        source["files"] = model_files(path)
+    elif path.exists() or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{spec}: not a model directory or .gguf file")
+    elif "/" in spec:
+        location = spec  # a hub id, loaded by transformers' ordinary code; its files are not pinned here
+        source["hub"] = spec
+    else:
+        raise catalog.UnknownModelError(
+            f"unknown model {spec!r}: not a catalog name ({', '.join(catalog.CATALOG)}), "
+            "a local directory, a .gguf file, or an 'org/name' hub id")
+    return location, gguf_file, source
+
+
+# ---- identity: which weights a stored result was made with -------------------------------------------------
+
+# what a model's outputs depend on besides its weights: configuration, tokenizer and chat template files
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".jinja", ".model", ".txt", ".tiktoken")
+# source keys that identity() reads or that only say where the model came from; any other key (a pipeline's
+# defense, a trained adapter) is part of the identity as it is
+_LOCATION_KEYS = ("spec", "catalog", "catalog_sha256", "files", "gguf_file", "hub", "adapter", "dtype", "device")
+
+
+class UnidentifiedModelError(ValueError):
+    """A stored result would be resumed with a model refat cannot identify (built in memory, unnamed)."""
+
+
+def model_files(folder: str | Path) -> list[str]:
+    """The files of a model or adapter folder that its outputs depend on (weights, config, tokenizer), absolute
+    and sorted; hidden files and anything else (READMEs, logs) are left out."""
+    folder = Path(folder)
+    return sorted(str(p.resolve()) for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix in _MODEL_SUFFIXES)
+
+
+def _hash_cache() -> dict:
+    """The cached file hashes (``<cache_dir>/file-hashes.json``); a damaged cache is only a cache."""
+    try:
+        return read_json(catalog.cache_dir() / "file-hashes.json")
+    except (OSError, ValueError):
+        return {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256, cached by (absolute path, size, mtime, inode) in ``<cache_dir>/file-hashes.json``, so a
+    16 GB model is read once, not on every run; rewriting the file (new size, time or inode) hashes it again."""
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    hit = _hash_cache().get(str(path))
+    if hit and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    sha = file_digest(path)
+    cache = _hash_cache()  # again: another process may have added entries while this one hashed
+    cache = {p: v for p, v in cache.items() if os.path.exists(p)} | {str(path): {"stamp": stamp, "sha256": sha}}
+    try:
+        write_json(catalog.cache_dir() / "file-hashes.json", cache)
+    except OSError:  # a read-only home: hash again next time
+        pass
+    return sha
+
+
+def files_sha256(files: list[str]) -> str:
+    """One sha256 for a set of files: the digest of {file name: its sha256}."""
+    if not files:
+        raise FileNotFoundError("no model files to identify")
+    return digest({os.path.basename(f): file_sha256(f) for f in files}, n=64)
+
+
+def _adapter_sha256(adapter: str | Path) -> str:
+    folder = Path(adapter)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} is gone: cannot identify the model it was merged into")
+    return files_sha256(model_files(folder))
+
+
+def _identity(source: dict, name: str, dtype: str, device: str) -> dict:
+    """The identity a model of this ``source`` has (shared by a loaded model and by a spec not yet loaded)."""
+    if "catalog_sha256" in source:
+        weights = {"sha256": source["catalog_sha256"]}
+    elif source.get("files"):
+        weights = {"sha256": files_sha256(source["files"])}
+    elif source.get("hub"):
+        weights = {"hub": source["hub"]}  # not pinned: a hub id's files are whatever its cache holds
+    else:
+        return {"name": name, "source": {k: v for k, v in source.items() if k != "anonymous"}, "in_memory": True}
+    adapter = source.get("adapter")
+    return {**weights, "adapter": _adapter_sha256(adapter) if adapter else None, "dtype": dtype,
+            "device": torch.device(device).type,
+            **{k: v for k, v in source.items() if k not in _LOCATION_KEYS}}
+
+
+def identity(model: Model) -> dict:
+    """What a stored result of ``model`` is keyed by: the sha256 of its weights (the catalog's pinned hash, else
+    that of its weight, config and tokenizer files, see :func:`file_sha256`), the sha256 of a merged adapter's
+    files, the dtype and the device type. A model built in memory (:func:`wrap`) has no files: its identity is
+    its name and source, marked ``in_memory``."""
+    return _identity(model.source, model.name, str(model.dtype).removeprefix("torch."), str(model.device))
+
+
+def spec_identity(spec: str, *, dtype: str | None = None, device: str | None = None,
+                  adapter: str | Path | None = None) -> dict:
+    """The :func:`identity` ``load(spec, dtype=, device=, adapter=)`` would give, without loading anything."""
+    dev = torch.device(device) if device else auto_device()
+    dt = str(_parse_dtype(dtype, dev)).removeprefix("torch.")
+    _, _, source = _locate(spec, None, fetch=False)
+    if adapter is not None:
+        source["adapter"] = str(adapter)
+    return _identity(source, spec, dt, str(dev))
+
+
+def describe_identity(ident: dict | None) -> str:
+    """A model identity in a line, for error messages: ``model sha256 1d961463… (+ adapter 9f8e…), float32 on cpu``."""
+    if not ident:
+        return "an unrecorded model"
+    if ident.get("in_memory"):
+        return f"in-memory model {ident.get('name')!r}"
+    what = f"model sha256 {ident['sha256'][:12]}…" if "sha256" in ident else f"hub model {ident.get('hub')}"
+    adapter = f"adapter {ident['adapter'][:12]}…" if ident.get("adapter") else "no adapter"
+    extra = "".join(f", {k} {v}" for k, v in ident.items()
+                    if k not in ("sha256", "hub", "adapter", "dtype", "device"))
+    return f"{what} (+ {adapter}), {ident.get('dtype')} on {ident.get('device')}{extra}"
+
+
+def check_resumable(model: Model, stored: str | Path) -> None:
+    """Refuse to resume or reuse the result in ``stored`` with a model built in memory without a name: nothing
+    says its weights are the ones that made it."""
+    if model.source.get("anonymous"):
+        raise UnidentifiedModelError(
+            f"{stored} holds a stored result, but the model {model.name!r} was built in memory (refat.wrap without "
+            "name=) and has no files to fingerprint; pass wrap(..., name=...) to vouch that the name stands for these "
+            "weights, or write to a fresh folder")

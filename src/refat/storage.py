@@ -8,12 +8,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["digest", "atomic_path", "atomic_dir", "write_text", "write_json", "write_jsonl", "read_json", "read_jsonl",
-           "FinishedRunError", "claim_output", "FolderLockedError", "folder_lock"]
+__all__ = ["digest", "file_digest", "atomic_path", "atomic_dir", "replacing", "write_text", "write_json", "write_jsonl",
+           "read_json", "read_jsonl", "FinishedRunError", "claim_output", "FolderLockedError", "folder_lock"]
 
 
 class FinishedRunError(FileExistsError):
@@ -24,6 +24,15 @@ def digest(obj, n: int = 16) -> str:
     """The first ``n`` hex digits of the sha256 of ``obj`` as canonical JSON (sorted keys; ``str`` for anything
     JSON lacks). Cache keys and stage fingerprints are these: changing it invalidates every stored run."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def file_digest(path: str | Path) -> str:
+    """The full sha256 of a file's bytes (read in 1 MiB blocks: a model's weights never sit in memory twice)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextmanager
@@ -60,6 +69,43 @@ def atomic_dir(path: str | Path, *, replace: bool = True):
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def replacing(folder: str | Path, *, keep: Sequence[str] = (), main: bool = True):
+    """Yield a fresh sibling of ``folder`` (``.<name>.new``) that replaces ``folder`` only when the block succeeds:
+    ``--overwrite`` writes the new result beside the old one, so a run killed or failing midway leaves the old
+    result intact. ``keep``: files of ``folder`` copied into the sibling first (cached inputs such as training
+    pairs); the folder's lock file moves with the swap. ``main``: False on the other processes of a
+    data-parallel run, which only write into the sibling that the main process prepares and swaps.
+
+    The swap is two renames; a run killed between them leaves ``.<name>.old``, which the next call puts back."""
+    folder = Path(folder)
+    new, old = folder.with_name(f".{folder.name}.new"), folder.with_name(f".{folder.name}.old")
+    if not main:
+        yield new
+        return
+    if old.exists() and not folder.exists():  # a swap interrupted between its two renames
+        os.replace(old, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(new, ignore_errors=True)  # left by an interrupted --overwrite run
+    new.mkdir(parents=True, exist_ok=True)  # another rank of a data-parallel run may have made it
+    for name in keep:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, new / name)
+    try:
+        yield new
+        if (folder / LOCK_NAME).exists():
+            os.replace(folder / LOCK_NAME, new / LOCK_NAME)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(new, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -120,7 +166,7 @@ def folder_lock(folder: str | Path):
     interleaving its outputs with the first's. A lock whose process is gone (killed) is taken over."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".lock"
+    lock = folder / LOCK_NAME
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

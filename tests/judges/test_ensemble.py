@@ -69,3 +69,13 @@ def test_bad_files_are_named(tmp_path):
     EnsembleFit(("strings:typo",), (1.0,), 0.0, 0.5).save(tmp_path / "typo.json")
     with pytest.raises(ConfigError, match="unknown judge 'strings:typo'"):
         parse_spec(f"ensemble:{tmp_path / 'typo.json'}")
+
+
+def test_an_ensembles_version_follows_its_fit(tmp_path):
+    from refat.judges.spec import parse_spec as parse
+
+    a = EnsembleFit(("refusal-strings:default",), (1.0,), 0.0, 0.5).save(tmp_path / "a.json")
+    v1 = parse(f"ensemble:{a}").version
+    assert from_spec(f"ensemble:{a}").version == v1
+    EnsembleFit(("refusal-strings:default",), (2.0,), 0.0, 0.5).save(a)
+    assert parse(f"ensemble:{a}").version != v1  # refitted weights: cached scores are not reused

@@ -23,20 +23,23 @@ from tqdm.auto import tqdm
 
 from ..data import Example, affirmative_target, load_dataset, prompt_key
 from ..judges import RefusalStringJudge
-from ..storage import FinishedRunError, write_json, write_jsonl
+from ..models import check_resumable, describe_identity, identity
+from ..storage import FinishedRunError, read_json, write_json, write_jsonl
 
 if TYPE_CHECKING:
     from ..directions import Directions
     from ..models import Model
 
 __all__ = ["Behaviour", "AttackCost", "AttackRecord", "AttackContext", "behaviours_from", "run_attack", "read_records",
-           "attack_success_rate", "success_rates", "string_judge", "AttackConfigMismatch", "refused_by", "NO_ATTACK"]
+           "attack_success_rate", "success_rates", "string_judge", "AttackConfigMismatch", "refused_by", "NO_ATTACK",
+           "claim_records", "claim_model"]
 
 NO_ATTACK = "none"  # the attack name of a record answered without attack (RFA's baseline)
 
 
 class AttackConfigMismatch(FinishedRunError):
-    """``out_dir`` holds records made with another attack config: resuming would mix them."""
+    """``out_dir`` holds records made with another model, attack config, behaviour set or judge: resuming
+    would mix them."""
 
 
 @dataclass(frozen=True)
@@ -174,17 +177,63 @@ def _append(path: Path, record: AttackRecord) -> None:
         os.fsync(f.fileno())
 
 
-def _claim(out: Path, name: str, config: dict) -> None:
-    """Refuse to resume into a folder whose records came from another config of this attack."""
-    meta = out / "attack.json"
-    want = {"attack": name, "config": config}
-    if meta.exists():
-        have = json.loads(meta.read_text())
-        if have != json.loads(json.dumps(want, default=str)):
-            raise AttackConfigMismatch(f"{out} holds {have['attack']} records made with another config; "
-                                       "choose another --out (or delete it) to run this one")
-    else:
-        write_json(meta, want)
+ATTACK_META = "attack.json"  # the fingerprint of the records beside it
+
+
+def _differences(have: dict, want: dict, has_records: bool) -> dict[str, str]:
+    """Each part of ``want`` that ``have`` (the stored fingerprint) contradicts: ``stored …; this run: …``. A
+    behaviour list may grow (a rerun with a larger --n-behaviours attacks the new ones); a part the folder did
+    not record differs once it holds records, since nothing says they match."""
+    out = {}
+    for key, now in want.items():
+        if key not in have and not has_records:
+            continue
+        stored = have.get(key)
+        if key == "behaviours" and stored is not None and now[:len(stored)] == stored:
+            continue
+        if stored != now:
+            out[key] = f"stored {_show(key, stored)}; this run: {_show(key, now)}"
+    return out
+
+
+def _show(key: str, value) -> str:
+    if value is None:
+        return "not recorded"
+    if key == "model":
+        return describe_identity(value)
+    if key == "behaviours":
+        return f"{len(value)} behaviours [{', '.join(value[:3])}{', …' if len(value) > 3 else ''}]"
+    if key == "config" and isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)[:200]
+    return str(value)
+
+
+def claim_records(out: str | Path, fingerprint: dict) -> None:
+    """Refuse to add records to ``out`` unless every part of ``fingerprint`` (attack, config, behaviours, judge;
+    the model, claimed by the caller that loaded it) matches what made the records already there; then record
+    it in ``attack.json``. A mismatch raises :class:`AttackConfigMismatch` naming each part that differs."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / ATTACK_META
+    have = read_json(meta) if meta.exists() else {}
+    want = json.loads(json.dumps(fingerprint, default=str))
+    has_records = bool(read_records(out / "records.jsonl"))
+    diffs = _differences(have, want, has_records)
+    if diffs:
+        what = f"{have['attack']} records" if "attack" in have else "attack records"
+        raise AttackConfigMismatch(f"{out} holds {what} made with another {' and '.join(diffs)} "
+                                   f"({' | '.join(f'{k}: {v}' for k, v in diffs.items())}); "
+                                   "pass --overwrite for a fresh run or choose another --out")
+    if have | want != have:
+        write_json(meta, have | want)
+
+
+def claim_model(out: str | Path, model: Model) -> None:
+    """:func:`claim_records` for the model: the records in ``out`` must come from a model of this identity
+    (weights, adapter, dtype, device; :func:`refat.models.identity`)."""
+    if read_records(Path(out) / "records.jsonl"):
+        check_resumable(model, out)
+    claim_records(out, {"model": identity(model)})
 
 
 def run_attack(name: str, behaviours: Sequence[Behaviour], attack_one: Callable[[Behaviour], AttackRecord], *,
@@ -199,8 +248,9 @@ def run_attack(name: str, behaviours: Sequence[Behaviour], attack_one: Callable[
     path = None
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        _claim(out, name, asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config))
+        claim_records(out, {"attack": name,
+                            "config": asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config),
+                            "behaviours": [b.id for b in behaviours], "judge": judge.name})
         path = out / "records.jsonl"
         records, torn = _read(path)
         done = {r.behaviour_id: r for r in records}

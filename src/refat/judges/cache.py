@@ -1,8 +1,9 @@
 """Judge scores cached on disk, so a rerun, another summary or another threshold never judges a pair again.
 
-A score is keyed by the judge's name, the goal and the completion (``storage.digest``), and each judge's
-scores live in one file named after its spec. Both the key and the file name are pinned by tests:
-changing either silently re-judges every cached run.
+A score is keyed by the judge's name and version (its prompt or string list, matching rule and threshold:
+``JudgeSpec.version``), the goal and the completion (``storage.digest``), so editing a judge's prompt or list
+re-judges instead of serving scores of the old rule; each judge's scores live in one file named after its
+spec. Both the key and the file name are pinned by tests: changing either re-judges every cached run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..storage import digest, read_jsonl, write_jsonl
-from .spec import from_spec, judge_name
+from .spec import from_spec, parse_spec
 
 __all__ = ["cached_scores", "cache_path", "slug"]
 
@@ -33,9 +34,10 @@ def cached_scores(spec: str, pairs: Sequence[tuple[str, str]], cache_path: Path,
                   device: str | None = None) -> list[float]:
     """The scores of the judge of ``spec`` on (goal, completion) pairs, loading it only for pairs ``cache_path``
     lacks (and freeing it after)."""
-    name = judge_name(spec)
+    parsed = parse_spec(spec)
+    name, version = parsed.name, parsed.version
     cache = {r["key"]: r["score"] for r in read_jsonl(cache_path)} if cache_path.exists() else {}
-    keys = [digest([name, goal, completion]) for goal, completion in pairs]
+    keys = [digest([name, version, goal, completion]) for goal, completion in pairs]
     todo = {k: pair for k, pair in zip(keys, pairs) if k not in cache}
     if todo:
         judge = from_spec(spec, dtype=dtype, device=device)

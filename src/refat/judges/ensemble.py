@@ -96,6 +96,18 @@ class EnsembleJudge(Judge):
         self.fit, self.members, self.threshold = fit_, list(members), fit_.threshold
         self.name = f"{self.kind}:{label}#{fit_.version}"
 
+    @classmethod
+    def version_of(cls, path: str, threshold: float | None = None) -> str:
+        """The fit's weights and every member's own version (a member whose prompt changed re-judges)."""
+        from .spec import parse_spec
+
+        fitted = EnsembleFit.load(path)
+        return digest([cls.kind, fitted.version, [parse_spec(m).version for m in fitted.members]])
+
+    @property
+    def version(self) -> str:
+        return digest([self.kind, self.fit.version, [m.version for m in self.members]])
+
     def scores(self, behaviours: Sequence[str], completions: Sequence[str]) -> list[float]:
         check_pair(len(behaviours), len(completions))
         return self.fit.probability([m.scores(behaviours, completions) for m in self.members])

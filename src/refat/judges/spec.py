@@ -55,6 +55,12 @@ class JudgeSpec:
             return f"ensemble:{Path(self.arg).stem}#{EnsembleFit.load(self.arg).version}"
         return f"{JUDGE_KINDS[self.kind]}:{self.arg}" + threshold_suffix(self.threshold)
 
+    @property
+    def version(self) -> str:
+        """The ``version`` of the judge this spec builds (its prompt or strings, matching rule, threshold),
+        known without loading its model."""
+        return _CLASSES[self.kind].version_of(self.arg, self.threshold)
+
 
 def parse_spec(spec: str, where: str = "judge") -> JudgeSpec:
     """Check a spec without loading anything; a ConfigError names ``where`` (e.g. ``judges[1]``)."""

@@ -6,13 +6,11 @@ import platform
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import torch
 
-from .. import catalog
 from ..judges import judge_name
-from ..models import Model, auto_device
+from ..models import Model, auto_device, identity, spec_identity
 from .config import ExperimentConfig
 from .inputs import Inputs
 from .runner import now
@@ -21,19 +19,13 @@ __all__ = ["model_id", "provenance", "revision"]
 
 
 def model_id(cfg: ExperimentConfig, model: Model | None = None) -> dict:
-    """What identifies the base model: its spec and dtype, and for local files their sizes and times, so
-    that new weights written to the same path recompute everything downstream. A model passed in is
-    identified by its name and source."""
+    """What identifies the base model: :func:`refat.models.identity` (the sha256 of its weights, the resolved
+    dtype and device), computed from the spec without loading it, so that new weights written to the same path
+    recompute everything downstream. A model passed in is identified by its own identity (a model built in
+    memory by its name and source)."""
     if model is not None:
-        return {"name": model.name, "source": model.source, "dtype": str(model.dtype)}
-    out = {"spec": cfg.model, "dtype": cfg.dtype}
-    if cfg.model in catalog.CATALOG:
-        out["sha256"] = catalog.CATALOG[cfg.model].sha256
-    else:
-        path = Path(cfg.model).expanduser()
-        files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
-        out["files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
-    return out
+        return identity(model)
+    return spec_identity(cfg.model, dtype=cfg.dtype, device=cfg.device)
 
 
 def _version(dist: str) -> str | None:

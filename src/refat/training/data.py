@@ -21,7 +21,7 @@ from ..data import DataConfig, Example, affirmative_target, load_dataset, prompt
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
-from ..models import Model
+from ..models import Model, identity
 from ..storage import digest, read_json, read_jsonl, write_json, write_jsonl
 from .distributed import main_process_first
 
@@ -84,7 +84,7 @@ def load_or_build_pairs(path: str | Path, model: Model, harmful: Sequence[Exampl
                         **kwargs) -> list[Pair]:
     """Cached :func:`build_pairs`: reused when the model and input prompts are the same."""
     path = Path(path)
-    key = digest([model.name, model.source, [asdict(e) for e in harmful], [asdict(e) for e in harmless],
+    key = digest([identity(model), [asdict(e) for e in harmful], [asdict(e) for e in harmless],
                   sorted(kwargs.get("exclude", ()))])
     meta = path.with_suffix(".json")
     with main_process_first():  # data parallel: rank 0 builds the cache, the others read it

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,13 +23,16 @@ from tqdm.auto import tqdm
 
 from ..configs import FieldError, at_least, require
 from ..memory import release_freed_memory
-from ..models import Model, wrap
-from ..storage import FinishedRunError, atomic_dir, read_jsonl, write_json, write_jsonl
+from ..models import Model, check_resumable, describe_identity, files_sha256, identity, model_files, wrap
+from ..storage import FinishedRunError, atomic_dir, digest, read_jsonl, replacing, write_json, write_jsonl
 from .data import Pair, collate, response_loss
 from .distributed import rank_and_world
 from .perturbations import METHODS, AdversarialConfig, Cost, Method, RefatConfig, make_perturbation, step_generator
 
 __all__ = ["LoraSettings", "TrainConfig", "TrainResult", "train", "TrainingDivergedError"]
+
+# what a training run writes into its folder; anything else there (cached pairs) is an input --overwrite keeps
+_RUN_FILES = ("train_summary.json", "metrics.jsonl", "train_config.json")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -170,7 +172,28 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*[0-9]"))
 
 
-def _save_checkpoint(out: Path, step: int, model: Model, opt, sched, perturbation, cfg: TrainConfig, cost: dict,
+def _fingerprint(model: Model, pairs: list[Pair], cfg: TrainConfig) -> dict:
+    """What must match for a checkpoint to be resumed: the base model's identity, the training pairs and the
+    training config (whose step count may grow)."""
+    return {"model": identity(model), "pairs": digest([asdict(p) for p in pairs]), "config": cfg.fingerprint()}
+
+
+def _check_resume(path: Path, stored: dict, now: dict) -> None:
+    """Refuse a checkpoint whose model, pairs or config differ from this run's, naming which."""
+    labels = {"model": "model", "pairs": "training pairs", "config": "training config"}
+
+    def show(key: str, value) -> str:
+        return "not recorded" if value is None else describe_identity(value) if key == "model" else value
+
+    diffs = [f"{labels[key]} ({show(key, stored.get(key))} there, {show(key, value)} now)"
+             for key, value in now.items() if stored.get(key) != value]
+    if diffs:
+        hint = " (only --steps may change)" if stored.get("config") != now["config"] else ""
+        raise ValueError(f"{path} was written with a different {' and a different '.join(diffs)}: resume with the "
+                         f"same model, data and options{hint}, or pass --overwrite, or start a new --out")
+
+
+def _save_checkpoint(out: Path, step: int, model: Model, opt, sched, perturbation, fingerprint: dict, cost: dict,
                      loss: float = float("nan")) -> Path:
     from safetensors.torch import save_file
 
@@ -180,18 +203,18 @@ def _save_checkpoint(out: Path, step: int, model: Model, opt, sched, perturbatio
                   str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                     "perturbation": perturbation.state()}, tmp / "state.pt")
-        write_json(tmp / "state.json", {"step": step, "fingerprint": cfg.fingerprint(), "compute": cost, "loss": loss,
+        write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint, "compute": cost, "loss": loss,
                                         "perturbation_history": getattr(perturbation, "history", [])})
     return final
 
 
-def _load_checkpoint(path: Path, model: Model, opt, sched, perturbation, cfg: TrainConfig) -> tuple[int, dict, float]:
+def _load_checkpoint(path: Path, model: Model, opt, sched, perturbation, cfg: TrainConfig,
+                     fingerprint: dict) -> tuple[int, dict, float]:
     from safetensors.torch import load_file
 
     info = json.loads((path / "state.json").read_text())
-    if info["fingerprint"] != cfg.fingerprint():
-        raise ValueError(f"{path} was written with a different training config; resume with the same options "
-                         "(only --steps may change) or start a new --out")
+    stored = info["fingerprint"] if isinstance(info["fingerprint"], dict) else {"config": info["fingerprint"]}
+    _check_resume(path, stored, fingerprint)
     params = _trainable(model)
     for name, t in load_file(str(path / "trainable.safetensors")).items():
         params[name].data.copy_(t)
@@ -212,18 +235,25 @@ def _load_checkpoint(path: Path, model: Model, opt, sched, perturbation, cfg: Tr
 
 def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Fine-tune ``model`` with ``cfg.method``; checkpoints, metrics and the adapter go to ``out_dir``."""
+    """Fine-tune ``model`` with ``cfg.method``; checkpoints, metrics and the adapter go to ``out_dir``.
+
+    ``resume``: continue the checkpoints in ``out_dir``, refused when they were made with another model, other
+    pairs or another config. ``overwrite``: a fresh run written beside ``out_dir`` that replaces the run's own
+    outputs only when it finishes (other files, such as cached pairs, are kept)."""
     cfg.validate(model.n_layers)
-    sampler = _Sampler(pairs, cfg)  # checks the pairs before --overwrite deletes anything
+    sampler = _Sampler(pairs, cfg)  # checks the pairs before anything is written
     out = Path(out_dir)
     rank, world = rank_and_world()
-    if (out / "train_summary.json").exists() and not (overwrite or resume):
+    if overwrite:
+        keep = [p.name for p in out.iterdir() if p.is_file() and p.name not in _RUN_FILES
+                and not p.name.startswith(".")] if out.is_dir() else []
+        with replacing(out, keep=keep, main=rank == 0) as fresh:
+            result = train(model, pairs, cfg, fresh, progress=progress)
+        result.out_dir = out
+        return result
+    if (out / "train_summary.json").exists() and not resume:
         raise FinishedRunError(f"{out} holds a finished training run; pass --overwrite or --resume, or another --out")
-    if overwrite and rank == 0:  # the run's own outputs only: cached pairs and other files stay
-        for name in ("checkpoints", "adapter", "model", "merged"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("train_summary.json", "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
+    fingerprint = _fingerprint(model, pairs, cfg)
     torch.manual_seed(cfg.seed)
     model = _prepare_model(model, cfg)
     params = list(_trainable(model).values())
@@ -240,9 +270,10 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
     loss_value = float("nan")
     ckpts = _checkpoints(out)
     if resume and ckpts:
-        start, compute, loss_value = _load_checkpoint(ckpts[-1], model, opt, sched, perturbation, cfg)
+        check_resumable(model, ckpts[-1])
+        start, compute, loss_value = _load_checkpoint(ckpts[-1], model, opt, sched, perturbation, cfg, fingerprint)
         print(f"refat: resuming {cfg.method} from {ckpts[-1]} (step {start})", file=sys.stderr)
-    elif ckpts and not overwrite:
+    elif ckpts:
         raise FinishedRunError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite")
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
@@ -300,14 +331,17 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             bar.update(1)
         done = step + 1
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            _save_checkpoint(out, done, model, opt, sched, perturbation, cfg,
+            _save_checkpoint(out, done, model, opt, sched, perturbation, fingerprint,
                              compute | {"perturbation": asdict(perturbation.cost)}, loss_value)
         if world > 1:
             torch.distributed.barrier()
     bar.close()
     compute["perturbation"] = asdict(perturbation.cost)
+    saved = out / ("model" if cfg.full_finetune else "adapter")
     if rank == 0:
-        _save_model(model, out / ("model" if cfg.full_finetune else "adapter"))
+        _save_model(model, saved)
+        # the trained model is not its base: its identity gains the saved weights' (path-free) fingerprint
+        model.source = {**model.source, "trained": files_sha256(model_files(saved))}
     if cfg.merge and not cfg.full_finetune:
         source = model.source
         model = wrap(model.hf.merge_and_unload(), model.tokenizer, name=model.name,
