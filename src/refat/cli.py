@@ -89,11 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with rt | refat | cat | lat (LoRA by default)", allow_abbrev=False)
     _model_args(p)
     add_arguments(p, DataConfig)
-    from .training import METHODS, TrainConfig
+    from .training import METHODS, PairsConfig, TrainConfig
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--n-harmful", type=int, default=64, help="harmful training prompts (refusal targets)")
-    p.add_argument("--n-harmless", type=int, default=64, help="harmless training prompts (answer targets)")
+    add_arguments(p, PairsConfig)  # --n-harmful, --n-harmless, --borderline, ... (the training pairs, as `refat run`)
     # every other TrainConfig field (--seed is the data option's, shared); long names, no abbreviations:
     # torchrun takes any script option that abbreviates one of its own (``--n``, ``--no``)
     add_arguments(p, TrainConfig, skip=("method", "seed"), aliases=TRAIN_ALIASES)
@@ -327,14 +326,14 @@ def _train_config(args):
 
 
 def _train(args, data) -> int:
-    from .training import train, training_pairs
+    from .training import PairsConfig, train, training_pairs
 
     cfg = _train_config(args)
     from .storage import claim_output
     claim_output(args.out, "train_summary.json", overwrite=args.overwrite or args.resume)
     model = _load(args)
     cfg.validate(model.n_layers)  # before any long work
-    pairs = training_pairs(model, data, args.n_harmful, args.n_harmless, args.out / "pairs.jsonl")
+    pairs = training_pairs(model, data, from_arguments(PairsConfig, args), args.out / "pairs.jsonl")
     result = train(model, pairs, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     c = result.compute
     from .training.distributed import rank_and_world
