@@ -155,7 +155,9 @@ def evaluate_overrefusal(model: Model, config: OverRefusalConfig = OverRefusalCo
         pool = load_overrefusal(config.dataset)
         pool = split_halves(pool)[1] if config.half == "eval" else pool
     if not pool:
-        raise ValueError("no over-refusal prompts given")
+        raise ValueError("no over-refusal prompts given" if examples is not None else
+                         f"{config.dataset}: its evaluation half (half: eval) holds no prompt; a set no training "
+                         "run read may be evaluated whole (half: all)")
     if config.n is not None and config.n < len(pool):
         pool = random.Random(f"{config.seed}:overrefusal").sample(pool, config.n)
     prompts = [e.prompt for e in pool]

