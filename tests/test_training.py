@@ -238,6 +238,89 @@ def test_rfa_coins_depend_on_step_only_and_shards_agree(model):
         assert all(torch.equal(pert.rows(batch.select(rows), s), draws[s][rows]) for s in range(8))
 
 
+def _ready(model, seed: int = 0, **cfg) -> RefatPerturbation:
+    pert = RefatPerturbation(model, RefatConfig(n=4, **cfg), HARMFUL, HARMLESS, seed=seed)
+    pert.before_step(0)
+    return pert
+
+
+def _projection(acts: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    return acts @ hooks.unit(direction)
+
+
+def test_one_direction_ablation_removes_one_drawn_feature_from_the_whole_stream(model):
+    batch = collate(model, [PAIRS[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)], 96)
+    harmful, mask = batch.harmful, batch.attention_mask.bool()
+    pert = _ready(model, p=1.0, ablation="one-direction")
+    draw = next(d for d in range(50) if len(set(pert.direction_layers(batch, d)[harmful].tolist())) >= 2)
+    drawn = pert.direction_layers(batch, draw)
+    assert set(drawn.tolist()) <= set(pert.layers)
+    base, base_logits = _forward_capture(model, batch)
+    abl, abl_logits = _forward_capture(model, batch, pert.context(batch, draw))
+    for i in harmful.nonzero().flatten().tolist():
+        own = pert.directions[drawn[i]]
+        for l in range(model.n_layers):  # every layer, also those before 25 % depth: the attack's form
+            after = _projection(abl[l][i], own)[mask[i]]
+            assert after.abs().max() <= 1e-5 * (1 + abl[l][i].norm(dim=-1).max()), (i, l)
+        other = next(l for l in pert.layers if l != drawn[i])  # not each layer's own feature at that layer
+        assert _projection(abl[other][i], pert.directions[other])[mask[i]].abs().max() > 1e-3
+    assert torch.equal(abl_logits[~harmful], base_logits[~harmful])
+    assert all(torch.equal(abl[l][~harmful], base[l][~harmful]) for l in base)
+
+
+def test_random_ablation_hits_only_the_drawn_layers_and_positions(model):
+    batch = collate(model, [PAIRS[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)], 96)
+    harmful, mask = batch.harmful, batch.attention_mask.bool()
+    pert = _ready(model, p=1.0, ablation="random", layer_prob=0.5, position_prob=0.3)
+    layers, positions = pert.random_sites(batch, 0)
+    assert layers.shape == (8, len(pert.layers)) and positions.shape == batch.input_ids.shape
+    base, _ = _forward_capture(model, batch)
+    abl, _ = _forward_capture(model, batch, pert.context(batch, 0))
+    checked = 0
+    for i in harmful.nonzero().flatten().tolist():
+        at = [l for l, on in zip(pert.layers, layers[i].tolist()) if on]
+        if not at:
+            assert all(torch.equal(abl[l][i], base[l][i]) for l in base)
+            continue
+        sites, rest = positions[i] & mask[i], ~positions[i] & mask[i]
+        for l in range(at[0]):  # nothing happens to this row before its first drawn layer
+            assert torch.equal(abl[l][i], base[l][i])
+        assert torch.equal(abl[at[0]][i][rest], base[at[0]][i][rest])  # nor at the positions not drawn
+        for l in at:
+            after = _projection(abl[l][i], pert.directions[l])
+            assert (after[sites].abs() <= 1e-5 * (1 + abl[l][i][sites].norm(dim=-1))).all(), (i, l)
+        checked += int(sites.any())
+    assert checked >= 2
+    assert all(torch.equal(abl[l][~harmful], base[l][~harmful]) for l in base)
+
+
+@pytest.mark.parametrize("ablation", ["one-direction", "random"])
+@pytest.mark.parametrize("mode", ["mean", "subtract"])
+def test_new_ablations_in_every_mode_change_harmful_rows_only(model, ablation, mode):
+    batch = collate(model, [PAIRS[i] for i in (0, 1, 8, 9)], 96)
+    pert = _ready(model, p=1.0, ablation=ablation, mode=mode, layer_prob=1.0)
+    base, base_logits = _forward_capture(model, batch)
+    _, logits = _forward_capture(model, batch, pert.context(batch, 0))
+    assert torch.equal(logits[~batch.harmful], base_logits[~batch.harmful])
+    assert not torch.allclose(logits[batch.harmful], base_logits[batch.harmful])
+
+
+@pytest.mark.parametrize("ablation", ["one-direction", "random"])
+def test_new_ablations_depend_on_seed_and_step_only_and_shards_agree(model, ablation):
+    batch = collate(model, [PAIRS[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)], 96)
+    def sites(pert, b, d):
+        return (pert.direction_layers(b, d),) if ablation == "one-direction" else pert.random_sites(b, d)
+    pert, again, other = (_ready(model, seed=s, p=0.5, ablation=ablation) for s in (3, 3, 4))
+    draws = [sites(pert, batch, d) for d in range(6)]
+    assert all(all(torch.equal(x, y) for x, y in zip(sites(again, batch, d), draws[d])) for d in range(6))
+    assert len({tuple(torch.cat([x.flatten().long() for x in d]).tolist()) for d in draws}) > 1  # vary with the step
+    assert any(not all(torch.equal(x, y) for x, y in zip(sites(other, batch, d), draws[d])) for d in range(6))
+    for rank in range(2):  # a data-parallel shard draws the global batch's sites for its rows
+        rows = torch.arange(rank, 8, 2)
+        shard = batch.select(rows)
+        assert all(torch.equal(x, y[rows]) for d in range(6) for x, y in zip(sites(pert, shard, d), draws[d]))
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Features recomputed every k steps, from the model being trained
 
@@ -505,14 +588,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# label -> (method, TrainConfig changes): each ReFAT ablation, every harmful row ablated at its own drawn sites
+DP_RUNS = {"refat": ("refat", {}), "rt": ("rt", {}),
+           "refat-one-direction": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="one-direction")}),
+           "refat-random": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="random")})}
+
+
 def _dp_worker(rank: int, port: int, out: str) -> None:
     """One rank of a 2-process gloo group (a forked child: torch, transformers and peft are already imported)."""
     try:
         os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
         torch.set_num_threads(1)
-        for method in ("refat", "rt"):
-            r = run(method, f"{out}/{method}", steps=3, batch_size=4, lr=2e-2)  # the same out_dir on both ranks
+        for method, (name, kw) in DP_RUNS.items():
+            r = run(name, f"{out}/{method}", steps=3, batch_size=4, lr=2e-2, **kw)  # the same out_dir on both ranks
             save_file({n: t.contiguous() for n, t in trainable(r.model).items()}, f"{out}/{method}-rank{rank}.safetensors")
             Path(f"{out}/{method}-rank{rank}.loss").write_text(repr(r.final_loss))
         torch.distributed.barrier()
@@ -541,11 +630,11 @@ def test_data_parallel_matches_single_process(tmp_path):
     errors = "\n".join(e.read_text() for e in sorted(out.glob("error-rank*.txt")))
     assert [p.exitcode for p in procs] == [0, 0], errors or "a rank hung or was killed"
 
-    for method in ("refat", "rt"):
+    for method, (name, kw) in DP_RUNS.items():
         w0 = load_file(str(out / f"{method}-rank0.safetensors"))
         w1 = load_file(str(out / f"{method}-rank1.safetensors"))
         assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0), method
-        single = run(method, tmp_path / f"single-{method}", steps=3, batch_size=4, lr=2e-2)
+        single = run(name, tmp_path / f"single-{method}", steps=3, batch_size=4, lr=2e-2, **kw)
         ws = trainable(single.model)
         assert max_diff(ws, w0) <= 1e-5, method
         assert max(v.abs().max().item() for k, v in ws.items() if "lora_B" in k) > 1e-4  # weights did move

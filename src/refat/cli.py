@@ -103,11 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with rt | refat | cat | lat (LoRA by default)", allow_abbrev=False)
     _model_args(p)
     add_arguments(p, DataConfig)
-    from .training import METHODS, TrainConfig
+    from .training import METHODS, PairsConfig, TrainConfig
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--n-harmful", type=int, default=64, help="harmful training prompts (refusal targets)")
-    p.add_argument("--n-harmless", type=int, default=64, help="harmless training prompts (answer targets)")
+    add_arguments(p, PairsConfig)  # --n-harmful, --n-harmless, --borderline, ... (the training pairs, as `refat run`)
     # every other TrainConfig field (--seed is the data option's, shared); long names, no abbreviations:
     # torchrun takes any script option that abbreviates one of its own (``--n``, ``--no``)
     add_arguments(p, TrainConfig, skip=("method", "seed"), aliases=TRAIN_ALIASES)
@@ -404,7 +403,7 @@ def _train_config(args):
 
 
 def _train(args, data) -> int:
-    from .training import train, training_pairs
+    from .training import PairsConfig, train, training_pairs
     from .training.distributed import rank_and_world
 
     cfg = _train_config(args)
@@ -415,7 +414,7 @@ def _train(args, data) -> int:
         claim_output(out, "train_summary.json", overwrite=args.resume)
         model = _load(args)
         cfg.validate(model.n_layers)  # before any long work
-        pairs = training_pairs(model, data, args.n_harmful, args.n_harmless, out / PAIRS_FILE)
+        pairs = training_pairs(model, data, from_arguments(PairsConfig, args), out / PAIRS_FILE)
         result = train(model, pairs, cfg, out, resume=args.resume)
     c = result.compute
     if main_process:

