@@ -78,7 +78,7 @@ def config(files: Path, **changes) -> dict:
         ],
         "judges": ["refusal-strings:default", f"llm:{files / 'model'}"],
         "utility": {"tasks": ["arc_easy"], "n_per_task": 2, "batch_size": 4},
-        "overrefusal": {"dataset": str(files / "benign.csv"), "max_new_tokens": 4},
+        "overrefusal": {"dataset": str(files / "benign.csv"), "max_new_tokens": 4, "half": "all"},
         "analysis": {"max_prompts": 4, "batch_size": 4},
         "report": True,
     }
