@@ -90,7 +90,7 @@ class AttackContext:
     directions: Directions | None = None  # the refusal direction (RFA ablates it)
     harmless: list[str] = field(default_factory=list)  # prompts whose refusal RFA also measures (over-refusal)
     seed: int = 0
-    dtype: str = "float32"  # helper models loaded by spec (PAIR's attacker, AutoDAN's mutator) use these
+    dtype: str = "auto"  # helper models loaded by spec (PAIR's attacker, AutoDAN's mutator) use these
     device: str | None = None
 
     def require(self, attack: str, resource: str):

@@ -21,12 +21,16 @@ __all__ = ["model_id", "provenance", "revision"]
 
 
 def model_id(cfg: ExperimentConfig, model: Model | None = None) -> dict:
-    """What identifies the base model: its spec and dtype, and for local files their sizes and times, so
-    that new weights written to the same path recompute everything downstream. A model passed in is
-    identified by its name and source."""
+    """What identifies the base model: its spec, its hub revision when pinned, and its concrete dtype
+    (``cfg.dtype`` is resolved from "auto" when the config is built, so the same config on hardware where
+    "auto" means another dtype gets other fingerprints and recomputes); for local files also their sizes
+    and times, so that new weights written to the same path recompute everything downstream. A model
+    passed in is identified by its name and source."""
     if model is not None:
         return {"name": model.name, "source": model.source, "dtype": str(model.dtype)}
     out = {"spec": cfg.model, "dtype": cfg.dtype}
+    if cfg.model_revision is not None:  # absent when unpinned: fingerprints of earlier runs stay valid
+        out["revision"] = cfg.model_revision
     if cfg.model in catalog.CATALOG:
         out["sha256"] = catalog.CATALOG[cfg.model].sha256
     else:
@@ -79,7 +83,7 @@ def provenance(cfg: ExperimentConfig, inputs: Inputs, model: Model | None) -> di
     return {
         "name": cfg.name, "created": now(), "config_hash": cfg.hash(), "model": cfg.model if model is None else
         {"name": model.name, "source": model.source}, "device": device,
-        "dtype": str(model.dtype).removeprefix("torch.") if model else cfg.dtype,
+        "dtype": str(model.dtype).removeprefix("torch.") if model else cfg.dtype, "model_revision": cfg.model_revision,
         "versions": {"refat": _version("refat") or refat.__version__, "torch": torch.__version__,
                      "transformers": _version("transformers"), "peft": _version("peft"),
                      "python": platform.python_version()},
