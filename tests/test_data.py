@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from refat import data
+
 from refat.data import (DatasetError, Example, affirmative_target, dedupe, drop_near_duplicates, load_dataset,
                         near_duplicates, similarity, split)
 
@@ -203,3 +205,37 @@ def test_drop_near_duplicates_keeps_order_and_names_the_match():
     assert kept == [examples[1]]
     assert removed == [(examples[0], BOMB, 1.0), (examples[2], "Provide instructions on how to rob a bank", 1.0)]
     assert drop_near_duplicates(examples, [BOMB], threshold=1.0)[0] == examples[1:]
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("hf:org/name", ("org/name", None, None)),
+    ("hf:org/name:main", ("org/name", "main", None)),
+    ("hf:org/name:main:test", ("org/name", "main", "test")),
+    ("hf:org/name::validation", ("org/name", None, "validation")),
+    ("hf:squad", ("squad", None, None)),
+])
+def test_parse_hub_dataset(spec, parsed):
+    assert data.parse_hub_dataset(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["hf:", "hf:org/name:a:b:c", "hf:org/na me", "hf:/name"])
+def test_parse_hub_dataset_rejects(spec):
+    with pytest.raises(data.DatasetError, match="expected hf:org/name"):
+        data.parse_hub_dataset(spec)
+
+
+def test_hub_dataset_config_and_split_reach_datasets(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def fake(name, config=None, *, split):
+        calls.append((name, config, split))
+        return [{"prompt": f"request {i} from {name}"} for i in range(3)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake))  # installed or not
+    assert len(data.load_dataset("hf:org/name:harmful:test")) == 3
+    data.load_dataset("hf:org/name")
+    data.load_dataset("hf:org/name::validation", split_name="ignored")
+    assert calls == [("org/name", "harmful", "test"), ("org/name", None, "train"), ("org/name", None, "validation")]

@@ -177,3 +177,93 @@ def test_parse_dtype():
     assert models._parse_dtype(torch.float16, cpu) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype"):
         models._parse_dtype("int3", cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, dtype, device_map and revision (no GPU needed: the CUDA queries are patched)
+
+
+def _fake_gpus(monkeypatch, count: int, bf16: bool = True) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+@pytest.mark.parametrize("local_rank, expected", [(None, "cuda:0"), ("0", "cuda:0"), ("3", "cuda:3")])
+def test_auto_device_is_this_process_gpu(monkeypatch, local_rank, expected):
+    _fake_gpus(monkeypatch, 4)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert models.auto_device() == torch.device(expected)
+
+
+def test_auto_device_one_visible_gpu_per_process_and_too_many_processes(monkeypatch):
+    _fake_gpus(monkeypatch, 1)
+    monkeypatch.setenv("LOCAL_RANK", "5")  # a launcher that restricts CUDA_VISIBLE_DEVICES per process
+    assert models.auto_device() == torch.device("cuda:0")
+    _fake_gpus(monkeypatch, 2)
+    with pytest.raises(ValueError, match="LOCAL_RANK=5 but this process sees 2 GPUs"):
+        models.auto_device()
+
+
+def test_auto_dtype_and_dtype_name(monkeypatch):
+    assert models.dtype_name("auto", "cpu") == "float32"
+    assert models.dtype_name("bf16", "cpu") == "bfloat16"
+    _fake_gpus(monkeypatch, 1, bf16=True)
+    assert models.dtype_name("auto") == "bfloat16"  # the device defaults to this process's
+    _fake_gpus(monkeypatch, 1, bf16=False)  # e.g. a V100
+    assert models.dtype_name("auto", "cuda:0") == "float16"
+    assert models.dtype_name("auto", "cpu") == "float32"
+
+
+class _Loaded(Exception):
+    pass
+
+
+def test_revision_and_device_map_reach_from_pretrained(monkeypatch):
+    import transformers
+
+    calls = {}
+
+    def fake(kind):
+        def from_pretrained(location, **kwargs):
+            calls[kind] = (location, kwargs)
+            if kind == "model":
+                raise _Loaded
+            return make_tokenizer()
+        return from_pretrained
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake("tokenizer"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake("model"))
+    with pytest.raises(_Loaded):
+        models.load("org/some-model", revision="abc123", device_map="auto", dtype="float32")
+    assert calls["tokenizer"] == ("org/some-model", {"trust_remote_code": False, "revision": "abc123"})
+    location, kwargs = calls["model"]
+    assert location == "org/some-model"
+    assert kwargs["revision"] == "abc123" and kwargs["device_map"] == "auto" and kwargs["dtype"] == torch.float32
+
+
+def test_revision_only_for_hub_ids_and_device_map_not_with_device(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ValueError, match="only a hub model"):
+        models.load(str(tmp_path / "m"), revision="main")
+    with pytest.raises(ValueError, match="only a hub model"):
+        models.load(catalog.DEFAULT_MODEL, revision="main")
+    with pytest.raises(ValueError, match="pass one of them"):
+        models.load("org/some-model", device="cpu", device_map="auto")
+    assert models.is_hub_id("org/name") and not models.is_hub_id(str(tmp_path / "m"))
+
+
+def test_load_records_the_hub_commit(tmp_path, monkeypatch):
+    """A hub model's source names the revision asked for and the commit transformers resolved."""
+    import transformers
+
+    hf = build_hf("qwen2", vocab_size=260, pad_id=256, eos_id=259, dtype=torch.float32)
+    hf.config._commit_hash = "f" * 40
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: make_tokenizer())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: hf)
+    model = models.load("org/some-model", revision="v1", device="cpu")
+    assert model.source["revision"] == "v1" and model.source["commit"] == "f" * 40
+    assert model.source["device"] == "cpu" and model.source["dtype"] == "float32"

@@ -6,6 +6,7 @@ Every model is a tiny random Llama (4 layers, d=32, float32); every run is a few
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -600,6 +601,8 @@ def _dp_worker(rank: int, port: int, out: str) -> None:
         os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
         torch.set_num_threads(1)
+        from accelerate.state import AcceleratorState  # the parent's (single-process) state came with the fork
+        AcceleratorState._reset_state(reset_partial_state=True)
         for method, (name, kw) in DP_RUNS.items():
             r = run(name, f"{out}/{method}", steps=3, batch_size=4, lr=2e-2, **kw)  # the same out_dir on both ranks
             save_file({n: t.contiguous() for n, t in trainable(r.model).items()}, f"{out}/{method}-rank{rank}.safetensors")
@@ -651,3 +654,81 @@ def test_data_parallel_matches_single_process(tmp_path):
         sa = adapter(out / method)
         sb = adapter(tmp_path / f"single-{method}")
         assert max_diff(sa, sb) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Through accelerate: gradient accumulation, gradient checkpointing, trackers, mixed precision
+
+
+def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
+    """One step over two micro-batches: the gradient is the mean of the two micro-batches' gradients
+    (accelerate divides by grad_accum once, not twice, and skips no micro-batch)."""
+    cfg = make_cfg("rt", steps=1, grad_accum=2, max_grad_norm=1e9)
+    r = train(fresh(), PAIRS, cfg, tmp_path / "ga", progress=False)
+    base = fresh()
+    torch.manual_seed(cfg.seed)  # as train does: the LoRA initialisation
+    model = trainer_mod._prepare_model(base, cfg)
+    sampler = trainer_mod._Sampler(PAIRS, cfg)
+    for draw in (0, 1):
+        b = collate(model, sampler.pairs(draw), cfg.max_length)
+        (response_loss(model, b.input_ids, b.attention_mask, b.labels) / int(b.labels[:, 1:].ne(-100).sum()) / 2).backward()
+    expected = torch.nn.utils.clip_grad_norm_([p for p in model.hf.parameters() if p.requires_grad], 1e9).item()
+    assert metrics(tmp_path / "ga")[0]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert r.compute["train_forward"] == 2
+
+
+def test_gradient_checkpointing_changes_no_number(tmp_path):
+    """Recomputed activations (the RFA hooks fire again in the recomputation) give the same training."""
+    plain = run("refat", tmp_path / "plain", steps=3, lr=2e-2)
+    ckpt = run("refat", tmp_path / "ckpt", steps=3, lr=2e-2, gradient_checkpointing=True)
+    assert all(b.gradient_checkpointing for b in ckpt.model.blocks) and not plain.model.blocks[0].gradient_checkpointing
+    assert max_diff(adapter(tmp_path / "plain"), adapter(tmp_path / "ckpt")) <= 1e-6
+    assert plain.final_loss == pytest.approx(ckpt.final_loss, abs=1e-6)
+    assert make_cfg(gradient_checkpointing=True).fingerprint() == make_cfg().fingerprint()  # resumable either way
+
+
+def test_new_options_keep_earlier_checkpoints_resumable():
+    """The fingerprint of a config that trains as before the accelerate options existed is the old one."""
+    import hashlib
+
+    cfg = make_cfg().resolved(torch.device("cpu"))
+    assert cfg.mixed_precision == "no"
+    old = {k: v for k, v in dataclasses.asdict(cfg).items()
+           if k not in ("steps", "checkpoint_every", "merge", "mixed_precision", "gradient_checkpointing", "report_to")}
+    assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert dataclasses.replace(cfg, mixed_precision="bf16").fingerprint() != cfg.fingerprint()
+
+
+def test_mixed_precision_auto_resolves_per_device(monkeypatch):
+    assert make_cfg().resolved(torch.device("cpu")).mixed_precision == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert make_cfg().resolved(torch.device("cuda", 1)).mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert make_cfg().resolved(torch.device("cuda", 0)).mixed_precision == "fp16"
+    assert make_cfg(mixed_precision="no").resolved(torch.device("cuda", 0)).mixed_precision == "no"
+
+
+def test_report_to_is_checked():
+    assert make_cfg(report_to=["none"]).report_to == []
+    with pytest.raises(ValueError, match="report_to: unknown tracker"):
+        make_cfg(report_to=["tensorbored"])
+
+
+def test_tensorboard_gets_the_loss_curve_drift_and_counters(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run("refat", tmp_path / "tb", steps=4, report_to=["tensorboard"])
+    events = list((tmp_path / "tb" / "trackers").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    rows = metrics(tmp_path / "tb")
+    assert [e.step for e in acc.Scalars("loss")] == [0, 1, 2, 3]
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    # ReFAT recomputes its features every k=2 steps: the drift is logged at those steps, in metrics.jsonl too
+    assert [e.step for e in acc.Scalars("feature_cosine")] == [2] and "feature_cosine" in rows[2]
+    assert [e.step for e in acc.Scalars("feature_norm")] == [0, 2]
+    tokens = [e.value for e in acc.Scalars("compute/train_tokens")]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    assert [e.value for e in acc.Scalars("compute/perturbation_forward")][-1] > 0

@@ -18,8 +18,13 @@ from .storage import claim_output, folder_lock, replacing, write_json
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=catalog.DEFAULT_MODEL,
                    help=f"catalog name ({', '.join(catalog.CATALOG)}), local HF dir, .gguf file or hub id")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: float32)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: best available)")
+    p.add_argument("--revision", default=None, help="a hub model's branch, tag or commit (hub ids only)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto = bfloat16 "
+                                                  "on a GPU that has it, float16 on older GPUs, float32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: this process's GPU "
+                                                  "(LOCAL_RANK under torchrun), else CPU)")
+    p.add_argument("--device-map", default=None, metavar="auto",
+                   help="spread a model larger than one GPU over all GPUs (accelerate's device_map; not with --device)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--adapter", default=None, type=Path, help="a LoRA adapter folder to merge in (a defended model)")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="refuse longer prompts (a clear error, not OOM)")
@@ -131,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refusal-strings:<list> | refusal-prefix:<list> | llm:<model> | harmbench:<model> | "
                         "llama-guard:<model> | ensemble:<file>; a model judge takes @<threshold> on P(jailbroken), "
                         "default 0.5")
-    p.add_argument("--dtype", default="float32", help="for model judges (default: float32)")
+    p.add_argument("--dtype", default="auto", help="for model judges (default: auto; see refat train --help)")
     p.add_argument("--device", default=None)
+    p.add_argument("--device-map", default=None, metavar="auto", help="spread a large judge over all GPUs")
     p.add_argument("--behaviour-field", default="goal", choices=["goal", "prompt"],
                    help="what the judge sees as the request: the behaviour, or the jailbreak prompt that was sent")
     p.add_argument("--calibrate", action="store_true",
@@ -171,7 +177,8 @@ def _judge_agreement(args) -> int:
     cache = catalog.cache_dir() / "judge-agreement" / args.behaviour_field  # a rerun judges nothing again
     results, member_scores = [], {}
     for spec, parsed in zip(args.judges, specs):
-        scores = cached_scores(spec, pairs, cache_path(cache, spec), dtype=args.dtype, device=args.device)
+        scores = cached_scores(spec, pairs, cache_path(cache, spec), dtype=args.dtype, device=args.device,
+                               device_map=args.device_map)
         member_scores[spec] = scores
         result = {"spec": spec, **score_agreement(parsed.name, scores, parsed.threshold or 0.5, truth)}
         if args.calibrate and parsed.needs_model:
@@ -216,7 +223,8 @@ def _judge_agreement(args) -> int:
 def _load(args):
     from .models import load
     return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                adapter=getattr(args, "adapter", None), max_prompt_tokens=args.max_prompt_tokens)
+                adapter=getattr(args, "adapter", None), max_prompt_tokens=args.max_prompt_tokens,
+                device_map=args.device_map, revision=args.revision)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import catalog
 from .configs import at_least, require
 
-__all__ = ["DataConfig", "PromptSets", "prompt_sets", "Example", "REGISTRY", "load_dataset", "split", "dedupe", "prompt_key", "similarity", "near_duplicates", "drop_near_duplicates", "NEAR_DUPLICATE_THRESHOLD", "affirmative_target", "read_package_file", "DatasetError"]
+__all__ = ["DataConfig", "PromptSets", "prompt_sets", "Example", "REGISTRY", "load_dataset", "parse_hub_dataset", "split", "dedupe", "prompt_key", "similarity", "near_duplicates", "drop_near_duplicates", "NEAR_DUPLICATE_THRESHOLD", "affirmative_target", "read_package_file", "DatasetError"]
 
 
 class DatasetError(ValueError):
@@ -173,17 +173,32 @@ def examples_from_records(rows: list[dict], where: str, prompt_field: str | None
     return out
 
 
+_HUB_DATASET = re.compile(r"([A-Za-z0-9][\w.-]*/)?[\w.-]+")
+
+
+def parse_hub_dataset(spec: str) -> tuple[str, str | None, str | None]:
+    """``hf:org/name[:config[:split]]`` as (name, config, split); an empty part is None (``hf:org/name::test``:
+    the default config, split test)."""
+    parts = spec.removeprefix("hf:").split(":")
+    if len(parts) > 3 or not _HUB_DATASET.fullmatch(parts[0]):
+        raise DatasetError(f"{spec!r}: expected hf:org/name, hf:org/name:config or hf:org/name:config:split")
+    name, config, split = (*parts, "", "")[:3]
+    return name, config or None, split or None
+
+
 def load_dataset(spec: str, *, prompt_field: str | None = None, target_field: str | None = None,
                  split_name: str = "train") -> list[Example]:
-    """Load prompts from a registry name, a local .csv/.jsonl/.json file, or ``hf:org/name``."""
+    """Load prompts from a registry name, a local .csv/.jsonl/.json file, or ``hf:org/name[:config[:split]]``
+    (``split_name`` when the spec names no split)."""
     if spec in REGISTRY:
         examples = REGISTRY[spec][1]()
     elif spec.startswith("hf:"):
+        name, config, split = parse_hub_dataset(spec)
         try:
             import datasets
         except ImportError as e:
             raise DatasetError("hub datasets need the 'datasets' package: pip install 'refat[hub]'") from e
-        ds = datasets.load_dataset(spec[3:], split=split_name)
+        ds = datasets.load_dataset(name, config, split=split or split_name)
         examples = examples_from_records(list(ds), spec, prompt_field, target_field)
     else:
         path = Path(spec).expanduser()

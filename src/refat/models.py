@@ -20,9 +20,9 @@ from torch import nn
 from . import catalog
 from .storage import digest, file_digest, read_json, write_json
 
-__all__ = ["Model", "load", "wrap", "merge_adapter", "auto_device", "auto_dtype", "find_blocks", "PromptTooLongError",
-           "identity", "spec_identity", "describe_identity", "check_resumable", "file_sha256", "files_sha256", "model_files",
-           "UnidentifiedModelError"]
+__all__ = ["Model", "load", "wrap", "merge_adapter", "auto_device", "auto_dtype", "dtype_name", "is_hub_id",
+           "find_blocks", "PromptTooLongError", "identity", "spec_identity", "describe_identity", "check_resumable",
+           "file_sha256", "files_sha256", "model_files", "UnidentifiedModelError"]
 
 _PLACEHOLDER = "\uE000refat-instruction\uE000"
 FALLBACK_TEMPLATE = (
@@ -61,21 +61,47 @@ def check_spec(spec: str) -> None:
                          "a local directory, a .gguf file, or an 'org/name' hub id")
 
 
+def is_hub_id(spec: str) -> bool:
+    """``spec`` names a hub model ('org/name'), not a catalog name, a local path or a .gguf file."""
+    path = Path(spec).expanduser()
+    return (spec not in catalog.CATALOG and path.suffix != ".gguf" and not path.exists()
+            and not spec.startswith((".", "/", "~")) and bool(_HUB_ID.fullmatch(spec)))
+
+
 def auto_device() -> torch.device:
+    """This process's device: under ``torchrun`` / ``accelerate launch`` (``LOCAL_RANK`` set) GPU number
+    LOCAL_RANK, so that N processes on one machine use N GPUs rather than all sharing GPU 0; a process
+    that sees a single GPU (a launcher that sets CUDA_VISIBLE_DEVICES per process) uses that one."""
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if count == 1:
+            return torch.device("cuda", 0)
+        if local_rank >= count:
+            raise ValueError(f"LOCAL_RANK={local_rank} but this process sees {count} GPUs: launch at most one "
+                             "process per GPU (--nproc_per_node / --num_processes)")
+        return torch.device("cuda", local_rank)
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has fast bf16 matmuls (GPUs); fp32 on CPU, where bf16 is slow and lossy."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    """bf16 where the hardware has fast bf16 matmuls (Ampere and later GPUs), fp16 on older GPUs and MPS;
+    fp32 on CPU, where bf16 is slow and lossy."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+def dtype_name(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> str:
+    """The concrete dtype ``dtype`` means on ``device`` (default: this process's), as a canonical name
+    ("auto" and "bf16" become "bfloat16" on a GPU that has it, "auto" becomes "float32" on CPU). Whatever
+    caches or fingerprints results keys them by this name, never by "auto", so the same config run on
+    other hardware is recognised as different work."""
+    dev = torch.device(device) if device else auto_device()
+    return str(_parse_dtype(dtype, dev)).removeprefix("torch.")
 
 
 def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -263,25 +289,41 @@ def merge_adapter(hf_model: nn.Module, adapter: str | Path) -> nn.Module:
 
 def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
          gguf_file: str | None = None, blocks: str | None = None, trust_remote_code: bool = False,
-         system_prompt: str | None = None, max_prompt_tokens: int = 2048, adapter: str | Path | None = None) -> Model:
+         system_prompt: str | None = None, max_prompt_tokens: int = 2048, adapter: str | Path | None = None,
+         device_map: str | dict | None = None, revision: str | None = None) -> Model:
     """Load a causal LM from an offline catalog name, a local HF directory, a ``.gguf`` file or a hub id.
 
-    Device and dtype are chosen automatically (GPU and bf16 where available, else CPU and fp32).
+    Device and dtype are chosen automatically (this process's GPU and bf16 where available, fp16 on
+    older GPUs, else CPU and fp32). ``device_map`` (e.g. "auto"): spread a model larger than one GPU
+    over all of them (accelerate's big-model loading; not together with ``device``). ``revision``: a hub
+    branch, tag or commit to pin a hub id to (the commit actually loaded is recorded in ``source``).
     ``adapter``: a LoRA adapter folder (e.g. ``refat train``'s ``adapter/``), merged into the weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if revision is not None and not is_hub_id(spec):
+        raise ValueError(f"revision {revision!r}: only a hub model ('org/name') has revisions, not {spec!r}")
+    if device and device_map is not None:
+        raise ValueError(f"device {device!r} and device_map {device_map!r}: pass one of them")
     dev = torch.device(device) if device else auto_device()
     dt = _parse_dtype(dtype, dev)
     kwargs: dict = {"dtype": dt, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if revision is not None:
+        kwargs["revision"] = revision
     location, gguf_file, source = _locate(spec, gguf_file, fetch=True)
     if gguf_file:
         from transformers import GgufConfig
 
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-    tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}
+    tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file", "revision") if k in kwargs}
     tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
-    hf = AutoModelForCausalLM.from_pretrained(location, **kwargs).to(dev)
+    hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    if device_map is None:
+        hf = hf.to(dev)
+    if is_hub_id(spec):
+        source |= {"revision": revision, "commit": getattr(hf.config, "_commit_hash", None)}
     if adapter is not None:
         hf = merge_adapter(hf, adapter)
         source["adapter"] = str(adapter)
@@ -289,7 +331,8 @@ def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
     hf.requires_grad_(False)
     model = wrap(hf, tokenizer, name=spec, blocks=blocks, system_prompt=system_prompt,
                  max_prompt_tokens=max_prompt_tokens)
-    model.source = source | {"dtype": str(dt).removeprefix("torch."), "device": str(dev)}
+    placed = {"device": str(dev)} if device_map is None else {"device_map": _placement(hf)}
+    model.source = source | {"dtype": str(dt).removeprefix("torch.")} | placed
     return model
 
 
@@ -447,3 +490,9 @@ def check_resumable(model: Model, stored: str | Path) -> None:
             f"{stored} holds a stored result, but the model {model.name!r} was built in memory (refat.wrap without "
             "name=) and has no files to fingerprint; pass wrap(..., name=...) to vouch that the name stands for these "
             "weights, or write to a fresh folder")
+
+
+def _placement(hf: nn.Module) -> dict[str, str] | str:
+    """Where ``device_map`` put the model: one device, or module -> device when it is split."""
+    placed = {k: str(v) for k, v in (getattr(hf, "hf_device_map", None) or {}).items()}
+    return next(iter(placed.values())) if len(set(placed.values())) == 1 else placed

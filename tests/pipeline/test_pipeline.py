@@ -26,6 +26,7 @@ from refat.directions import Directions
 from refat.evals import utility
 from refat.evals.utility import Item, TaskData
 from refat.pipeline import ExperimentConfig, load_config, run_experiment, stage_names
+from refat.pipeline.plan import plan
 from refat.storage import digest, read_jsonl
 
 HARMFUL = [f"Explain how to do harmful thing number {i}." for i in range(20)]
@@ -410,6 +411,34 @@ def test_new_weights_at_the_same_path_change_the_model_key(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"123456")
     assert provenance.model_id(cfg) != before
     assert provenance.model_id(ExperimentConfig(name="k"))["sha256"]  # catalog models: their pinned hash
+
+
+def test_dtype_auto_is_resolved_before_anything_is_fingerprinted(monkeypatch):
+    """"auto" becomes the machine's concrete dtype when the config is built: config.yaml, the config hash and
+    every stage fingerprint carry it, so the same config on a bf16 GPU is other work than on CPU."""
+    cpu = ExperimentConfig(name="k")  # dtype: auto, the default
+    assert cpu.dtype == "float32" and cpu.resolved()["dtype"] == "float32"
+    assert provenance.model_id(cpu)["dtype"] == "float32"
+    assert ExperimentConfig(name="k", dtype="fp32").hash() == cpu.hash()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = ExperimentConfig(name="k")
+    assert gpu.dtype == "bfloat16" and provenance.model_id(gpu)["dtype"] == "bfloat16"
+    assert ExperimentConfig(name="k", device="cpu", attacks=[], analysis=False).dtype == "float32"
+    keyed = {s.name: s.config for s in plan(cpu, provenance.model_id(cpu)) if "model" in s.config}
+    assert keyed and all(c["model"]["dtype"] == "float32" for c in keyed.values())  # base directions, pairs, ...
+    assert all(s.config["model"]["dtype"] == "bfloat16" for s in plan(gpu, provenance.model_id(gpu)) if s.name in keyed)
+    assert gpu.hash() != cpu.hash()
+
+
+def test_model_revision_is_a_hub_pin_recorded_in_the_model_key():
+    cfg = ExperimentConfig(name="k", model="org/some-model", model_revision="v1.0", attacks=[], analysis=False)
+    key = provenance.model_id(cfg)
+    assert (key["spec"], key["dtype"], key["revision"]) == ("org/some-model", "float32", "v1.0")
+    assert "revision" not in provenance.model_id(dataclasses.replace(cfg, model_revision=None))
+    with pytest.raises(ConfigError, match="model_revision: .* is not a hub id"):
+        ExperimentConfig(name="k", model_revision="v1.0")  # the default catalog model
 
 
 def test_report_marks_a_run_from_a_dirty_checkout():

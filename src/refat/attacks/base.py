@@ -95,7 +95,7 @@ class AttackContext:
     # harmful prompts disjoint from the attacked behaviours, on which worst-case RFA chooses its ablation
     validation: list[str] = field(default_factory=list)
     seed: int = 0
-    dtype: str = "float32"  # helper models loaded by spec (PAIR's attacker, AutoDAN's mutator) use these
+    dtype: str = "auto"  # helper models loaded by spec (PAIR's attacker, AutoDAN's mutator) use these
     device: str | None = None
 
     def require(self, attack: str, resource: str):

@@ -31,7 +31,7 @@ def cache_path(folder: Path, spec: str) -> Path:
 
 
 def cached_scores(spec: str, pairs: Sequence[tuple[str, str]], cache_path: Path, *, dtype: str | None = None,
-                  device: str | None = None) -> list[float]:
+                  device: str | None = None, device_map: str | None = None) -> list[float]:
     """The scores of the judge of ``spec`` on (goal, completion) pairs, loading it only for pairs ``cache_path``
     lacks (and freeing it after)."""
     parsed = parse_spec(spec)
@@ -40,7 +40,7 @@ def cached_scores(spec: str, pairs: Sequence[tuple[str, str]], cache_path: Path,
     keys = [digest([name, version, goal, completion]) for goal, completion in pairs]
     todo = {k: pair for k, pair in zip(keys, pairs) if k not in cache}
     if todo:
-        judge = from_spec(spec, dtype=dtype, device=device)
+        judge = from_spec(spec, dtype=dtype, device=device, device_map=device_map)
         cache.update(zip(todo, judge.scores([g for g, _ in todo.values()], [c for _, c in todo.values()])))
         write_jsonl(cache_path, [{"key": k, "score": v} for k, v in cache.items()])
         del judge

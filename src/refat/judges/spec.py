@@ -108,14 +108,16 @@ def judge_threshold(spec: str) -> float:
     return parse_spec(spec).threshold or DEFAULT_THRESHOLD
 
 
-def from_spec(spec: str, *, dtype: str | None = None, device: str | None = None) -> Judge:
-    """The judge of ``spec``, its model loaded (``dtype``, ``device``) for the model judges."""
+def from_spec(spec: str, *, dtype: str | None = None, device: str | None = None,
+              device_map: str | None = None) -> Judge:
+    """The judge of ``spec``, its model loaded (``dtype``, ``device`` or ``device_map``) for the model judges."""
     s = parse_spec(spec)
     if s.kind in _STRING_KINDS:
         return _CLASSES[s.kind](s.arg)
     if s.kind == "ensemble":
         fitted = EnsembleFit.load(s.arg)
-        members = [from_spec(m, dtype=dtype, device=device) for m in fitted.members]
+        members = [from_spec(m, dtype=dtype, device=device, device_map=device_map) for m in fitted.members]
         return EnsembleJudge(fitted, members, label=Path(s.arg).stem)
     kw = {} if s.threshold is None else {"threshold": s.threshold}
-    return _CLASSES[s.kind](load_model(s.arg, dtype=dtype, device=device, max_prompt_tokens=4096), **kw)
+    return _CLASSES[s.kind](load_model(s.arg, dtype=dtype, device=device, device_map=device_map,
+                                           max_prompt_tokens=4096), **kw)

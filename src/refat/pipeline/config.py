@@ -20,6 +20,7 @@ from ..directions import SelectionConfig
 from ..evals.overrefusal import OverRefusalConfig
 from ..evals.utility import UtilityConfig
 from ..judges import parse_spec, slug
+from ..models import dtype_name, is_hub_id
 from ..storage import digest
 from ..training import METHODS, PairsConfig, TrainConfig
 from ..training.data import HarmlessTargets
@@ -79,7 +80,8 @@ class ExperimentConfig:
 
     name: str  # the run folder: <out_root>/<name>
     model: str = catalog.DEFAULT_MODEL  # catalog name, local HF directory, .gguf file or hub id
-    dtype: str = "float32"
+    model_revision: str | None = None  # a hub model's branch, tag or commit (hub ids only)
+    dtype: str = "auto"  # resolved on construction to the concrete dtype of this machine (see __post_init__)
     device: str | None = None
     seed: int = 0  # every stage starts from this torch/python seed, so a stage's result never depends on
     #                which stages ran before it in the same process
@@ -108,6 +110,17 @@ class ExperimentConfig:
             raise ConfigError(f"name: {self.name!r} is not a usable folder name (letters, digits, . _ -)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        # "auto" (and aliases such as bf16) become the concrete dtype here, before the config is hashed or
+        # written: config.yaml, the report's config hash and every stage fingerprint (through
+        # provenance.model_id) carry "bfloat16" or "float32", never "auto", so a run resumed on other
+        # hardware whose "auto" means another dtype recomputes its stages instead of mixing dtypes.
+        try:
+            self.dtype = dtype_name(self.dtype, self.device)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"device: {self.device!r}: {e}") from None
+        if self.model_revision is not None and not is_hub_id(self.model):
+            raise ConfigError(f"model_revision: {self.model!r} is not a hub id ('org/name'); only hub models "
+                              "have revisions")
         if not self.defenses:
             raise ConfigError("defenses: empty; list at least one of " + ", ".join(DEFENSES))
         for i, d in enumerate(self.defenses):

@@ -48,7 +48,8 @@ class Models:
     def base(self) -> Model:
         if self._base is None:
             log.info("loading %s (%s)", self.cfg.model, self.cfg.dtype)
-            self._base = load(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device)
+            self._base = load(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device,
+                              revision=self.cfg.model_revision)
         if not self._checked:  # layer indices need the model: checked before any training starts
             for d in self.cfg.trained:
                 try:

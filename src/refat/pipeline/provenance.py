@@ -19,13 +19,17 @@ __all__ = ["model_id", "provenance", "revision"]
 
 
 def model_id(cfg: ExperimentConfig, model: Model | None = None) -> dict:
-    """What identifies the base model: :func:`refat.models.identity` (the sha256 of its weights, the resolved
-    dtype and device), computed from the spec without loading it, so that new weights written to the same path
-    recompute everything downstream. A model passed in is identified by its own identity (a model built in
+    """What identifies the base model: :func:`refat.models.identity` (the sha256 of its weights, its hub revision
+    when pinned, the concrete dtype and the device), computed from the spec without loading it, so that new
+    weights written to the same path recompute everything downstream; ``cfg.dtype`` is resolved from "auto"
+    when the config is built, so the same config on hardware where "auto" means another dtype recomputes. A model passed in is identified by its own identity (a model built in
     memory by its name and source)."""
     if model is not None:
         return identity(model)
-    return spec_identity(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    out = spec_identity(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    if cfg.model_revision is not None:  # absent when unpinned: fingerprints of earlier runs stay valid
+        out["revision"] = cfg.model_revision
+    return out
 
 
 def _version(dist: str) -> str | None:
@@ -71,7 +75,7 @@ def provenance(cfg: ExperimentConfig, inputs: Inputs, model: Model | None) -> di
     return {
         "name": cfg.name, "created": now(), "config_hash": cfg.hash(), "model": cfg.model if model is None else
         {"name": model.name, "source": model.source}, "device": device,
-        "dtype": str(model.dtype).removeprefix("torch.") if model else cfg.dtype,
+        "dtype": str(model.dtype).removeprefix("torch.") if model else cfg.dtype, "model_revision": cfg.model_revision,
         "versions": {"refat": _version("refat") or refat.__version__, "torch": torch.__version__,
                      "transformers": _version("transformers"), "peft": _version("peft"),
                      "python": platform.python_version()},

@@ -2,6 +2,11 @@
 method's perturbation around the harmful rows' forward pass, resumable checkpoints, compute
 accounting and optional data parallelism (``torchrun``/``accelerate launch``, gloo or nccl).
 
+The loop runs through ``accelerate.Accelerator``: one device per process, DDP when launched data
+parallel, mixed precision (bf16 on GPUs, none on CPU), gradient accumulation, and the trackers of
+``report_to`` (TensorBoard, W&B, Trackio...) beside ``metrics.jsonl``. Sharded training (FSDP,
+DeepSpeed) is refused with a clear error: checkpoints assume each process holds the trainable weights.
+
 Every random choice (batch order, RFA coins, prompts for recomputing features) is a function of
 (seed, step), so a resumed run and a data-parallel run see exactly what a single uninterrupted
 run sees.
@@ -14,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -41,6 +46,9 @@ class TrainingDivergedError(RuntimeError):
 
 Schedule = Literal["cosine", "linear", "constant"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+MIXED_PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 
 
 @dataclass
@@ -76,8 +84,16 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 20
     merge: bool = False  # also write a merged checkpoint plain transformers can load
+    mixed_precision: MixedPrecision = "auto"  # auto: bf16 on a GPU that has it, fp16 on older GPUs, no on CPU
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard, wandb, ...
 
     def __post_init__(self):
+        self.report_to = [t for t in self.report_to if t != "none"]
+        require(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", f"must be one of "
+                f"{', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        require(not unknown, "report_to", f"unknown tracker(s) {unknown}; choose from {', '.join(TRACKERS)} or none")
         require(self.method in METHODS, "method", f"unknown training method {self.method!r}; "
                 f"choose from {', '.join(METHODS)}")
         require(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
@@ -96,10 +112,23 @@ class TrainConfig:
                 raise FieldError(f"{name}.{e.field}", e.message) from e
 
     def fingerprint(self) -> str:
-        """What must match for a checkpoint to be resumed (the step count may grow)."""
+        """What must match for a checkpoint to be resumed (the step count may grow; logging and activation
+        recomputation change no number). No mixed precision is left out, as checkpoints from before the
+        option were written without it."""
         d = asdict(self)
-        d.pop("steps"), d.pop("checkpoint_every"), d.pop("merge")
+        for key in ("steps", "checkpoint_every", "merge", "report_to", "gradient_checkpointing"):
+            d.pop(key)
+        if d["mixed_precision"] == "no":
+            d.pop("mixed_precision")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolved(self, device: torch.device) -> "TrainConfig":
+        """This config with ``mixed_precision: auto`` made concrete for ``device`` (the fingerprint and
+        train_config.json carry the concrete value, so a resume on other hardware is refused)."""
+        if self.mixed_precision != "auto":
+            return self
+        mp = "no" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return replace(self, mixed_precision=mp)
 
 
 @dataclass
@@ -241,6 +270,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
     pairs or another config. ``overwrite``: a fresh run written beside ``out_dir`` that replaces the run's own
     outputs only when it finishes (other files, such as cached pairs, are kept)."""
     cfg.validate(model.n_layers)
+    cfg = cfg.resolved(model.device)
     sampler = _Sampler(pairs, cfg)  # checks the pairs before anything is written
     out = Path(out_dir)
     rank, world = rank_and_world()
@@ -256,15 +286,17 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
     fingerprint = _fingerprint(model, pairs, cfg)
     torch.manual_seed(cfg.seed)
     model = _prepare_model(model, cfg)
+    if cfg.gradient_checkpointing:  # non-reentrant: no input gradients needed, and the block hooks re-run
+        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    acc = _accelerator(cfg, model, out)
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))  # stepped by us: once per step, any world
+    forward_model, opt = acc.prepare(model.hf, opt)
+    _check_blocks_inside(model, forward_model)
     perturbation = make_perturbation(cfg.method, model, refat=cfg.refat, adversarial=cfg.adversarial,
                                      harmful=[p.prompt for p in sampler.harmful],
                                      harmless=[p.prompt for p in sampler.harmless], seed=cfg.seed)
-    forward_model = model.hf
-    if world > 1:
-        forward_model = torch.nn.parallel.DistributedDataParallel(model.hf)
     start, compute = 0, {"train_forward": 0, "train_backward": 0, "train_tokens": 0, "train_target_tokens": 0,
                          "seconds": 0.0}  # target tokens: those the loss (and the vocabulary projection) sees
     loss_value = float("nan")
@@ -281,10 +313,13 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
         write_json(out / "train_config.json", asdict(cfg))
         kept = [r for r in read_jsonl(metrics_path) if r["step"] < start] if metrics_path.exists() else []
         write_jsonl(metrics_path, kept)
+    if cfg.report_to:
+        acc.init_trackers(cfg.method, config=_flat(asdict(cfg)))
     bar = tqdm(total=cfg.steps, initial=start, desc=f"training ({cfg.method})", disable=not progress or rank != 0)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        perturbation.before_step(step)
+        with acc.autocast():  # the perturbation's own forwards run in the training forward's precision
+            perturbation.before_step(step)
         release_freed_memory()  # e.g. the feature recomputation's buffers, before the step's peak
         loss_value = 0.0
         for micro in range(cfg.grad_accum):
@@ -293,20 +328,22 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             n_target = int((full.labels[:, 1:] != -100).sum())
             batch = full.select(torch.arange(rank, len(full.harmful), world)) if world > 1 else full
             batch = batch.to(model.device)
-            with perturbation.context(batch, draw):
-                token_loss = response_loss(model, batch.input_ids, batch.attention_mask, batch.labels,
-                                           forward=forward_model)
-            loss = token_loss / n_target / cfg.grad_accum * world  # DDP averages over ranks: undo it
-            finite = torch.tensor([float(torch.isfinite(loss))])
-            if world > 1:  # every rank stops together (a rank raising alone would leave the others hanging)
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if not finite.item():
-                last = _checkpoints(out)
-                raise TrainingDivergedError(
-                    f"non-finite loss ({loss.item()} on this rank) at step {step}; stopped without saving. "
-                    f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
-            loss.backward()
-            loss_value += loss.item() / world
+            with acc.accumulate(forward_model):  # DDP syncs gradients on the last micro-batch only
+                with acc.autocast(), perturbation.context(batch, draw):
+                    token_loss = response_loss(model, batch.input_ids, batch.attention_mask, batch.labels,
+                                               forward=forward_model)
+                # accelerate divides by grad_accum in backward; DDP averages over ranks: undo it
+                loss = token_loss.float() / n_target * world
+                finite = torch.tensor([float(torch.isfinite(loss))])
+                if world > 1:  # every rank stops together (a rank raising alone would leave the others hanging)
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if not finite.item():
+                    last = _checkpoints(out)
+                    raise TrainingDivergedError(
+                        f"non-finite loss ({loss.item()} on this rank) at step {step}; stopped without saving. "
+                        f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
+                acc.backward(loss)
+            loss_value += loss.item() / world / cfg.grad_accum
             compute["train_forward"] += 1
             compute["train_backward"] += 1
             compute["train_tokens"] += batch.n_tokens
@@ -315,7 +352,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             total = torch.tensor([loss_value])
             torch.distributed.all_reduce(total)
             loss_value = total.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm).item()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -323,10 +360,12 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
         dt = time.perf_counter() - t0
         compute["seconds"] += dt
         row = {"step": step, "loss": loss_value, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
-               "seconds": round(dt, 3)}
+               "seconds": round(dt, 3)} | _drift(perturbation, step)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if cfg.report_to:
+                acc.log(_tracked(row, compute, perturbation.cost), step=step)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{row['lr']:.1e}", s_per_step=f"{dt:.1f}")
             bar.update(1)
         done = step + 1
@@ -336,6 +375,9 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
         if world > 1:
             torch.distributed.barrier()
     bar.close()
+    for tracker in acc.trackers:  # not acc.end_training(): it would end the process group the caller may still use
+        tracker.finish()
+    model.hf = acc.unwrap_model(forward_model, keep_fp32_wrapper=False)  # the plain forward, autocast removed
     compute["perturbation"] = asdict(perturbation.cost)
     saved = out / ("model" if cfg.full_finetune else "adapter")
     if rank == 0:
@@ -356,6 +398,66 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             "model_source": model.source})
     model.hf.eval()
     return TrainResult(model, out, loss_value, compute)
+
+
+def _accelerator(cfg: TrainConfig, model: Model, out: Path):
+    """The Accelerator of this process: on the model's device (each process its own GPU, see
+    ``models.auto_device``), DDP when launched data parallel, never sharded."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    acc = Accelerator(cpu=model.device.type == "cpu", mixed_precision=cfg.mixed_precision,
+                      gradient_accumulation_steps=cfg.grad_accum, device_placement=False,
+                      log_with=cfg.report_to or None, project_dir=out / "trackers")
+    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ValueError(f"accelerate is configured for {acc.distributed_type.value}; refat's trainer runs data "
+                         "parallel (DDP) only: launch with configs/accelerate/ddp.yaml, or torchrun")
+    world = rank_and_world()[1]
+    if acc.num_processes != world:  # e.g. a process forked after accelerate's state was set up alone
+        raise RuntimeError(f"accelerate's state is set up for {acc.num_processes} process(es) but WORLD_SIZE is "
+                           f"{world}; create no Accelerator before the process group is started")
+    if (acc.device.type, acc.device.index or 0) != (model.device.type, model.device.index or 0):
+        raise ValueError(f"the model is on {model.device} but this process trains on {acc.device}: load it with "
+                         "the default device (each process its own GPU) or the same --device")
+    return acc
+
+
+def _check_blocks_inside(model: Model, prepared: torch.nn.Module) -> None:
+    """The perturbations hook ``model.blocks``: they must be the blocks the prepared model runs."""
+    inside = {id(m) for m in prepared.modules()}
+    if not all(id(b) in inside for b in model.blocks):
+        raise RuntimeError("the prepared model does not run the decoder blocks the perturbation hooks; "
+                           "a wrapper replaced them")
+
+
+def _drift(perturbation, step: int) -> dict:
+    """ReFAT's feature drift when the features were recomputed at ``step``: their mean norm, and their
+    cosine to the previous features (none the first time)."""
+    last = (getattr(perturbation, "history", None) or [{}])[-1]
+    if last.get("step") != step:
+        return {}
+    out = {"feature_norm": last["mean_norm"]}
+    if last["cosine_to_previous"] is not None:
+        out["feature_cosine"] = last["cosine_to_previous"]
+    return out
+
+
+def _tracked(row: dict, compute: dict, extra: Cost) -> dict:
+    """What the trackers get per step: the metrics row and the running compute counters."""
+    counters = {f"compute/{k}": v for k, v in compute.items() if k != "seconds"}
+    counters |= {f"compute/perturbation_{k}": v for k, v in asdict(extra).items() if k != "seconds"}
+    return {k: v for k, v in row.items() if k != "step"} | counters
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested config as flat scalars (trackers' hyperparameter tables take no lists or None)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
 
 
 def _save_model(model: Model, path: Path) -> None:
