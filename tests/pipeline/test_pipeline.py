@@ -435,7 +435,7 @@ def test_dtype_auto_is_resolved_before_anything_is_fingerprinted(monkeypatch):
 def test_model_revision_is_a_hub_pin_recorded_in_the_model_key():
     cfg = ExperimentConfig(name="k", model="org/some-model", model_revision="v1.0", attacks=[], analysis=False)
     key = provenance.model_id(cfg)
-    assert (key["spec"], key["dtype"], key["revision"]) == ("org/some-model", "float32", "v1.0")
+    assert (key["hub"], key["dtype"], key["revision"]) == ("org/some-model", "float32", "v1.0")
     assert "revision" not in provenance.model_id(dataclasses.replace(cfg, model_revision=None))
     with pytest.raises(ConfigError, match="model_revision: .* is not a hub id"):
         ExperimentConfig(name="k", model_revision="v1.0")  # the default catalog model
