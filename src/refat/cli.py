@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from . import catalog
-from .configs import add_arguments, from_arguments
-from .data import DataConfig
+from .configs import ConfigError, add_arguments, from_arguments
+from .data import DataConfig, DatasetError
 from .directions import SelectionConfig
 
 
@@ -181,14 +181,22 @@ def _load(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An error the user can fix (:class:`refat.errors.RefatError`, or a file that is missing,
+    exists, is not writable or does not fit on the disk) is one line and exit status 2; anything else is a
+    bug and keeps its traceback."""
+    from .errors import user_message
+
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except KeyboardInterrupt:
         print("refat: interrupted; finished outputs are intact", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"refat: error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"refat: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -247,21 +255,24 @@ def _attack(args) -> int:
     from .attacks import get
     from .attacks.base import AttackContext, behaviours_from, refused_by
 
+    _check_counts(args, "max_prompt_tokens", "n_behaviours", "n_harmless")
     if args.attack == "replay":
         return _replay(args)
     entry = get(args.attack)
     config = from_arguments(entry.config, args)
+    if hasattr(config, "check_inputs"):
+        config.check_inputs()
+    behaviours = behaviours_from(args.behaviours)  # a bad file fails before the model loads
     if not entry.resumable:
         from .storage import claim_output
         claim_output(args.out, "records.jsonl", overwrite=args.overwrite)
     context = AttackContext(_directions(args) if "directions" in entry.needs else None,
                             _harmless(args) if "harmless" in entry.needs else [], dtype=args.dtype, device=args.device)
     model = _load(args)
-    behaviours = behaviours_from(args.behaviours)
     behaviours = (refused_by(model, behaviours, args.n_behaviours) if args.only_refused
                   else behaviours[:args.n_behaviours])
     if not behaviours:
-        raise ValueError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
+        raise DatasetError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
     records = entry.run(model, behaviours, config, args.out, context=context)
     if entry.name == "rfa":
         from .attacks import rfa
@@ -278,6 +289,14 @@ def _attack(args) -> int:
         print(f"{s['n_templates']} templates × {s['n_behaviours']} behaviours: mean ASR per template "
               f"{s['asr_mean']:.0%}, best-of-N ASR {s['asr_best_of_n']:.0%}")
     return 0
+
+
+def _check_counts(args, *names: str) -> None:
+    """The attack command's own count options are >= 1 (``--n-behaviours -2`` would slice off the last two)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
 
 
 def _directions(args):
