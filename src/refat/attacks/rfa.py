@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import hooks
+from ..configs import at_least, require
 from ..directions import Directions
 from ..generation import generate
 from ..judges import RefusalStringJudge
@@ -35,8 +36,10 @@ class RFAConfig:
     batch_size: int = 16
 
     def __post_init__(self):
-        if self.mode not in hooks.ABLATION_MODES:
-            raise ValueError(f"unknown RFA mode {self.mode!r}; use one of {', '.join(hooks.ABLATION_MODES)}")
+        require(self.mode in hooks.ABLATION_MODES, "mode",
+                f"unknown RFA mode {self.mode!r}; use one of {', '.join(hooks.ABLATION_MODES)}")
+        require(self.layers is None or len(self.layers) > 0, "layers", "empty (no ablation at all); use none for all")
+        at_least(self, 1, "max_new_tokens", "batch_size")
 
 
 def ablation(model: Model, directions: Directions, config: RFAConfig):

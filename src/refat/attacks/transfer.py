@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..configs import at_least
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model
@@ -119,6 +120,9 @@ def send(model: Model, attack: str, messages: Sequence[Message], *, config: obje
 class ReplayConfig:
     max_new_tokens: int = 64
     batch_size: int = 16
+
+    def __post_init__(self):
+        at_least(self, 1, "max_new_tokens", "batch_size")
 
 
 def replay(model: Model, records: Sequence[AttackRecord], out_dir: str | Path | None = None, *,
