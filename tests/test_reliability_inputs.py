@@ -212,6 +212,10 @@ def test_prompt_limit_is_the_models_context(files, tmp_path, capsys):
     records = (tmp_path / "prefill" / "records.jsonl").read_text().splitlines()
     skipped = [json.loads(x) for x in (tmp_path / "prefill" / "skipped.jsonl").read_text().splitlines()]
     assert len(records) == 5 and len(skipped) == 1 and "max_prompt_tokens=256" in skipped[0]["reason"]
+    (tmp_path / "long.csv").write_text(f"prompt\n{long}\n")
+    assert main(["attack", "prefill", "--model", str(files / "gpt2"), "--behaviours", str(tmp_path / "long.csv"),
+                 "--out", str(tmp_path / "none-fit")]) == 2
+    _one_line_error(capsys, "every prompt exceeds max_prompt_tokens=256")
 
 
 def test_directions_that_are_not_directions(files, tmp_path, capsys):
