@@ -10,6 +10,7 @@ from . import catalog
 from .configs import ConfigError, add_arguments, from_arguments
 from .data import DataConfig, DatasetError
 from .directions import SelectionConfig
+from .errors import user_message
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -184,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. An error the user can fix (:class:`refat.errors.RefatError`, or a file that is missing,
     exists, is not writable or does not fit on the disk) is one line and exit status 2; anything else is a
     bug and keeps its traceback."""
-    from .errors import user_message
-
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
