@@ -61,7 +61,9 @@ ARCHS = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "gpt_neox")
 
 def tiny_config(arch: str, *, vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4,
                 tie: bool = False, pad_id: int = 0, eos_id: int = 1):
-    """A tiny config of one of :data:`ARCHS`; every special id lies inside the vocabulary."""
+    """A tiny config of one of :data:`ARCHS`; every special id lies inside the vocabulary. The rotary models'
+    context (8192, no weights depend on it) takes the long prompts tests send with a byte tokenizer; GPT-2 and
+    GPT-NeoX keep 256 positions, the limit refat reads off a model's config."""
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, pad_token_id=pad_id, eos_token_id=eos_id,
                   bos_token_id=None, initializer_range=0.1)
     if arch == "gpt2":
@@ -79,7 +81,7 @@ def tiny_config(arch: str, *, vocab_size: int, hidden: int = 32, layers: int = 2
     if arch in ("mistral", "qwen2"):
         extra["sliding_window"] = None
     return cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-               num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256,
+               num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=8192,
                **extra, **common)
 
 

@@ -69,7 +69,7 @@ def test_missing_prompt_column_names_file_and_column(tmp_path):
 def test_row_missing_explicit_column(tmp_path):
     p = tmp_path / "rows.jsonl"
     p.write_text('{"prompt": "a"}\n{"other": "b"}\n', encoding="utf-8")
-    with pytest.raises(DatasetError, match=r"rows\.jsonl: row 2 has no column 'prompt'"):
+    with pytest.raises(DatasetError, match=r"rows\.jsonl: row 2 \(line 2\) has no column 'prompt'"):
         load_dataset(str(p))
 
 
@@ -90,7 +90,7 @@ def test_bad_files(tmp_path):
         load_dataset(str(tmp_path / "absent.csv"))
     blank = tmp_path / "blank.jsonl"
     blank.write_text('{"prompt": "   "}\n', encoding="utf-8")
-    with pytest.raises(DatasetError, match="no prompts"):
+    with pytest.raises(DatasetError, match=r"blank\.jsonl: row 1 \(line 1\): the prompt \('prompt'\) is empty"):
         load_dataset(str(blank))
 
 

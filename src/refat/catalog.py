@@ -19,16 +19,22 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import RefatError
+
 __all__ = ["CatalogEntry", "CATALOG", "DEFAULT_MODEL", "cache_dir", "ensure_model", "fetch_packages",
-           "HashMismatchError", "UnknownModelError"]
+           "HashMismatchError", "UnknownModelError", "FetchError"]
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(RefatError, ValueError):
     pass
 
 
-class HashMismatchError(RuntimeError):
+class HashMismatchError(RefatError, RuntimeError):
     pass
+
+
+class FetchError(RefatError, RuntimeError):
+    """pip could not download a pinned package (offline, or the registry refused)."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ def fetch_packages(requirements: list[str], dest: Path, *, sdist: bool = False) 
         print(f"refat: fetching {', '.join(missing)} with pip", file=sys.stderr)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"pip could not download {missing}:\n{proc.stderr.strip()[-2000:]}")
+            raise FetchError(f"pip could not download {missing}:\n{proc.stderr.strip()[-2000:]}")
         have = {_dist_of(p): p for p in dest.iterdir() if p.is_file()}
     return [have[key] for key in wanted]
 

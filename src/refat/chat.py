@@ -5,14 +5,17 @@ attack: a local refat :class:`~refat.models.Model` rendered with its own chat te
 OpenAI-compatible ``/v1/chat/completions`` server (vLLM, llama.cpp, Ollama, hosted APIs). The HTTP
 client uses only the standard library, retries transient failures with exponential backoff, and
 fails with an error that names the URL; the API key is read from the environment at request time
-and never stored, printed or put into an error.
+and never stored, printed or put into an error. Credentials written into a URL (``http://user:pass@host``)
+are sent as HTTP basic auth and stripped, by :func:`redact_url`, from every URL refat prints or records.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -23,10 +26,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .configs import ConfigError, at_least, require
+from .errors import RefatError
 from .generation import eos_ids, batched, generate
 from .models import Model
 
-__all__ = ["ChatBackend", "LocalChat", "HTTPChat", "ChatEndpointError", "render", "from_spec"]
+__all__ = ["ChatBackend", "LocalChat", "HTTPChat", "ChatEndpointError", "render", "from_spec", "redact_url"]
 
 Messages = list[dict]
 
@@ -42,8 +47,24 @@ class ChatBackend(Protocol):
         ...
 
 
-class ChatEndpointError(RuntimeError):
+class ChatEndpointError(RefatError, RuntimeError):
     """An HTTP chat endpoint did not answer usably (after retries, where retrying made sense)."""
+
+
+_SECRET_PARAM = re.compile(r"key|token|secret|password|passwd|signature|sig|auth", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be printed or written: without ``user:password@``, and with the values of query
+    parameters that look like credentials (``api-key``, ``token``, ``sig``, ...) replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.netloc:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "&".join(f"{k}=***" if _SECRET_PARAM.search(k) else (f"{k}={v}" if v or "=" in pair else k)
+                     for pair in parts.query.split("&") if pair
+                     for k, _, v in [pair.partition("=")])
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def render(tokenizer, messages: Messages) -> str:
@@ -128,12 +149,13 @@ class HTTPChat:
     """An OpenAI-compatible chat completions endpoint, standard library only.
 
     ``base_url`` is the server root (``http://host:8000``), its ``/v1``, or the full
-    ``.../chat/completions`` URL. Connection errors, timeouts, HTTP 429 and 5xx are retried
-    ``retries`` times, waiting ``backoff``, ``2 * backoff``, ``4 * backoff``, ... seconds (capped at
-    30 s); other HTTP errors fail at once. ``api_key_env`` names the environment variable holding the key.
+    ``.../chat/completions`` URL. A request that gets no answer within ``timeout`` seconds, a connection
+    error, HTTP 429 and 5xx are retried ``retries`` times, waiting ``backoff``, ``2 * backoff``, ``4 *
+    backoff``, ... seconds (capped at 30 s); other HTTP errors fail at once. ``api_key_env`` names the
+    environment variable holding the key; ``user:password@`` in the URL is sent as basic auth instead.
     """
 
-    base_url: str
+    base_url: str = field(repr=False)  # may hold credentials: shown only through redact_url
     model: str
     api_key_env: str | None = None
     timeout: float = 120.0
@@ -145,14 +167,20 @@ class HTTPChat:
 
     def __post_init__(self):
         parsed = urllib.parse.urlparse(self.base_url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"base_url {self.base_url!r} is not an http(s) URL")
-        if self.retries < 0 or self.backoff < 0 or self.timeout <= 0:
-            raise ValueError("HTTPChat needs retries >= 0, backoff >= 0 and timeout > 0")
+        require(parsed.scheme in ("http", "https") and bool(parsed.hostname), "base_url",
+                f"{redact_url(self.base_url)!r} is not an http(s) URL")
+        at_least(self, 0, "retries", "backoff")
+        at_least(self, 0, "timeout", strict=True)
+        at_least(self, 1, "concurrency")
 
     @property
     def name(self) -> str:
-        return f"{self.url}#{self.model}"
+        return f"{self.shown_url}#{self.model}"
+
+    @property
+    def shown_url(self) -> str:
+        """:attr:`url` as printed and recorded (no credentials)."""
+        return redact_url(self.url)
 
     def reseed(self, seed: int) -> None:
         """Send ``seed`` from now on; a backend made with ``seed=None`` never sends one."""
@@ -161,19 +189,26 @@ class HTTPChat:
 
     @property
     def url(self) -> str:
-        u = self.base_url.rstrip("/")
-        if u.endswith("/chat/completions"):
-            return u
-        return f"{u}/chat/completions" if u.endswith("/v1") else f"{u}/v1/chat/completions"
+        """The request URL: the completions path added, ``user:password@`` left out (it is sent as a header)."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2], path=parts.path.rstrip("/"))
+        if not parts.path.endswith("/chat/completions"):
+            parts = parts._replace(path=parts.path + ("/chat/completions" if parts.path.endswith("/v1")
+                                                      else "/v1/chat/completions"))
+        return urllib.parse.urlunsplit(parts)
 
     def _headers(self) -> dict:
         headers = {"Content-Type": "application/json"}
+        parsed = urllib.parse.urlsplit(self.base_url)
         if self.api_key_env:
             key = os.environ.get(self.api_key_env)
             if not key:
-                raise ChatEndpointError(f"environment variable {self.api_key_env} (the API key for {self.url}) "
-                                        "is not set")
+                raise ChatEndpointError(f"environment variable {self.api_key_env} (the API key for "
+                                        f"{self.shown_url}) is not set")
             headers["Authorization"] = f"Bearer {key}"
+        elif parsed.username is not None:
+            user_pass = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(user_pass.encode()).decode()
         return headers
 
     def _opener(self):
@@ -213,30 +248,33 @@ class HTTPChat:
                 if e.code == 429 or e.code >= 500:
                     last = f"HTTP {e.code}: {detail}"
                     continue
-                raise ChatEndpointError(f"{self.url} answered HTTP {e.code} for model {self.model!r}: {detail}") from None
+                raise ChatEndpointError(f"{self.shown_url} answered HTTP {e.code} for model {self.model!r}: "
+                                        f"{detail}") from None
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
                 continue
             return self._content(payload)
-        raise ChatEndpointError(f"no answer from {self.url} after {self.retries + 1} attempt(s); last error: {last}")
+        raise ChatEndpointError(f"no answer from {self.shown_url} after {self.retries + 1} attempt(s) (timeout "
+                                f"{self.timeout:g} s each); last error: {last}")
 
     def _content(self, payload: bytes) -> str:
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise ChatEndpointError(f"{self.url} did not return an OpenAI chat completion: "
+            raise ChatEndpointError(f"{self.shown_url} did not return an OpenAI chat completion: "
                                     f"{payload[:200].decode('utf-8', 'replace')!r}") from None
         return content or ""
 
 
-def from_spec(spec: str, *, model_name: str | None = None, api_key_env: str | None = None,
-              seed: int = 0, **load_kwargs) -> ChatBackend:
+def from_spec(spec: str, *, model_name: str | None = None, api_key_env: str | None = None, seed: int = 0,
+              timeout: float = HTTPChat.timeout, retries: int = HTTPChat.retries, **load_kwargs) -> ChatBackend:
     """A backend from a CLI-style spec: an ``http(s)://`` URL (``model_name`` is the served model's
-    name, required) or anything :func:`refat.models.load` takes (catalog name, directory, .gguf, hub id)."""
+    name, required; ``timeout`` and ``retries`` per request) or anything :func:`refat.models.load` takes
+    (catalog name, directory, .gguf, hub id)."""
     if spec.startswith(("http://", "https://")):
         if not model_name:
-            raise ValueError(f"chat endpoint {spec} needs the served model's name (e.g. --attacker-model)")
-        return HTTPChat(spec, model_name, api_key_env=api_key_env, seed=seed)
+            raise ConfigError(f"chat endpoint {redact_url(spec)} needs the served model's name (e.g. --attacker-model)")
+        return HTTPChat(spec, model_name, api_key_env=api_key_env, seed=seed, timeout=timeout, retries=retries)
     from .models import load
 
     return LocalChat(load(spec, **load_kwargs), seed=seed)

@@ -9,9 +9,10 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from . import catalog
-from .configs import add_arguments, from_arguments
-from .data import DataConfig
+from .configs import ConfigError, add_arguments, from_arguments
+from .data import DataConfig, DatasetError
 from .directions import SelectionConfig
+from .errors import user_message
 from .storage import claim_output, folder_lock, replacing, write_json
 
 
@@ -228,14 +229,20 @@ def _load(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An error the user can fix (:class:`refat.errors.RefatError`, or a file that is missing,
+    exists, is not writable or does not fit on the disk) is one line and exit status 2; anything else is a
+    bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except KeyboardInterrupt:
         print("refat: interrupted; finished outputs are intact", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"refat: error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"refat: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -295,21 +302,24 @@ def _attack(args) -> int:
     from .attacks import get
     from .attacks.base import AttackContext, behaviours_from, claim_model, refused_by
 
+    _check_counts(args, "max_prompt_tokens", "n_behaviours", "n_harmless")
     if args.attack == "replay":
         return _replay(args)
     entry = get(args.attack)
     config = from_arguments(entry.config, args)
+    if hasattr(config, "check_inputs"):
+        config.check_inputs()
+    behaviours = behaviours_from(args.behaviours)  # a bad file fails before the model loads
     directions = _directions(args) if "directions" in entry.needs else None
     harmless = _harmless(args) if "harmless" in entry.needs else []
     with _output(args.out, args.overwrite) as out:
         if not entry.resumable:
             claim_output(out, "records.jsonl")
         model = _load(args)
-        behaviours = behaviours_from(args.behaviours)
         behaviours = (refused_by(model, behaviours, args.n_behaviours) if args.only_refused
                       else behaviours[:args.n_behaviours])
         if not behaviours:
-            raise ValueError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
+            raise DatasetError(f"no behaviours left in {args.behaviours} (--only-refused: the model refuses none)")
         if entry.resumable:
             claim_model(out, model)
         validation = _validation(args, behaviours) if getattr(config, "direction", None) == "worst-case" else []
@@ -344,6 +354,14 @@ def _output(out: Path, overwrite: bool, *, main: bool = True, keep: tuple[str, .
             yield out
 
 
+def _check_counts(args, *names: str) -> None:
+    """The attack command's own count options are >= 1 (``--n-behaviours -2`` would slice off the last two)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+
+
 def _directions(args):
     from .directions import Directions
     return Directions.load(args.directions)
@@ -374,6 +392,7 @@ def _replay(args) -> int:
     from .attacks.base import claim_model, read_records
     from .attacks.transfer import ReplayConfig, replay
 
+    config = from_arguments(ReplayConfig, args)
     path = args.records / "records.jsonl" if args.records.is_dir() else args.records
     records = read_records(path)
     if not records:
@@ -381,7 +400,7 @@ def _replay(args) -> int:
     with _output(args.out, args.overwrite) as out:
         model = _load(args)
         claim_model(out, model)
-        replayed = replay(model, records, out, config=from_arguments(ReplayConfig, args))
+        replayed = replay(model, records, out, config=config)
     _print_asr(args.attack, replayed, args.out)
     return 0
 

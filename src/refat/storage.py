@@ -12,11 +12,13 @@ from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import RefatError
+
 __all__ = ["digest", "file_digest", "atomic_path", "atomic_dir", "replacing", "write_text", "write_json", "write_jsonl",
            "read_json", "read_jsonl", "FinishedRunError", "claim_output", "FolderLockedError", "folder_lock"]
 
 
-class FinishedRunError(FileExistsError):
+class FinishedRunError(RefatError, FileExistsError):
     pass
 
 
@@ -146,7 +148,7 @@ def claim_output(out_dir: str | Path, finished_marker: str, *, overwrite: bool =
     return out
 
 
-class FolderLockedError(RuntimeError):
+class FolderLockedError(RefatError, RuntimeError):
     """Another live process writes into this folder."""
 
 

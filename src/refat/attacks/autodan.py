@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..configs import at_least, require
 from ..data import PackageFile, read_package_file
 from ..generation import batched, generate, position_ids
 from ..judges import RefusalStringJudge
@@ -95,15 +96,13 @@ class AutoDANConfig:
     mutator: str | None = None  # model spec that paraphrases sentences (None: word swaps); loaded by run
 
     def __post_init__(self):
-        if self.population < 2:
-            raise ValueError(f"population must be at least 2 (got {self.population})")
-        if not 0 <= self.num_elites < self.population:
-            raise ValueError(f"num_elites must be in [0, population) (got {self.num_elites} of {self.population})")
-        for f in ("crossover_rate", "mutation_rate"):
-            if not 0 <= getattr(self, f) <= 1:
-                raise ValueError(f"{f} must be in [0, 1] (got {getattr(self, f)})")
-        if self.num_steps < 1 or self.check_every < 1:
-            raise ValueError("num_steps and check_every must be at least 1")
+        at_least(self, 2, "population")
+        at_least(self, 1, "num_steps", "num_points", "max_new_tokens", "check_every", "batch_size")
+        at_least(self, 0, "seed")
+        require(0 <= self.num_elites < self.population, "num_elites",
+                f"must be in [0, population), got {self.num_elites} of {self.population}")
+        for name in ("crossover_rate", "mutation_rate"):
+            require(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
 
 
 def initial_prefix(model: Model, config: AutoDANConfig) -> str:

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from ..configs import at_least, require
 from ..generation import greedy_tokens
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
@@ -48,14 +49,13 @@ class EmbeddingConfig:
     check_every: int = 0  # judge a generation every this many steps and stop when not refused (0: only at the end)
 
     def __post_init__(self):
-        if self.mode not in ("suffix", "prompt"):
-            raise ValueError(f"unknown embedding attack mode {self.mode!r}; use 'suffix' or 'prompt'")
-        if self.optimizer not in ("sign", "adam"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'sign' or 'adam'")
-        if self.mode == "suffix" and self.n_suffix < 1:
-            raise ValueError(f"n_suffix must be at least 1 in suffix mode (got {self.n_suffix})")
-        if self.num_steps < 0 or self.step_size <= 0 or (self.eps is not None and self.eps <= 0):
-            raise ValueError("num_steps must be >= 0, step_size > 0 and eps > 0 (or None)")
+        require(self.mode in ("suffix", "prompt"), "mode", f"unknown mode {self.mode!r}; use 'suffix' or 'prompt'")
+        require(self.optimizer in ("sign", "adam"), "optimizer",
+                f"unknown optimizer {self.optimizer!r}; use 'sign' or 'adam'")
+        at_least(self, 1 if self.mode == "suffix" else 0, "n_suffix")
+        at_least(self, 0, "num_steps", "check_every")
+        at_least(self, 1, "max_new_tokens")
+        at_least(self, 0, "step_size", "eps", strict=True)
 
 
 @dataclass

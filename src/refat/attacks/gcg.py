@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import hooks
+from ..configs import at_least, require
 from ..generation import cache_keyword, is_oom, generate
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
@@ -72,20 +73,12 @@ class GCGConfig:
     max_new_tokens: int = 64  # completion of the final attack prompt (``run``)
 
     def __post_init__(self):
-        for name in ("num_steps", "search_width", "topk", "n_replace"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GCGConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.buffer_size < 0:
-            raise ValueError(f"GCGConfig.buffer_size must be >= 0, got {self.buffer_size}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"GCGConfig.batch_size must be >= 1 or None, got {self.batch_size}")
-        if self.use_mellowmax and self.mellowmax_alpha <= 0:
-            raise ValueError(f"GCGConfig.mellowmax_alpha must be > 0, got {self.mellowmax_alpha}")
-        if self.placement.count(PLACEHOLDER) != 1 or self.placement.count(GOAL) != 1:
-            raise ValueError(f"GCGConfig.placement must contain {GOAL} and {PLACEHOLDER} exactly once each, "
-                             f"got {self.placement!r}")
-        if not self.optim_str_init:
-            raise ValueError("GCGConfig.optim_str_init is empty")
+        at_least(self, 1, "num_steps", "search_width", "topk", "n_replace", "batch_size", "max_new_tokens")
+        at_least(self, 0, "buffer_size", "seed")
+        at_least(self, 0, "mellowmax_alpha", strict=True)
+        require(self.placement.count(PLACEHOLDER) == 1 and self.placement.count(GOAL) == 1, "placement",
+                f"must contain {GOAL} and {PLACEHOLDER} exactly once each, got {self.placement!r}")
+        require(bool(self.optim_str_init), "optim_str_init", "empty")
 
 
 @dataclass

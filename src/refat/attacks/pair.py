@@ -21,6 +21,7 @@ attacker and a model rater are config fields (a model spec or URL) loaded inside
 from __future__ import annotations
 
 import ast
+import bisect
 import hashlib
 import json
 import re
@@ -31,7 +32,8 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
-from ..chat import ChatBackend, LocalChat, Messages, from_spec
+from ..chat import ChatBackend, HTTPChat, LocalChat, Messages, from_spec, redact_url
+from ..configs import ConfigError, at_least, require
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model, check_spec
@@ -128,35 +130,38 @@ class PAIRConfig:
     rater: str = "judge"  # "judge": the records' judge mapped to 1/10; else a chat model rating 1-10
     rater_model: str | None = None
     api_key_env: str | None = None  # environment variable holding the endpoints' API key
+    # an endpoint request unanswered after request_timeout seconds is retried request_retries times; these
+    # change how long a dead endpoint is waited for, never the results, so they are not part of attack.json
+    request_timeout: float = HTTPChat.timeout
+    request_retries: int = HTTPChat.retries
 
     def __post_init__(self):
-        for name in ("n_streams", "n_iterations", "keep_last_n", "attacker_max_new_tokens", "target_max_new_tokens",
-                     "judge_max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PAIRConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if not 1 <= self.judge_threshold <= 10:
-            raise ValueError(f"PAIRConfig.judge_threshold must be in 1..10, got {self.judge_threshold}")
+        at_least(self, 1, "n_streams", "n_iterations", "keep_last_n", "attacker_max_new_tokens",
+                 "target_max_new_tokens", "judge_max_new_tokens")
+        require(1 <= self.judge_threshold <= 10, "judge_threshold", f"must be in 1..10, got {self.judge_threshold}")
+        at_least(self, 0, "attacker_temperature", "target_temperature", "seed", "request_retries")
+        at_least(self, 0, "request_timeout", strict=True)
         self.strategies = tuple(self.strategies)
         bad = [s for s in self.strategies if s not in STRATEGIES]
-        if not self.strategies or bad:
-            raise ValueError(f"PAIRConfig.strategies: unknown {bad or 'empty list'}; choose from {', '.join(STRATEGIES)}")
+        require(bool(self.strategies) and not bad, "strategies",
+                f"unknown {bad or 'empty list'}; choose from {', '.join(STRATEGIES)}")
 
     def check_inputs(self) -> None:
         """Before any model loads: the attacker (and a model rater) are loadable specs or URLs with a served name."""
         if self.attacker is None:
-            raise ValueError("attacker: PAIR needs an attacker chat model: a model spec or an OpenAI-compatible URL")
+            raise ConfigError("attacker: PAIR needs an attacker chat model: a model spec or an OpenAI-compatible URL")
         for key, spec, served in (("attacker", self.attacker, self.attacker_model),
                                   ("rater", self.rater, self.rater_model)):
             if key == "rater" and spec == "judge":
                 continue
             if spec.startswith(("http://", "https://")):
                 if not served:
-                    raise ValueError(f"{key}_model: the served model's name is needed with the URL {spec}")
+                    raise ConfigError(f"{key}_model: the served model's name is needed with the URL {redact_url(spec)}")
             else:
                 try:
                     check_spec(spec)
                 except ValueError as e:
-                    raise ValueError(f"{key}: {e}") from None
+                    raise ConfigError(f"{key}: {e}") from None
 
 
 # ---------------------------------------------------------------- parsing
@@ -174,30 +179,83 @@ def _normalise(obj) -> dict | None:
             "prompt": prompt.strip()}
 
 
+_MAX_DEPTH = 8  # brace nesting searched for an answer (an attacker's JSON answer sits at depth 0 or 1)
+_SPECIAL = re.compile(r"[{}\"'\\]")
+_PROMPT_KEY = re.compile("prompt", re.IGNORECASE)
+
+
+def _spans(text: str, quotes: str) -> list[tuple[int, int]]:
+    """(start, end) of every balanced ``{...}`` nested less than :data:`_MAX_DEPTH` deep, by start, in one pass;
+    inside braces, braces within strings delimited by ``quotes`` (backslash escapes honoured) do not count."""
+    spans, stack, quote, skip = [], [], None, -1
+    for m in _SPECIAL.finditer(text):
+        i, c = m.start(), m.group()
+        if i <= skip:
+            continue
+        if quote:
+            if c == "\\":
+                skip = i + 1
+            elif c == quote:
+                quote = None
+        elif c in quotes and stack:
+            quote = c
+        elif c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            start = stack.pop()
+            if len(stack) < _MAX_DEPTH:
+                spans.append((start, i + 1))
+    return sorted(spans)
+
+
+def _first_answer(obj) -> dict | None:
+    """The first dict in ``obj`` (itself, then its values, depth first: the order their braces were written)
+    that :func:`_normalise` accepts."""
+    todo = [obj]
+    while todo:
+        x = todo.pop()
+        found = _normalise(x)
+        if found:
+            return found
+        if isinstance(x, dict):
+            todo += reversed(list(x.values()))
+        elif isinstance(x, list):
+            todo += reversed(x)
+    return None
+
+
+def _first_in_spans(text: str, quotes: str, decode, skip: set) -> dict | None:
+    """The first answer among the spans :func:`_spans` finds that ``decode`` reads; a span without the word
+    "prompt" or in ``skip`` is not decoded, and the spans decoded are added to ``skip``."""
+    keys = [m.start() for m in _PROMPT_KEY.finditer(text)]
+    end = 0
+    for start, stop in _spans(text, quotes):
+        k = bisect.bisect_left(keys, start)
+        if start < end or (start, stop) in skip or k == len(keys) or keys[k] >= stop:
+            continue  # inside an object already searched, read before, or no "prompt" key in it
+        try:
+            obj = decode(text[start:stop])
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        skip.add((start, stop))
+        found = _first_answer(obj)
+        if found:
+            return found
+        end = stop
+    return None
+
+
 def parse_attack(text: str) -> dict | None:
     """The first JSON object in ``text`` with a non-empty ``prompt``, as ``{"improvement", "prompt"}``; else None.
 
     Tolerates prose or code fences around it, raw newlines inside strings, nesting, other key cases and
-    Python-literal dicts (single quotes; read with ``ast.literal_eval``, which never runs code).
+    Python-literal dicts (single quotes; read with ``ast.literal_eval``, which never runs code). Linear time:
+    one scan finds the balanced braces, and each candidate nested less than :data:`_MAX_DEPTH` deep is decoded
+    once, so a reply full of braces cannot stall the search (trying every '{' against every '}' was cubic).
     """
-    decoder = json.JSONDecoder(strict=False)
-    starts = [m.start() for m in re.finditer(r"\{", text)]
-    for i in starts:
-        try:
-            found = _normalise(decoder.raw_decode(text, i)[0])
-        except ValueError:
-            found = None
-        if found:
-            return found
-    for i in starts:  # fallback: Python literals, shortest balanced candidate first
-        for j in (m.start() for m in re.finditer(r"\}", text[i:])):
-            try:
-                found = _normalise(ast.literal_eval(text[i:i + j + 1]))
-            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                continue
-            if found:
-                return found
-    return None
+    read: set[tuple[int, int]] = set()  # what JSON read is not read again as a Python literal
+    return (_first_in_spans(text, '"', json.JSONDecoder(strict=False).decode, read)
+            or _first_in_spans(text, "\"'", ast.literal_eval, read))
 
 
 def parse_rating(text: str) -> int | None:
@@ -371,7 +429,8 @@ def _target_name(target) -> str:
 def _chat(spec: str, served_name: str | None, target, config: PAIRConfig, context: AttackContext) -> ChatBackend:
     """A chat backend from a config spec: an endpoint for a URL, else a local model (the target when named)."""
     if spec.startswith(("http://", "https://")):
-        return from_spec(spec, model_name=served_name, api_key_env=config.api_key_env, seed=context.seed)
+        return from_spec(spec, model_name=served_name, api_key_env=config.api_key_env, seed=context.seed,
+                         timeout=config.request_timeout, retries=config.request_retries)
     return LocalChat(context.load(spec, target), seed=context.seed)
 
 
@@ -391,13 +450,14 @@ def run(model: Model | ChatBackend, behaviours: Sequence[Behaviour], config: PAI
     config, context, judge = config or PAIRConfig(), context or AttackContext(), string_judge(judge)
     if attacker is None:
         if not config.attacker:
-            raise ValueError("PAIR needs an attacker: set PAIRConfig.attacker (--attacker) to a model spec or URL")
+            raise ConfigError("PAIR needs an attacker: set PAIRConfig.attacker (--attacker) to a model spec or URL")
         attacker = _chat(config.attacker, config.attacker_model, model, config, context)
     if rater is None:
         rater = (JudgeRater(judge) if config.rater == "judge"
                  else _chat(config.rater, config.rater_model, model, config, context))
     if not hasattr(rater, "rate"):
         rater = LLMRater(rater, max_new_tokens=config.judge_max_new_tokens)
-    meta = {**asdict(config), "attacker": attacker.name, "rater": rater.name, "target": _target_name(model)}
+    meta = {k: v for k, v in asdict(config).items() if k not in ("request_timeout", "request_retries")}
+    meta |= {"attacker": attacker.name, "rater": rater.name, "target": _target_name(model)}  # names: no credentials
     return run_attack("pair", behaviours, _PAIR(model, attacker, rater, config, progress), config=meta,
                       out_dir=out_dir, judge=judge, progress=progress)

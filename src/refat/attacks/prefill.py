@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..configs import at_least, require
 from ..judges import RefusalStringJudge
 from ..models import Model
 from .base import AttackContext, AttackRecord, Behaviour
@@ -30,10 +31,9 @@ class PrefillConfig:
     batch_size: int = 16
 
     def __post_init__(self):
-        if self.prefill is None and self.n_words < 1:
-            raise ValueError(f"n_words must be at least 1 (got {self.n_words}), or set a fixed prefill")
-        if self.prefill is not None and not self.prefill.strip():
-            raise ValueError("prefill is empty; set a non-empty string or leave it None to use n_words")
+        at_least(self, 1, "n_words", "max_new_tokens", "batch_size")
+        require(self.prefill is None or bool(self.prefill.strip()), "prefill",
+                "empty; set a non-empty string or leave it None to use n_words")
 
 
 def prefill_for(behaviour: Behaviour, config: PrefillConfig) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from .. import hooks
+from ..configs import at_least, require
 from ..data import prompt_key
 from ..directions import Directions
 from ..generation import generate
@@ -48,8 +49,10 @@ class RFAConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
-        if self.mode not in hooks.ABLATION_MODES:
-            raise ValueError(f"unknown RFA mode {self.mode!r}; use one of {', '.join(hooks.ABLATION_MODES)}")
+        require(self.mode in hooks.ABLATION_MODES, "mode",
+                f"unknown RFA mode {self.mode!r}; use one of {', '.join(hooks.ABLATION_MODES)}")
+        require(self.layers is None or len(self.layers) > 0, "layers", "empty (no ablation at all); use none for all")
+        at_least(self, 1, "max_new_tokens", "batch_size")
 
 
 def ablation(model: Model, directions: Directions, config: RFAConfig):

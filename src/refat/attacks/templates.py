@@ -17,17 +17,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import signal
+import threading
 import warnings
 import zipfile
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
 from .. import catalog
+from ..configs import at_least
 from ..data import PackageFile, read_package_file
+from ..errors import RefatError
 from ..judges import RefusalStringJudge
 from ..models import Model
 from .base import AttackContext, AttackRecord, Behaviour, success_rates
@@ -51,16 +56,61 @@ _NAME_VAR = "model_name"
 _INSERT = re.compile(r"\[INSERT PROMPT HERE\]", re.IGNORECASE)
 
 
-class TemplateError(ValueError):
+class TemplateError(RefatError, ValueError):
     pass
+
+
+RENDER_SECONDS = 5.0  # filling one template takes microseconds; one that takes this long loops (nested loops)
+MAX_RENDERED_CHARS = 1_000_000  # far beyond any prompt a model takes
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise :class:`_RenderTimeout` in the block after ``seconds`` (SIGALRM: in the main thread of a POSIX
+    process, where refat's commands run; elsewhere, or under another timer, the block is not limited)."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @lru_cache(maxsize=1)
 def _env():
     from jinja2 import StrictUndefined
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import SandboxedEnvironment  # template text is untrusted: no attribute tricks
 
-    return SandboxedEnvironment(undefined=StrictUndefined)
+    class Bounded(SandboxedEnvironment):
+        """The sandbox with ``*`` and ``**`` bounded: one expression cannot build a gigantic string or number
+        (a single C operation, which no time limit interrupts)."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+                raise SecurityError(f"exponent {right} is too large")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED_CHARS:
+                        raise SecurityError(f"repeating {len(seq)} items {n} times is too large")
+            return super().call_binop(context, operator, left, right)
+
+    return Bounded(undefined=StrictUndefined)
 
 
 @lru_cache(maxsize=4096)
@@ -96,7 +146,24 @@ class Template:
         return f"{self.name}@{hashlib.sha256(self.text.encode()).hexdigest()[:8]}"
 
     def fill(self, goal: str, model_name: str = "the assistant") -> str:
-        return _compiled(self.text).render(**{SLOT: goal, _NAME_VAR: model_name})
+        """The template with ``goal`` in its slot. One that runs longer than :data:`RENDER_SECONDS`, grows past
+        :data:`MAX_RENDERED_CHARS` or computes something huge is a :class:`TemplateError` naming it."""
+        from jinja2.exceptions import SecurityError
+
+        pieces, size = [], 0
+        try:
+            with _time_limit(RENDER_SECONDS):
+                for piece in _compiled(self.text).generate(**{SLOT: goal, _NAME_VAR: model_name}):
+                    size += len(piece)
+                    if size > MAX_RENDERED_CHARS:
+                        raise SecurityError(f"it renders to more than {MAX_RENDERED_CHARS} characters")
+                    pieces.append(piece)
+        except _RenderTimeout:
+            raise TemplateError(f"template {self.name!r} ({self.source}) took more than {RENDER_SECONDS:g} s to "
+                                "fill (nested loops?); fix it or leave it out") from None
+        except SecurityError as e:
+            raise TemplateError(f"template {self.name!r} ({self.source}) cannot be filled: {e}") from None
+        return "".join(pieces)
 
 
 _ENDRAW = re.compile(r"\{%-?\s*endraw\s*-?%\}")
@@ -241,7 +308,7 @@ def load_templates(source: str = "pyrit", n: int | None = None, seed: int = 0) -
         raise TemplateError(f"{source}: no usable templates")
     if n is not None:
         if n < 1:
-            raise ValueError(f"n must be at least 1 (got {n})")
+            raise TemplateError(f"n must be at least 1 (got {n})")
         templates = sorted(templates, key=lambda t: hashlib.sha256(f"{seed}:{t.name}".encode()).hexdigest())[:n]
     return templates
 
@@ -273,11 +340,15 @@ class TemplatesConfig:
     max_new_tokens: int = 64
     batch_size: int = 16
 
+    def __post_init__(self):
+        at_least(self, 1, "n", "max_new_tokens", "batch_size")
+        at_least(self, 0, "seed")
+
     def check_inputs(self) -> None:
         """Before any model loads: the source is a known set or an existing file or folder."""
         if self.source not in SOURCES and not Path(self.source).expanduser().exists():
-            raise ValueError(f"source: {self.source!r} is not a template set ({', '.join(SOURCES)}) "
-                             "or an existing file or folder")
+            raise TemplateError(f"source: {self.source!r} is not a template set ({', '.join(SOURCES)}) "
+                                "or an existing file or folder")
 
 
 def attempts(behaviours: Sequence[Behaviour], templates: Sequence[Template], model_name: str) -> list[Message]:

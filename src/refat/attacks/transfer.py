@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..configs import at_least
 from ..generation import generate
 from ..judges import RefusalStringJudge
-from ..models import Model
+from ..models import Model, PromptTooLongError
 from ..storage import write_jsonl
 from .base import AttackCost, AttackRecord, Behaviour, read_records, run_attack, string_judge
 
@@ -75,8 +76,8 @@ def send(model: Model, attack: str, messages: Sequence[Message], *, config: obje
                       f"max_prompt_tokens={model.max_prompt_tokens} (e.g. {skipped[0].id}, {skipped[0].tokens} tokens)",
                       stacklevel=2)
     if not fit:
-        raise ValueError(f"{attack}: every prompt exceeds max_prompt_tokens={model.max_prompt_tokens}; "
-                         "raise it (Model.max_prompt_tokens) or use shorter prompts")
+        raise PromptTooLongError(f"{attack}: every prompt exceeds max_prompt_tokens={model.max_prompt_tokens}; "
+                                 "raise it (--max-prompt-tokens, within the model's context) or use shorter prompts")
     # similar lengths share a batch (less padding); records are put back in message order at the end
     ordered = [m for _, m in sorted(fit, key=lambda x: x[0])]
     by_id = {m.behaviour.id: m for m in ordered}
@@ -119,6 +120,9 @@ def send(model: Model, attack: str, messages: Sequence[Message], *, config: obje
 class ReplayConfig:
     max_new_tokens: int = 64
     batch_size: int = 16
+
+    def __post_init__(self):
+        at_least(self, 1, "max_new_tokens", "batch_size")
 
 
 def replay(model: Model, records: Sequence[AttackRecord], out_dir: str | Path | None = None, *,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generation import batched
-from ..models import Model
+from ..models import Model, PromptTooLongError
 
 __all__ = ["LogLik", "continuation_logprobs", "next_token_logprobs", "bos_prefix"]
 
@@ -133,7 +133,7 @@ def next_token_logprobs(model: Model, prompts: Sequence[str], token_ids: Sequenc
     rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     too_long = [i for i, r in enumerate(rows) if len(r) > model.max_prompt_tokens]
     if too_long:
-        raise ValueError(f"{len(too_long)} judge prompt(s) exceed max_prompt_tokens={model.max_prompt_tokens} "
+        raise PromptTooLongError(f"{len(too_long)} judge prompt(s) exceed max_prompt_tokens={model.max_prompt_tokens} "
                          f"(prompt #{too_long[0]} has {len(rows[too_long[0]])} tokens); shorten the completions")
     wanted = torch.tensor(list(token_ids), dtype=torch.long)
     is_space: dict[int, bool] = {}
