@@ -65,8 +65,9 @@ def mean_block_inputs(model: Model, prompts: Sequence[str], positions: list[int]
     """[len(positions), n_layers, d_model] float64 means over ``prompts`` of block-input residuals at
     ``positions`` (negative offsets from the end of each formatted prompt).
 
-    With ``share_prefix`` the tokens every prompt starts with run once; without it (or when the prompts
-    share no prefix) every prompt runs whole, left-padded, in batches in input order.
+    With ``share_prefix`` the tokens every prompt starts with run once and batches group prompts of similar
+    length (less padding; the means do not depend on the order); without it (or when the prompts share no
+    prefix) every prompt runs whole, left-padded, in batches in input order, as ``extract`` always did.
     """
     if not positions or any(p >= 0 for p in positions):
         raise ValueError(f"positions must be non-empty negative offsets from the end, got {positions}")
@@ -100,5 +101,5 @@ def mean_block_inputs(model: Model, prompts: Sequence[str], positions: list[int]
         work.tokens += ids.numel()
         return [None] * len(chunk)
 
-    batched(run, rows, batch_size, desc=desc, progress=progress)
+    batched(run, rows, batch_size, desc=desc, progress=progress, sort_key=len if n else None)
     return total / len(rows)

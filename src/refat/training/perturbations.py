@@ -154,9 +154,11 @@ class RefatPerturbation(Perturbation):
         was_training = self.model.hf.training
         self.model.hf.eval()
         work = Work()
-        try:  # the chat template's shared prefix runs once (refat.prefix_cache): same features, fewer tokens
+        try:  # the chat template's shared prefix runs once (refat.prefix_cache): same features, fewer tokens;
+            # batches of 16 prompts of similar length pad less than one of 32 (Qwen2.5, N = 32: 45 % of the
+            # whole prompts' tokens instead of 57 %)
             d = extract(self.model, harmful, harmless, positions=[self.cfg.position], progress=False,
-                        share_prefix=True, work=work)
+                        batch_size=16, share_prefix=True, work=work)
         finally:
             self.model.hf.train(was_training)
         new = d.per_layer(self.cfg.position)
