@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+from pathlib import Path
 
 from refat.attacks.gcg import GCG, GCGConfig, ProbeSamplingConfig
 from refat.models import load
@@ -47,7 +48,7 @@ def run(target_spec: str = TARGET_MODEL, draft_spec: str = DRAFT_MODEL, *, steps
     med = {k: statistics.median(t for x in v for t in x["step_seconds"]) for k, v in runs.items()}
     scored = {k: statistics.mean(n for x in v for n in x["target_scored"]) for k, v in runs.items()}
     best = {k: min(x["best_loss"] for x in v) for k, v in runs.items()}
-    tag = f"({target_spec} target, {draft_spec} draft, width {search_width})"
+    tag = f"({Path(target_spec).name} target, {Path(draft_spec).name} draft, width {search_width})"
     rows = [row(f"probe: refat s/step, plain / probe sampling {tag}", med["plain"] / med["probe"]),
             row("probe: candidates the target scores per step, probe sampling / plain", scored["probe"] / scored["plain"]),
             row("probe: mean draft/target rank agreement (Spearman)",
