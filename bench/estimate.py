@@ -45,9 +45,12 @@ def case_seconds(plan: Plan, case: str) -> float:
         return 3 * (r + 2) * bs * fwd
     if case == "generation":  # 3 variants (hf.generate costs what ours does); the warm-up is tiny
         return r * bs * plan.max_new_tokens * (2 * BATCHED_S_PER_TOKEN + ONE_BY_ONE_S_PER_TOKEN)
-    if case == "training":  # CAT and LAT run half the steps (training_step.run)
+    if case == "training":  # RT and ReFAT: >= 3 rounds; CAT and LAT: half the steps, one round (training_step.run)
         s = STEP_S_BATCH4
-        return r * (plan.train_steps * (s["rt"] + s["refat"]) + max(1, plan.train_steps // 2) * (s["cat"] + s["lat"]))
+        return (max(3, r) * plan.train_steps * (s["rt"] + s["refat"])
+                + max(1, plan.train_steps // 2) * (s["cat"] + s["lat"]))
+    if case == "probe":  # 1.5B target (about 3x the 0.5B's cost per step), 0.5B draft; plain and probe-sampled
+        return 2 * GCG_SETUP_S * 3 + plan.gcg_steps * GCG_S_PER_STEP["refat"] * plan.gcg_search_width / 128 * 3 * 1.5
     if case == "extraction":  # 1 warm-up round; bare and extract each run bs harmful + bs harmless prompts
         return (r + 1) * 2 * (2 * bs) * fwd
     if case == "roofline":

@@ -116,14 +116,19 @@ def make_tiny(out: Path, *, hidden: int = 64, layers: int = 2, vocab: int | None
 
 
 def run_nanogcg(model_dir: Path, *, goal: str, target: str, optim_str_init: str, steps: int, search_width: int,
-                topk: int, seed: int, threads: int, dtype: str, device: str = "cpu", timeout: float | None = None) -> dict:
+                topk: int, seed: int, threads: int | None, dtype: str, device: str = "cpu", timeout: float | None = None,
+                draft_dir: Path | None = None, probe: tuple[int, int] | None = None) -> dict:
+    """nanoGCG in its virtualenv; with ``draft_dir`` and ``probe`` = (r, sampling factor), its probe sampling."""
     py = venv_python()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "nanogcg.json"
         cmd = [str(py), str(HELPER), "--model-dir", str(model_dir), "--goal", goal, "--target", target,
                "--optim-str-init", optim_str_init, "--steps", str(steps), "--search-width", str(search_width),
-               "--topk", str(topk), "--seed", str(seed), "--threads", str(threads), "--dtype", dtype, "--device", device,
-               "--out", str(out)]
+               "--topk", str(topk), "--seed", str(seed), "--threads", str(threads or torch.get_num_threads()),
+               "--dtype", dtype, "--device", device, "--out", str(out)]
+        if draft_dir is not None:
+            r, factor = probe or (8, 16)
+            cmd += ["--draft-model-dir", str(draft_dir), "--probe-r", str(r), "--probe-sampling-factor", str(factor)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_clean_env())
         if proc.returncode != 0:
             raise RuntimeError(f"nanoGCG helper failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

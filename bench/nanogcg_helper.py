@@ -51,6 +51,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--draft-model-dir", type=Path, default=None, help="probe sampling's draft model (off without it)")
+    p.add_argument("--probe-r", type=int, default=8)
+    p.add_argument("--probe-sampling-factor", type=int, default=16)
     args = p.parse_args()
 
     import logging
@@ -84,8 +87,16 @@ def main() -> None:
         return log_buffer(self, tokenizer)
 
     ngcg.AttackBuffer.log_buffer = timed_log
+    probe = None
+    if args.draft_model_dir is not None:
+        if not hasattr(nanogcg, "ProbeSamplingConfig"):
+            raise SystemExit(f"nanogcg {getattr(nanogcg, '__version__', '?')} has no probe sampling (ProbeSamplingConfig)")
+        draft, draft_tok, _ = load(args.draft_model_dir, args.dtype, args.device)
+        probe = nanogcg.ProbeSamplingConfig(draft_model=draft, draft_tokenizer=draft_tok, r=args.probe_r,
+                                            sampling_factor=args.probe_sampling_factor)
     config = nanogcg.GCGConfig(num_steps=args.steps, optim_str_init=args.optim_str_init, search_width=args.search_width,
-                               topk=args.topk, seed=args.seed, verbosity="WARNING")
+                               topk=args.topk, seed=args.seed, verbosity="WARNING",
+                               **({"probe_sampling_config": probe} if probe else {}))
     logging.getLogger("nanogcg").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     result = nanogcg.run(model, tok, messages, args.target, config)

@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import torch
 
+from refat import hooks
 from refat.attacks.gcg import GCG, GCGConfig
 from refat.models import load
 from refat.storage import write_json
@@ -34,6 +35,12 @@ GROUPS = {  # operator name -> group (first match wins)
 }
 
 
+def _rows(args, kwargs) -> int:
+    """Token positions in a module's input (batch × length), however it was passed."""
+    h = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    return h.shape[0] * h.shape[1]
+
+
 def group_of(name: str) -> str:
     for group, prefixes in GROUPS.items():
         if name.startswith(prefixes):
@@ -48,8 +55,12 @@ def profile(model_spec: str = "qwen2.5-coder-0.5b", *, steps: int = 1, search_wi
     GCG(model, cfg, progress=False).attack(GOAL, TARGET)  # warm-up (allocations, kernels)
     cfg.num_steps = steps
     attacker = GCG(model, cfg, progress=False)
+    fed = {"tokens": 0, "head_rows": 0}  # exact operation counts, unaffected by a busy machine
+    count_in = lambda m, args, kw: fed.__setitem__("tokens", fed["tokens"] + _rows(args, kw))  # noqa: E731
+    count_out = lambda m, args, kw: fed.__setitem__("head_rows", fed["head_rows"] + _rows(args, kw))  # noqa: E731
     t0 = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+            hooks.hooked(pre=[(model.blocks[0], count_in), (model.hf.get_output_embeddings(), count_out)]):
         result = attacker.attack(GOAL, TARGET)
     wall = time.perf_counter() - t0
     ops = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
@@ -58,9 +69,13 @@ def profile(model_spec: str = "qwen2.5-coder-0.5b", *, steps: int = 1, search_wi
     for name, s, _ in ops:
         groups[group_of(name)] += s
     top = sorted(ops, key=lambda x: -x[1])[:15]
+    head, blocks = model.hf.get_output_embeddings().weight.numel(), sum(p.numel() for p in model.blocks.parameters())
+    flops = {"blocks": 2 * blocks * fed["tokens"], "vocabulary projection": 2 * head * fed["head_rows"]}
     return {"model": model_spec, "dtype": dtype, "steps": steps, "search_width": search_width,
             "wall_seconds": wall, "step_seconds": result.step_seconds, "profiled_cpu_seconds": total,
             "groups": {g: {"seconds": s, "share": s / total} for g, s in sorted(groups.items(), key=lambda x: -x[1])},
+            "tokens_fed": fed["tokens"], "head_rows": fed["head_rows"], "target_scored": result.target_scored,
+            "matmul_gflop": {k: v / 1e9 for k, v in flops.items()},
             "top_ops": [{"op": n, "seconds": s, "share": s / total, "calls": c} for n, s, c in top],
             "threads": torch.get_num_threads(), "machine": machine_info()}
 
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     res = profile(args.model, steps=args.steps, search_width=args.search_width, dtype=args.dtype)
     print(f"GCG, {args.steps} step(s) at width {args.search_width}: {res['wall_seconds']:.1f} s wall, "
           f"{res['profiled_cpu_seconds']:.1f} s in operators (self time)")
+    print(f"  {res['tokens_fed']} token positions through the blocks, {res['head_rows']} rows through the vocabulary "
+          "projection: " + ", ".join(f"{k} {v:.1f} GFLOP" for k, v in res["matmul_gflop"].items()))
     for g, v in res["groups"].items():
         print(f"  {g:18s} {v['seconds']:7.1f} s  {100 * v['share']:5.1f} %")
     print("top operators:")

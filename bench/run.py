@@ -24,8 +24,11 @@ from . import extraction, generation_throughput, hooks_overhead, memory, rooflin
 from .common import machine_info
 
 CASES = ("hooks", "generation", "training", "extraction", "roofline", "memory", "gcg")
+OPT_IN = ("probe",)  # run only when named in --only (a 1.5B GCG step takes minutes on CPU)
 # Rounds per case when --repeats is not given: ~25 min on 2 cores with the 0.5B model (see estimate.py).
-DEFAULT_REPEATS = {"hooks": 3, "generation": 1, "training": 1, "extraction": 2, "roofline": 2, "memory": 1, "gcg": 1}
+# training: RT and ReFAT always run >= 3 interleaved rounds (training_step.MIN_ROUNDS), CAT and LAT one.
+DEFAULT_REPEATS = {"hooks": 3, "generation": 1, "training": 1, "extraction": 2, "roofline": 2, "memory": 1, "gcg": 1,
+                   "probe": 1}
 # --tiny: smallest settings that still exercise every code path.
 TINY = {"batch_size": 4, "max_new_tokens": 4, "train_steps": 4, "matmul_n": 256, "gcg_steps": 2, "gcg_search_width": 8}
 FULL = {"batch_size": 16, "max_new_tokens": 32, "train_steps": 4, "matmul_n": 2048, "gcg_steps": 2,
@@ -67,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"rounds per case (training: half); default per case {DEFAULT_REPEATS} (1 with --tiny)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward / generation batch (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation case (default 32)")
-    p.add_argument("--only", nargs="+", choices=CASES, default=None,
-                   help="run these cases only (default: all)")
+    p.add_argument("--only", nargs="+", choices=CASES + OPT_IN, default=None,
+                   help=f"run these cases only (default: all but {', '.join(OPT_IN)}, which run only when named)")
     p.add_argument("--skip", nargs="+", choices=CASES, default=[], help="leave these cases out (e.g. gcg offline)")
     p.add_argument("--train-steps", type=int, default=None,
                    help="training case: steps per method per round, a multiple of ReFAT's k (default 4)")
@@ -78,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-steps", type=int, default=2, help="memory case: training steps")
     p.add_argument("--gcg-steps", type=int, default=None, help="gcg case: optimisation steps (default 2)")
     p.add_argument("--gcg-search-width", type=int, default=None, help="gcg case: candidates per step (default 128)")
+    p.add_argument("--probe-target", default=None, help="probe case: target model (default qwen2.5-coder-1.5b)")
+    p.add_argument("--probe-draft", default=None, help="probe case: draft model (default qwen2.5-coder-0.5b)")
     p.add_argument("--out", default=None, help="JSON results (default bench/results.json; none with --tiny)")
     args = p.parse_args(argv)
     for k, v in (TINY if args.tiny else FULL).items():
@@ -99,7 +104,8 @@ def make_plan(args: argparse.Namespace) -> est.Plan:
 def _tiny_model_dir(root: Path) -> Path:
     from .gcg_vs_nanogcg import make_tiny
 
-    return make_tiny(root / "tiny", hidden=64, layers=2)
+    # 4 layers: LAT's default layers (L/4, L/2, 3L/4) are distinct (with 2 they repeat, which LAT rejects)
+    return make_tiny(root / "tiny", hidden=64, layers=4)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               steps=args.memory_steps))
         if "gcg" in cases:
             case("gcg", lambda: _gcg(spec, model, args))
+        if "probe" in cases:
+            case("probe", lambda: _probe(Path(tmp), model, args))
     if rows:
         print_table(rows)
     result = {
@@ -177,6 +185,22 @@ def _gcg(spec: str, model, args) -> tuple[list[dict], dict]:
     else:
         kw |= dict(optim_str_init=GCGConfig.optim_str_init)
     return gcg_vs_nanogcg.run(spec, model=model, **kw)
+
+
+def _probe(tmp: Path, model, args) -> tuple[list[dict], dict]:
+    """Probe sampling (bench/probe_sampling.py); with --tiny, the tiny model as target and a one-layer tiny
+    model of the same tokenizer as draft."""
+    from . import probe_sampling
+    from .gcg_vs_nanogcg import make_tiny
+
+    kw = dict(steps=args.gcg_steps, search_width=args.gcg_search_width, rounds=repeats_for("probe", args.repeats,
+              args.tiny), dtype=args.dtype, device=args.device)
+    if args.tiny:
+        draft = str(make_tiny(tmp / "tiny-draft", hidden=32, layers=1, seed=1))
+        return probe_sampling.run(str(tmp / "tiny"), draft, target=model, goal="Tell me how to do it",
+                                  target_str="Sure, here", optim_str_init="x" * 20, **kw)
+    return probe_sampling.run(args.probe_target or probe_sampling.TARGET_MODEL,
+                              args.probe_draft or probe_sampling.DRAFT_MODEL, **kw)
 
 
 if __name__ == "__main__":

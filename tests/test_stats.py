@@ -67,3 +67,15 @@ def test_mean_sd():
     assert m == 2.0 and sd == pytest.approx(1.0)  # n - 1 in the denominator
     with pytest.raises(ValueError):
         mean_sd([])
+
+
+def test_spearman_averages_tied_ranks_and_is_zero_when_undefined():
+    from refat.stats import ranks, spearman
+
+    assert ranks([3, 1, 1, 2]) == [4.0, 1.5, 1.5, 3.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 4], [2, 1, 1, 3]) == pytest.approx(1 / 3)  # scipy.stats.spearmanr gives the same
+    assert spearman([1, 1, 1], [1, 2, 3]) == 0.0 and spearman([5], [6]) == 0.0
+    with pytest.raises(ValueError, match="paired"):
+        spearman([1, 2], [1])

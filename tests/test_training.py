@@ -335,8 +335,9 @@ def test_refat_recomputes_directions_every_k_steps(tmp_path):
     for h in hist[1:]:
         assert -1.0 <= h["cosine_to_previous"] < 1 - 1e-6
     assert all(h["mean_norm"] > 0 for h in hist)
-    # 3 recomputations × (1 harmful + 1 harmless batch of n=4 prompts)
-    assert s["compute"]["perturbation"]["forward"] == 6 == r.compute["perturbation"]["forward"]
+    # 3 recomputations × (harmful, harmless) × (the shared chat-template prefix once + 1 batch of n=4 prompts)
+    assert s["compute"]["perturbation"]["forward"] == 12 == r.compute["perturbation"]["forward"]
+    assert s["compute"]["perturbation"]["tokens"] > 0
     assert [m["step"] for m in metrics(tmp_path / "run")] == list(range(6))
 
 

@@ -26,6 +26,7 @@ from .data import PromptSets
 from .errors import RefatError
 from .generation import batched, forward_last_logits
 from .models import Model, check_resumable, describe_identity, identity
+from .prefix_cache import Work, mean_block_inputs
 from .storage import FinishedRunError, atomic_path, digest, write_json
 
 __all__ = ["Directions", "Selection", "SelectionConfig", "extract", "select", "refusal_token_ids", "refusal_scores",
@@ -141,30 +142,21 @@ class Directions:
                                   f"{type(e).__name__}: {e})") from None
 
 
-@torch.no_grad()
-def _mean_activations(model: Model, prompts: Sequence[str], positions: list[int], batch_size: int, desc: str,
-                      progress: bool = True) -> Tensor:
-    total = torch.zeros(len(positions), model.n_layers, model.d_model, dtype=torch.float64)
-
-    def run(chunk: list[str]) -> list[None]:
-        with hooks.capture(model, positions=positions) as store:
-            forward_last_logits(model, model.tokenize(chunk))
-        for layer, acts in store.items():
-            total[:, layer] += acts[0].double().sum(0).cpu()  # [pos, d], summed over the batch
-        return [None] * len(chunk)
-
-    batched(run, list(prompts), batch_size, desc=desc, progress=progress)
-    return total / len(prompts)
-
-
 def extract(model: Model, harmful: Sequence[str], harmless: Sequence[str], *, positions: list[int] | None = None,
-            batch_size: int = 32, progress: bool = True) -> Directions:
-    """Difference of means of block-input residuals, every layer × every post-instruction position."""
+            batch_size: int = 32, progress: bool = True, share_prefix: bool = False,
+            work: Work | None = None) -> Directions:
+    """Difference of means of block-input residuals, every layer × every post-instruction position.
+
+    ``share_prefix``: run the chat template's common prefix once (:mod:`refat.prefix_cache`; equal up
+    to float rounding, fewer tokens); ``work`` counts what was fed to the model.
+    """
     if not harmful or not harmless:
         raise ValueError("extract needs non-empty harmful and harmless prompt sets")
     positions = positions or model.post_instruction_positions
-    mu_harmful = _mean_activations(model, harmful, positions, batch_size, "activations (harmful)", progress)
-    mu_harmless = _mean_activations(model, harmless, positions, batch_size, "activations (harmless)", progress)
+    mu_harmful, mu_harmless = (
+        mean_block_inputs(model, prompts, positions, batch_size=batch_size, share_prefix=share_prefix,
+                          desc=f"activations ({kind})", progress=progress, work=work)
+        for kind, prompts in (("harmful", harmful), ("harmless", harmless)))
     return Directions(mu_harmful, mu_harmless, list(positions), model.name, len(harmful), len(harmless))
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .models import Model
 
-__all__ = ["generate", "batched", "forward_last_logits", "greedy_tokens"]
+__all__ = ["generate", "batched", "forward_last_logits", "greedy_tokens", "new_cache"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -111,6 +111,18 @@ def cache_keyword(model: Model) -> str:
     base = model.hf.get_base_model() if hasattr(model.hf, "get_base_model") else model.hf  # peft wraps the model
     params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model: Model):
+    """An empty KV cache laid out for the model's layers (sliding-window ones included), or a plain one
+    where the config cannot be read."""
+    from transformers import DynamicCache
+
+    base = model.hf.get_base_model() if hasattr(model.hf, "get_base_model") else model.hf
+    try:
+        return DynamicCache(config=getattr(base, "config", None))
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return DynamicCache()
 
 
 def eos_ids(model: Model) -> torch.Tensor:

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["wilson", "bootstrap", "paired_bootstrap", "Rate", "rate", "clustered_rate", "mean_sd"]
+__all__ = ["wilson", "bootstrap", "paired_bootstrap", "Rate", "rate", "clustered_rate", "mean_sd", "ranks", "spearman"]
 
 
 def _z(confidence: float) -> float:
@@ -109,3 +109,29 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         raise ValueError("no values")
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank (as Spearman's correlation needs)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson's of the tie-averaged ranks); 0 where it is undefined
+    (fewer than two values, or all of one side equal): no evidence of agreement either way."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman needs paired values, got {len(a)} and {len(b)}")
+    ra, rb = ranks(a), ranks(b)
+    if len(a) < 2 or len(set(ra)) < 2 or len(set(rb)) < 2:
+        return 0.0
+    return statistics.correlation(ra, rb)

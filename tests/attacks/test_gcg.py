@@ -254,3 +254,54 @@ def test_clear_errors(model):
     with pytest.raises(ValueError, match="target"):
         split_prompt(model, GOAL, "")
     assert gcg.user_message("G", "S", "{optim_str}\n{goal}") == "S\nG"
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe sampling (Zhao et al. 2024): a draft model screens the candidates
+
+
+def test_probe_sampling_with_the_target_as_draft_chooses_the_plain_search_candidates(model):
+    """A draft identical to the target ranks exactly as the target does (ρ = 1): the target then scores only
+    the probe and the draft's best, which is the plain search's best, so every step moves the same way."""
+    cfg = GCGConfig(num_steps=4, **FAST)
+    plain = run_one(model, (GOAL, TARGET), cfg, progress=False)
+    twin = build_model("llama", layers=2, hidden=32, seed=0)  # a second copy: the same weights
+    probed = run_one(model, (GOAL, TARGET), cfg, progress=False, draft=twin)
+    assert probed.strings == plain.strings
+    assert probed.losses == pytest.approx(plain.losses, abs=1e-10)
+    assert probed.probe_agreement == pytest.approx([1.0] * 4)
+    assert all(p < t for p, t in zip(probed.target_scored, plain.target_scored))  # the target scored fewer
+    assert probed.n_draft_forward > 0  # (calls, not rows: the target makes more, smaller calls)
+
+
+def test_probe_sampling_with_another_draft_runs_and_records(model):
+    draft = build_model("llama", layers=1, hidden=32, seed=7)
+    cfg = GCGConfig(num_steps=3, **{**FAST, "search_width": 48},
+                    probe_sampling=gcg.ProbeSamplingConfig(draft="tiny-draft", r=2, sampling_factor=4))
+    res = run_one(model, (GOAL, TARGET), cfg, progress=False, draft=draft)
+    assert len(res.losses) == 3 and len(res.probe_agreement) == 3
+    assert all(-1.0 <= rho <= 1.0 for rho in res.probe_agreement)
+    for loss, string in zip(res.losses, res.strings):  # each step's loss is the target's own, of its string
+        assert loss == pytest.approx(reference_loss(model, string), abs=1e-9)
+    # every step the target scored the probe (1/4 of the distinct candidates) and at least one of the draft's best
+    assert all(12 // 4 <= n < 48 for n in res.target_scored)
+
+
+def test_probe_sampling_loads_the_draft_from_the_context_and_records_it(model, tmp_path):
+    cfg = GCGConfig(num_steps=2, max_new_tokens=2, **FAST,
+                    probe_sampling=gcg.ProbeSamplingConfig(draft=model.name))  # the target's name: no second copy
+    (rec,) = run(model, [Behaviour(GOAL, TARGET)], cfg, tmp_path, progress=False)
+    assert len(rec.extra["probe_agreement"]) == 2 and rec.extra["draft_forward"] > 0
+    assert len(rec.extra["target_scored"]) == 2
+
+
+def test_probe_sampling_errors(model):
+    with pytest.raises(ValueError, match="pass the loaded draft"):
+        GCG(model, GCGConfig(probe_sampling=gcg.ProbeSamplingConfig(draft="some/model")), progress=False)
+    other = make_tokenizer()
+    other.add_tokens(["<extra>"], special_tokens=True)
+    stranger = wrap(build_hf("llama", vocab_size=len(other)), other, name="stranger")
+    with pytest.raises(ValueError, match="does not share the tokenizer"):
+        GCG(model, GCGConfig(**FAST), progress=False, draft=stranger)
+    with pytest.raises(ValueError, match="sampling_factor"):
+        gcg.ProbeSamplingConfig(sampling_factor=0)

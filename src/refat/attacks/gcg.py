@@ -17,6 +17,12 @@ made cheaper per step without changing what is computed:
 
 Caches with sliding-window or recurrent layers cannot be cropped: the optimised-prefix reuse is then
 skipped (the ``before`` cache is still used).
+
+Probe sampling (``GCGConfig.probe_sampling``, Zhao et al. 2024, nanoGCG's algorithm) is the one option
+that changes what is computed: a draft model of the same tokenizer scores every candidate and the target
+only a probe set plus the draft's best (``GCGResult.target_scored`` counts them). Its probe draws come
+from their own random stream, so the candidates match a plain search's; with a draft that ranks as the
+target does, it chooses what the plain search chooses.
 """
 
 from __future__ import annotations
@@ -26,26 +32,43 @@ import inspect
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import hooks
 from ..configs import at_least, require
-from ..generation import cache_keyword, is_oom, generate
+from ..generation import cache_keyword, generate, is_oom, new_cache
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
 from ..models import Model
+from ..stats import spearman
 from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack
 
-__all__ = ["GCGConfig", "GCGResult", "PromptSplit", "GCG", "split_prompt", "run_one", "run", "PLACEHOLDER"]
+__all__ = ["GCGConfig", "ProbeSamplingConfig", "GCGResult", "PromptSplit", "GCG", "split_prompt", "run_one", "run", "PLACEHOLDER"]
 
 PLACEHOLDER = "{optim_str}"
 GOAL = "{goal}"
 # nanoGCG's characters for random buffer initialisations
 INIT_CHARS = [".", ",", "!", "?", ";", ":", "(", ")", "[", "]", "{", "}", "@", "#", "$", "%", "&", "*",
               "w", "x", "y", "z"]
+
+
+@dataclass
+class ProbeSamplingConfig:
+    """Probe sampling (Zhao et al. 2024, as nanoGCG 0.3's ``ProbeSamplingConfig``): a small draft model
+    scores every candidate, the target a random probe set of 1/``sampling_factor`` of them; the two rankings'
+    agreement on the probe (Spearman ρ, α = (1 + ρ) / 2) sets how many of the draft's best the target then
+    scores, (1 - α) · candidates / ``r``, at least one. The step's best is the best the target scored.
+    The draft must share the target's tokenizer (candidates are token ids)."""
+
+    draft: str | None = None  # model spec of the draft (loaded with the attack context's dtype/device); None: off
+    r: int = 8
+    sampling_factor: int = 16
+
+    def __post_init__(self):
+        at_least(self, 1, "r", "sampling_factor")
 
 
 @dataclass
@@ -71,6 +94,7 @@ class GCGConfig:
     placement: str = "{goal} {optim_str}"  # the user message; "{optim_str} {goal}" puts the string first
     use_prefix_cache: bool = True
     max_new_tokens: int = 64  # completion of the final attack prompt (``run``)
+    probe_sampling: ProbeSamplingConfig = field(default_factory=ProbeSamplingConfig)  # off unless a draft is set
 
     def __post_init__(self):
         at_least(self, 1, "num_steps", "search_width", "topk", "n_replace", "batch_size", "max_new_tokens")
@@ -93,6 +117,9 @@ class GCGResult:
     seconds: float = 0.0
     early_stopped: bool = False
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step
+    target_scored: list[int] = field(default_factory=list)  # per step: candidates the target model scored
+    probe_agreement: list[float] = field(default_factory=list)  # probe sampling, per step: Spearman ρ on the probe
+    n_draft_forward: int = 0  # probe sampling: the draft's model calls
 
 
 @dataclass(frozen=True)
@@ -186,8 +213,16 @@ def _mellowmax(t: torch.Tensor, alpha: float) -> torch.Tensor:
 class GCG:
     """A GCG attacker for one model; :meth:`attack` runs one behaviour (model-level setup is done once)."""
 
-    def __init__(self, model: Model, config: GCGConfig = GCGConfig(), *, progress: bool = True):
+    def __init__(self, model: Model, config: GCGConfig = GCGConfig(), *, progress: bool = True,
+                 draft: Model | None = None):
+        """``draft``: the loaded draft model for probe sampling (``config.probe_sampling.draft`` names it
+        for :func:`run`, which loads it); given here, probe sampling is on."""
         self.model, self.config, self.progress = model, config, progress
+        if config.probe_sampling.draft is not None and draft is None:
+            raise ValueError(f"GCGConfig.probe_sampling.draft={config.probe_sampling.draft!r}: pass the loaded "
+                             "draft model (GCG(..., draft=...)); gcg.run loads it from the spec")
+        self.draft = None if draft is None else GCG(_same_tokenizer(draft, model), replace(
+            config, probe_sampling=ProbeSamplingConfig()), progress=False)
         self.embed = model.hf.get_input_embeddings()
         rows = self.embed.weight.shape[0]
         self.disallowed = _disallowed(model.tokenizer, rows, config.allow_non_ascii).to(model.device)
@@ -200,19 +235,13 @@ class GCG:
         self._cache_kw = cache_keyword(model)
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else (
             "num_logits_to_keep" if "num_logits_to_keep" in params else None)
-        self._config = getattr(base, "config", None)
         self.batch_size = config.batch_size  # halved for good on out-of-memory
         self.n_forward = self.n_backward = 0
 
     # -- model calls -----------------------------------------------------------------------------------
 
     def _new_cache(self):
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self._config)
-        except (TypeError, ValueError, AttributeError, KeyError):  # a config the cache cannot read: plain layers
-            return DynamicCache()
+        return new_cache(self.model)
 
     def _logits(self, *, ids=None, embeds=None, cache=None, n: int) -> torch.Tensor:
         """Logits at the last ``n`` input positions; ``cache`` (if any) is extended in place."""
@@ -323,6 +352,28 @@ class GCG:
             losses[idx], matches[idx] = loss.double().cpu(), match.cpu()
         return losses, matches
 
+    def _probe_sample(self, cands: torch.Tensor, cur: torch.Tensor, cache, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Probe sampling over ``cands``: losses and matches (inf and False where the target did not score),
+        the mask of the candidates it scored, and the draft/target rank agreement on the probe."""
+        ps, n = self.config.probe_sampling, len(cands)
+        draft_loss, _ = self.draft._evaluate(cands, None, self.draft.before_cache)
+        probe = torch.randperm(n, generator=generator)[:min(n, max(2, n // ps.sampling_factor))]
+        probe_loss, probe_match = self._evaluate(cands[probe.to(cands.device)], cur, cache)
+        rho = spearman(probe_loss.tolist(), draft_loss[probe].tolist())
+        n_best = max(1, min(n, int((1 - (1 + rho) / 2) * n / ps.r)))
+        scored = torch.zeros(n, dtype=torch.bool)
+        scored[probe] = True
+        best = draft_loss.argsort(stable=True)[:n_best]
+        rest = best[~scored[best]]  # the draft's best the probe has not scored already
+        loss = torch.full((n,), math.inf, dtype=torch.float64)
+        match = torch.zeros(n, dtype=torch.bool)
+        loss[probe], match[probe] = probe_loss, probe_match
+        if len(rest):
+            loss[rest], match[rest] = self._evaluate(cands[rest.to(cands.device)], cur, cache)
+            scored[rest] = True
+        return loss, match, scored, rho
+
     def _init_buffer(self, init: torch.Tensor, generator: torch.Generator) -> list[tuple[float, torch.Tensor]]:
         size = self.config.buffer_size
         if size <= 1:
@@ -345,18 +396,26 @@ class GCG:
         f0, b0 = self.n_forward, self.n_backward
         split = split_prompt(self.model, goal, target, cfg.placement)
         self._prepare(split)
+        if self.draft is not None:  # the same tokens: the target's template around the string
+            self.draft._prepare(split)
+            d0 = self.draft.n_forward
         init = torch.tensor(tok(cfg.optim_str_init, add_special_tokens=False)["input_ids"], device=self.model.device)
         if len(init) == 0:
             raise ValueError(f"GCGConfig.optim_str_init {cfg.optim_str_init!r} tokenizes to no tokens")
         if cfg.n_replace > len(init):
             raise ValueError(f"GCGConfig.n_replace={cfg.n_replace} exceeds the {len(init)} optimised tokens")
-        generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        seed = cfg.seed if cfg.seed is not None else torch.seed()
+        generator = torch.Generator().manual_seed(seed)
+        # the probe's own stream: the candidates drawn match a plain search's with the same seed
+        probe_generator = torch.Generator().manual_seed((seed + 1) % 2**63)
         buffer = self._init_buffer(init, generator)
         ids = buffer[0][1]
         init_loss = buffer[0][0] if cfg.buffer_size > 1 else math.nan
         losses: list[float] = []
         strings: list[str] = []
         step_seconds: list[float] = []
+        target_scored: list[int] = []
+        agreement: list[float] = []
         stopped = False
         for step in tqdm(range(cfg.num_steps), desc="GCG", leave=False, disable=not self.progress):
             t_step = time.perf_counter()
@@ -375,8 +434,14 @@ class GCG:
                 new = cands[~same]
                 loss = torch.full((len(cands),), cur_loss, dtype=torch.float64)
                 match = torch.full((len(cands),), cur_match, dtype=torch.bool)
-                if len(new):
-                    loss[~same.cpu()], match[~same.cpu()] = self._evaluate(new, ids, cache)
+                keep = ~same.cpu()
+                if len(new) and self.draft is not None:
+                    loss[keep], match[keep], scored, rho = self._probe_sample(new, ids, cache, probe_generator)
+                    target_scored.append(int(scored.sum()))
+                    agreement.append(rho)
+                elif len(new):
+                    loss[keep], match[keep] = self._evaluate(new, ids, cache)
+                    target_scored.append(len(new))
             del cache
             if cfg.early_stop and match.any():
                 best = int(torch.where(match, loss, torch.full_like(loss, math.inf)).argmin())
@@ -399,7 +464,17 @@ class GCG:
         return GCGResult(best_loss=losses[i], best_string=strings[i], losses=losses, strings=strings,
                          init_loss=init_loss, n_forward=self.n_forward - f0, n_backward=self.n_backward - b0,
                          seconds=round(time.perf_counter() - t0, 3), early_stopped=stopped,
-                         step_seconds=step_seconds)
+                         step_seconds=step_seconds, target_scored=target_scored, probe_agreement=agreement,
+                         n_draft_forward=self.draft.n_forward - d0 if self.draft is not None else 0)
+
+
+def _same_tokenizer(draft: Model, target: Model) -> Model:
+    """``draft``, checked to share ``target``'s tokenizer (candidates pass between them as token ids)."""
+    a, b = draft.tokenizer, target.tokenizer
+    if len(a) != len(b) or a.get_vocab() != b.get_vocab() or a.all_special_ids != b.all_special_ids:
+        raise ValueError(f"probe sampling: the draft model {draft.name} does not share the tokenizer of {target.name} "
+                         f"({len(a)} vs {len(b)} tokens, or other ids); choose a draft of the same family")
+    return draft
 
 
 def _contiguous_input(module, args, kwargs):
@@ -416,17 +491,27 @@ def _goal_target(behaviour: Behaviour | tuple[str, str]) -> tuple[str, str]:
     return goal, target
 
 
+def _draft(model: Model, config: GCGConfig, context: AttackContext | None, draft: Model | None) -> Model | None:
+    """The probe-sampling draft: ``draft`` if given, else ``config.probe_sampling.draft`` loaded with the
+    context's dtype and device (the target itself when the spec is its name), else None (off)."""
+    if draft is not None or config.probe_sampling.draft is None:
+        return draft
+    return (context or AttackContext()).load(config.probe_sampling.draft, model)
+
+
 def run_one(model: Model, behaviour: Behaviour | tuple[str, str], config: GCGConfig = GCGConfig(), *,
-            progress: bool = True) -> GCGResult:
-    """GCG on one behaviour or ``(goal, target)``."""
+            progress: bool = True, context: AttackContext | None = None, draft: Model | None = None) -> GCGResult:
+    """GCG on one behaviour or ``(goal, target)``; ``draft`` (or ``config.probe_sampling.draft``, loaded
+    with ``context``) turns on probe sampling."""
     goal, target = _goal_target(behaviour)
-    return GCG(model, config, progress=progress).attack(goal, target)
+    return GCG(model, config, progress=progress, draft=_draft(model, config, context, draft)).attack(goal, target)
 
 
 def run(model: Model, behaviours: Sequence[Behaviour], config: GCGConfig = GCGConfig(), out_dir=None,
         *, judge: RefusalStringJudge | None = None,
-        context: AttackContext | None = None, progress: bool = True) -> list[AttackRecord]:
-    """GCG on each behaviour (resumable with ``out_dir``); the record's completion answers the best string."""
+        context: AttackContext | None = None, progress: bool = True, draft: Model | None = None) -> list[AttackRecord]:
+    """GCG on each behaviour (resumable with ``out_dir``); the record's completion answers the best string.
+    ``draft``: a loaded probe-sampling draft (else ``config.probe_sampling.draft`` is loaded with ``context``)."""
     if not behaviours:
         raise ValueError("the behaviour set is empty: nothing to attack")
     attacker: list[GCG] = []  # built on first use: a fully resumed run never pays for the vocabulary scan
@@ -434,7 +519,7 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: GCGConfig = GCGCo
     def one(b: Behaviour) -> AttackRecord:
         t0 = time.perf_counter()
         if not attacker:
-            attacker.append(GCG(model, config, progress=progress))
+            attacker.append(GCG(model, config, progress=progress, draft=_draft(model, config, context, draft)))
         res = attacker[0].attack(b.goal, b.target)
         split = split_prompt(model, b.goal, b.target, config.placement)
         text = split.text(res.best_string)
@@ -451,6 +536,9 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: GCGConfig = GCGCo
                             seconds=round(time.perf_counter() - t0, 3)),
             extra={"best_loss": res.best_loss, "best_string": res.best_string, "init_loss": res.init_loss,
                    "steps": len(res.losses), "early_stopped": res.early_stopped,
-                   "optim_tokens": len(optim_ids), "prompt_tokenizes_as_optimized": exact})
+                   "optim_tokens": len(optim_ids), "prompt_tokenizes_as_optimized": exact,
+                   "target_scored": res.target_scored}
+            | ({"probe_agreement": res.probe_agreement, "draft_forward": res.n_draft_forward}
+               if res.probe_agreement else {}))
 
     return run_attack("gcg", behaviours, one, config=config, out_dir=out_dir, judge=judge, progress=progress)

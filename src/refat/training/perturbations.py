@@ -31,6 +31,7 @@ from ..configs import at_least, require
 from ..directions import extract
 from ..memory import release_freed_memory
 from ..models import Model
+from ..prefix_cache import Work
 from ..pgd import Ball, default_step, pgd
 from .data import Batch, response_loss
 
@@ -168,8 +169,12 @@ class RefatPerturbation(Perturbation):
         harmful, harmless = pick(self.harmful), pick(self.harmless)
         was_training = self.model.hf.training
         self.model.hf.eval()
-        try:
-            d = extract(self.model, harmful, harmless, positions=[self.cfg.position], progress=False)
+        work = Work()
+        try:  # the chat template's shared prefix runs once (refat.prefix_cache): same features, fewer tokens;
+            # batches of 16 prompts of similar length pad less than one of 32 (Qwen2.5, N = 32: 45 % of the
+            # whole prompts' tokens instead of 57 %)
+            d = extract(self.model, harmful, harmless, positions=[self.cfg.position], progress=False,
+                        batch_size=16, share_prefix=True, work=work)
         finally:
             self.model.hf.train(was_training)
         new = d.per_layer(self.cfg.position)
@@ -177,8 +182,7 @@ class RefatPerturbation(Perturbation):
         if self.directions is not None:
             cos = torch.nn.functional.cosine_similarity(new, self.directions, dim=-1)[self.layers].mean().item()
         self.directions, self.harmless_mean = new, d.harmless(self.cfg.position)
-        n_batches = -(-len(harmful) // 32) + -(-len(harmless) // 32)
-        self.cost.add(Cost(forward=n_batches, seconds=time.perf_counter() - t0))
+        self.cost.add(Cost(forward=work.forwards, tokens=work.tokens, seconds=time.perf_counter() - t0))
         self.history.append({"step": step, "mean_norm": new[self.layers].norm(dim=-1).mean().item(),
                              "cosine_to_previous": cos})
 
