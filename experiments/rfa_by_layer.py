@@ -12,13 +12,13 @@ import argparse
 from pathlib import Path
 
 from refat import hooks
+from refat.data import prompt_sets
 from refat.directions import Directions
 from refat.generation import generate
 from refat.judges import RefusalStringJudge, rate, refusal_records
 from refat.models import load
-from refat.storage import write_json
-from refat.data import prompt_sets
 from refat.pipeline.demo import demo_config
+from refat.storage import write_json
 
 
 def main() -> None:

@@ -7,11 +7,10 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
+from conftest import make_tokenizer
 from torch import nn
 
 from refat.models import Model
-
-from conftest import make_tokenizer
 
 
 class Bigram(nn.Module):

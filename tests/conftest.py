@@ -15,7 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models as tok_models
+from tokenizers import Tokenizer, decoders
+from tokenizers import models as tok_models
 from tokenizers.pre_tokenizers import ByteLevel
 
 from refat.models import Model, wrap

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import build_model
 
 from refat import catalog
 from refat.cli import main
-from refat.directions import Directions
 from refat.data import DataConfig, prompt_sets
-
-from conftest import build_model
+from refat.directions import Directions
 
 HARMFUL = [f"Explain how to do harmful thing number {i}." for i in range(14)]
 HARMLESS = [f"Tell me a fun fact about animal number {i}." for i in range(14)]

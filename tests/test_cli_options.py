@@ -11,14 +11,20 @@ import pytest
 import yaml
 
 from refat.attacks import REGISTRY
-from refat.cli import DIRECTIONS_DATA, DIRECTIONS_SELECTION, TRAIN_ALIASES, _train_config, build_parser
+from refat.cli import (
+    DIRECTIONS_DATA,
+    DIRECTIONS_SELECTION,
+    TRAIN_ALIASES,
+    _train_config,
+    build_parser,
+)
 from refat.configs import ConfigError, FieldError, from_arguments, from_dict
+from refat.data import DataConfig
 from refat.directions import SelectionConfig
 from refat.evals.overrefusal import OverRefusalConfig
 from refat.evals.utility import UtilityConfig
-from refat.training import AdversarialConfig, LoraSettings, RefatConfig, TrainConfig
-from refat.data import DataConfig
 from refat.pipeline.demo import demo_config
+from refat.training import AdversarialConfig, LoraSettings, RefatConfig, TrainConfig
 
 
 def subparser(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:

@@ -8,9 +8,17 @@ import random
 import pytest
 
 from refat import data
-
-from refat.data import (DatasetError, Example, affirmative_target, dedupe, drop_near_duplicates, load_dataset,
-                        near_duplicates, similarity, split)
+from refat.data import (
+    DatasetError,
+    Example,
+    affirmative_target,
+    dedupe,
+    drop_near_duplicates,
+    load_dataset,
+    near_duplicates,
+    similarity,
+    split,
+)
 
 
 def _write_csv(path, header, rows):

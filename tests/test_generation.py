@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_model
 
 from refat import hooks
 from refat.generation import batched, forward_last_logits, generate
 from refat.orthogonalize import orthogonalize
-
-from conftest import build_model
 
 PROMPTS = ["Hi", "What is the capital of France?", "ok", "Write a poem about the sea and the moon, please.",
            "abc", "Explain photosynthesis", "Name three colours."]

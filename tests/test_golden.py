@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-
 from golden.make_golden import CASES, path
 
 

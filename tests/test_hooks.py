@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import unit
 
 from refat import hooks
 from refat.hooks import ablate, ablate_hidden, add, capture
-
-from conftest import unit
 
 
 def logits(model, enc):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS, POST_INSTRUCTION, build_hf, make_tokenizer
 from torch import nn
 
 from refat import catalog, models
 from refat.models import PromptTooLongError, find_blocks, wrap
-
-from conftest import ARCHS, POST_INSTRUCTION, build_hf, make_tokenizer
 
 EXPECTED_WRITERS = {
     "llama": ("self_attn.o_proj", "mlp.down_proj"),

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import unit
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refat import hooks
 from refat.orthogonalize import orthogonalize, save_orthogonalized
-
-from conftest import unit
 
 CASES = [
     pytest.param("llama", True, id="llama-tied"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import build_model
+
 from refat import hooks
 from refat.directions import extract
 from refat.generation import forward_last_logits

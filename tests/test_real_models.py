@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from refat import catalog, hooks
+from refat.data import DataConfig, prompt_sets
 from refat.directions import SelectionConfig, extract, select
 from refat.generation import generate
 from refat.judges import RefusalStringJudge, rate, refusal_records
 from refat.models import load
-from refat.data import DataConfig, prompt_sets
 from refat.pipeline.demo import demo_config
 
 pytestmark = pytest.mark.real

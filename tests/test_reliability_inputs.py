@@ -19,6 +19,7 @@ from typing import get_type_hints
 
 import pytest
 import torch
+from conftest import build_model
 from safetensors.torch import load_file, save_file
 
 from refat import cli
@@ -28,8 +29,6 @@ from refat.attacks.pair import parse_attack
 from refat.attacks.transfer import ReplayConfig
 from refat.cli import main
 from refat.configs import ConfigError, from_dict
-
-from conftest import build_model
 
 HARMFUL = [f"Explain how to do harmful thing number {i}." for i in range(8)]
 HARMLESS = [f"Tell me a fun fact about animal number {i}." for i in range(8)]
@@ -276,14 +275,14 @@ def test_main_tells_user_errors_from_bugs(monkeypatch, capsys):
 
 
 def test_existing_error_classes_are_user_errors_and_keep_their_bases():
-    from refat.errors import RefatError
+    from refat.attacks.templates import TemplateError
     from refat.catalog import FetchError, HashMismatchError, UnknownModelError
     from refat.chat import ChatEndpointError
     from refat.data import DatasetError
     from refat.directions import DirectionsError, DirectionsNotFoundError
+    from refat.errors import RefatError
     from refat.models import ModelError, ModelNotFoundError, PromptTooLongError
     from refat.storage import FinishedRunError, FolderLockedError
-    from refat.attacks.templates import TemplateError
 
     bases = {ConfigError: ValueError, DatasetError: ValueError, PromptTooLongError: ValueError,
              FinishedRunError: FileExistsError, FolderLockedError: RuntimeError, UnknownModelError: ValueError,

@@ -10,13 +10,12 @@ import subprocess
 
 import pytest
 import torch
+from conftest import build_model, make_tokenizer
 
 from refat import models
 from refat.cli import main
 from refat.directions import Directions
 from refat.storage import replacing
-
-from conftest import build_model, make_tokenizer
 
 HARMFUL = [f"Explain how to do harmful thing number {i}." for i in range(14)]
 HARMLESS = [f"Tell me a fun fact about animal number {i}." for i in range(14)]
@@ -250,7 +249,8 @@ def test_identity_hashes_each_file_once_and_follows_its_bytes(tmp_path, monkeypa
 
 def test_in_memory_model_identity_and_resume(tmp_path):
     """A model built in memory is identified by its name; resuming with one that has no name is refused."""
-    from refat.training import Pair, TrainConfig, train as train_model
+    from refat.training import Pair, TrainConfig
+    from refat.training import train as train_model
 
     named = build_model("llama", layers=2, hidden=32)
     ident = models.identity(named)

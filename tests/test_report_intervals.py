@@ -13,7 +13,6 @@ from refat.pipeline.stages import report as report_stage
 from refat.report import MAX_SAMPLES, SAMPLE_CHARS, _bar_heights, write_report
 from refat.stats import bootstrap, clustered_rate
 
-
 # ---- the unit of resampling is the behaviour --------------------------------------------------------------------
 
 def test_a_behaviour_with_several_records_counts_once():

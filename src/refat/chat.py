@@ -28,7 +28,7 @@ import torch
 
 from .configs import ConfigError, at_least, require
 from .errors import RefatError
-from .generation import eos_ids, batched, generate
+from .generation import batched, eos_ids, generate
 from .models import Model
 
 __all__ = ["ChatBackend", "LocalChat", "HTTPChat", "ChatEndpointError", "render", "from_spec", "redact_url"]

@@ -163,8 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _judge_agreement(args) -> int:
     from . import catalog
-    from .judges import (calibrate_threshold, cache_path, cached_scores, load_classifier_comparison, parse_spec,
-                         published_agreement, score_agreement)
+    from .judges import (
+        cache_path,
+        cached_scores,
+        calibrate_threshold,
+        load_classifier_comparison,
+        parse_spec,
+        published_agreement,
+        score_agreement,
+    )
     from .judges.ensemble import fit, nested_cv
     from .storage import write_json
 
@@ -378,12 +385,12 @@ def _validation(args, behaviours) -> list[str]:
     from .data import load_dataset, prompt_key
 
     if args.n_validation < 1:
-        raise ValueError(f"--n-validation must be >= 1, got {args.n_validation}")
+        raise ConfigError(f"--n-validation must be >= 1, got {args.n_validation}")
     spec = args.validation or args.behaviours
     attacked = {prompt_key(b.goal) for b in behaviours}
     prompts = [e.prompt for e in load_dataset(spec) if prompt_key(e.prompt) not in attacked][:args.n_validation]
     if not prompts:
-        raise ValueError(f"--validation {spec}: every prompt is an attacked behaviour; pass --validation with other "
+        raise ConfigError(f"--validation {spec}: every prompt is an attacked behaviour; pass --validation with other "
                          "harmful prompts (or --direction selected)")
     return prompts
 
@@ -435,7 +442,7 @@ def _train(args, data) -> int:
 
     cfg = _train_config(args)
     if args.resume and args.overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one")
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one")
     main_process = rank_and_world()[0] == 0
     with _output(args.out, args.overwrite, main=main_process, keep=(PAIRS_FILE,)) as out:
         claim_output(out, "train_summary.json", overwrite=args.resume)

@@ -122,9 +122,7 @@ class Directions:
 
     @classmethod
     def load(cls, path: str | Path) -> "Directions":
-        from safetensors import safe_open
-
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         file = path / "directions.safetensors" if path.is_dir() else path
@@ -151,7 +149,7 @@ def extract(model: Model, harmful: Sequence[str], harmless: Sequence[str], *, po
     to float rounding, fewer tokens); ``work`` counts what was fed to the model.
     """
     if not harmful or not harmless:
-        raise ValueError("extract needs non-empty harmful and harmless prompt sets")
+        raise DirectionsError("extract needs non-empty harmful and harmless prompt sets")
     positions = positions or model.post_instruction_positions
     mu_harmful, mu_harmless = (
         mean_block_inputs(model, prompts, positions, batch_size=batch_size, share_prefix=share_prefix,
@@ -214,7 +212,7 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
            config: SelectionConfig = SelectionConfig()) -> Selection:
     """Choose the (layer, position) candidate as Arditi et al. do; stores and returns the :class:`Selection`."""
     if not harmful_val or not harmless_val:
-        raise ValueError("select needs non-empty harmful and harmless validation prompts")
+        raise DirectionsError("select needs non-empty harmful and harmless validation prompts")
     ref_ids = refusal_token_ids(model)
     bs = config.batch_size
 
@@ -231,7 +229,7 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
         c["pruned"] = c["layer"] >= max_layer
     live = [c for c in cands if not c["pruned"]]
     if not live:
-        raise ValueError("every layer pruned: lower prune_layer_fraction")
+        raise DirectionsError("every layer pruned: lower prune_layer_fraction")
     full = list(harmful_val)
     screen = bool(config.screen_prompts) and config.screen_prompts < len(full)
     key = "screen_score" if screen else "refusal_score"
@@ -266,7 +264,7 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
         return directions.selection
     best = "; ".join(f"layer {c['layer']} pos {c['position']}: score {c['refusal_score']:.2f}, KL {c['kl']:.3f}"
                      + (f", induced {c['induce_score']:.2f}" if "induce_score" in c else "") for c in live[:6])
-    raise RuntimeError(f"no candidate direction passed the filters (KL ≤ {config.kl_threshold}, induced refusal "
+    raise DirectionsError(f"no candidate direction passed the filters (KL ≤ {config.kl_threshold}, induced refusal "
                        f"score > {config.induce_refusal_threshold}); best candidates: {best}. Relax kl_threshold / "
                        "induce_refusal_threshold or use more extraction prompts")
 

@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["RefatError", "user_message"]
+__all__ = ["RefatError", "InputError", "RunError", "user_message"]
 
 
 class RefatError(Exception):
     """Something the user can fix; the message names the file, field or option."""
+
+
+class InputError(RefatError, ValueError):
+    """An input refat cannot use (a prompt set, a layer, a resource an attack needs), where no more specific
+    error class says what; still a ``ValueError`` to callers that catch that."""
+
+
+class RunError(RefatError, RuntimeError):
+    """A run that cannot go on as configured (training diverged, no candidate passed a filter); the message
+    says which setting to change. Still a ``RuntimeError``."""
 
 
 # the file-system errors a user fixes (a path, permissions, space), not a bug's

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
 from .models import Model
 
 __all__ = ["hooked", "capture", "ablate", "add", "ablate_hidden", "unit", "perturb", "AblationMode", "Positions", "Rows"]
@@ -108,7 +109,7 @@ def _layers(model: Model, layers: Sequence[int] | None) -> list[int]:
         return list(range(model.n_layers))
     bad = [l for l in layers if not -model.n_layers <= l < model.n_layers]
     if bad:
-        raise ValueError(f"layer(s) {bad} out of range for {model.name} with {model.n_layers} layers")
+        raise InputError(f"layer(s) {bad} out of range for {model.name} with {model.n_layers} layers")
     return sorted({l % model.n_layers for l in layers})
 
 
@@ -122,7 +123,7 @@ def _check_mode(mode: str, mean: Tensor | None) -> None:
     if mode not in ABLATION_MODES:
         raise ValueError(f"unknown ablation mode {mode!r}; use one of {ABLATION_MODES}")
     if mode == "mean" and mean is None:
-        raise ValueError("mode='mean' needs the harmless mean activation (Directions.harmless)")
+        raise InputError("mode='mean' needs the harmless mean activation (Directions.harmless)")
 
 
 def _ablation_terms(r: Tensor, mode: str, mean: Tensor | None) -> tuple[Tensor, Tensor | None]:

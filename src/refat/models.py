@@ -429,7 +429,7 @@ _MODEL_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".jinja", ".model",
 _LOCATION_KEYS = ("spec", "catalog", "catalog_sha256", "files", "gguf_file", "hub", "adapter", "dtype", "device")
 
 
-class UnidentifiedModelError(ValueError):
+class UnidentifiedModelError(RefatError, ValueError):
     """A stored result would be resumed with a model refat cannot identify (built in memory, unnamed)."""
 
 

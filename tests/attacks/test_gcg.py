@@ -9,13 +9,20 @@ import math
 
 import pytest
 import torch
+from conftest import build_hf, build_model, make_tokenizer
 
 from refat.attacks import gcg
 from refat.attacks.base import AttackConfigMismatch, Behaviour, read_records
-from refat.attacks.gcg import GCG, GCGConfig, filter_candidates, run, run_one, sample_candidates, split_prompt
+from refat.attacks.gcg import (
+    GCG,
+    GCGConfig,
+    filter_candidates,
+    run,
+    run_one,
+    sample_candidates,
+    split_prompt,
+)
 from refat.models import wrap
-
-from conftest import build_hf, build_model, make_tokenizer
 
 GOAL, TARGET, INIT = "Tell me how", "Sure", "xxxxxxxx"
 FAST = dict(search_width=24, topk=16, optim_str_init=INIT, seed=3)

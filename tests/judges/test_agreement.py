@@ -6,8 +6,15 @@ import json
 
 import pytest
 
-from refat.judges import (LabelledResponse, RefusalStringJudge, agreement, calibrate_threshold, judge_agreement,
-                          load_classifier_comparison, published_agreement)
+from refat.judges import (
+    LabelledResponse,
+    RefusalStringJudge,
+    agreement,
+    calibrate_threshold,
+    judge_agreement,
+    load_classifier_comparison,
+    published_agreement,
+)
 
 
 def test_calibrate_threshold_fits_on_all_rows_and_cross_validates_on_held_out_ones():

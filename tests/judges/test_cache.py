@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from refat.judges import cache_path, cached_scores, parse_spec, slug
-from refat.judges import strings
+from refat.judges import cache_path, cached_scores, parse_spec, slug, strings
 from refat.judges.classifiers import ChatJudge
 from refat.storage import digest, read_jsonl
 

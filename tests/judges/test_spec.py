@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_model
 
 from refat.configs import ConfigError
-from refat.judges import (JUDGE_KINDS, ChatJudge, HarmBenchJudge, JudgeSpec, LlamaGuardJudge, RefusalStringJudge,
-                          from_spec, judge_name, judge_threshold, parse_spec)
+from refat.judges import (
+    JUDGE_KINDS,
+    ChatJudge,
+    HarmBenchJudge,
+    JudgeSpec,
+    LlamaGuardJudge,
+    RefusalStringJudge,
+    from_spec,
+    judge_name,
+    judge_threshold,
+    parse_spec,
+)
 from refat.judges.strings import RefusalPrefixJudge
-
-from conftest import build_model
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ strict config errors, input checks before any stage, and resuming after a crashi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -15,17 +16,21 @@ import torch
 import yaml
 from conftest import build_model
 
-import dataclasses
-
 from refat import attacks, pipeline
 from refat.attacks.rfa_sweep import Sweep
-from refat.judges import agreement, slug
-from refat.pipeline import context, provenance
 from refat.configs import ConfigError
 from refat.directions import Directions
 from refat.evals import utility
 from refat.evals.utility import Item, TaskData
-from refat.pipeline import ExperimentConfig, load_config, run_experiment, stage_names
+from refat.judges import agreement, slug
+from refat.pipeline import (
+    ExperimentConfig,
+    context,
+    load_config,
+    provenance,
+    run_experiment,
+    stage_names,
+)
 from refat.pipeline.plan import plan
 from refat.storage import digest, read_jsonl
 

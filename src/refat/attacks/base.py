@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from ..data import Example, affirmative_target, load_dataset, prompt_key
+from ..errors import InputError
 from ..judges import RefusalStringJudge
 from ..models import check_resumable, describe_identity, identity
 from ..storage import FinishedRunError, read_json, write_json, write_jsonl
@@ -63,7 +64,7 @@ def behaviours_from(examples: Sequence[Example] | str, n: int | None = None) -> 
         examples = load_dataset(examples)
     out = [Behaviour(e.prompt, e.target or affirmative_target(e.prompt)) for e in examples]
     if not out:
-        raise ValueError("the behaviour set is empty")
+        raise InputError("the behaviour set is empty")
     return out[:n] if n is not None else out
 
 
@@ -102,7 +103,7 @@ class AttackContext:
         """The resource, or a ValueError naming the attack and what it lacks."""
         value = getattr(self, resource)
         if value is None or (isinstance(value, list) and not value):
-            raise ValueError(f"{attack} needs {resource} in its AttackContext (e.g. --{resource} on the command line)")
+            raise InputError(f"{attack} needs {resource} in its AttackContext (e.g. --{resource} on the command line)")
         return value
 
     def load(self, spec: str, target: object) -> Model:
@@ -243,7 +244,7 @@ def run_attack(name: str, behaviours: Sequence[Behaviour], attack_one: Callable[
     each stamped with ``judge``'s name and verdict (default: the refusal-string judge)."""
     judge = string_judge(judge)
     if not behaviours:
-        raise ValueError("the behaviour set is empty: nothing to attack")
+        raise InputError("the behaviour set is empty: nothing to attack")
     done: dict[str, AttackRecord] = {}
     path = None
     if out_dir is not None:

@@ -23,12 +23,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..configs import at_least, require
+from ..errors import InputError
 from ..generation import greedy_tokens
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
 from ..models import Model, PromptTooLongError
 from ..pgd import Ball, constrain, signed_step
-from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack, string_judge
+from .base import (
+    AttackContext,
+    AttackCost,
+    AttackRecord,
+    Behaviour,
+    run_attack,
+    string_judge,
+)
 
 __all__ = ["EmbeddingConfig", "Segments", "segments", "target_loss", "generate_from_embeds", "run"]
 
@@ -79,11 +87,11 @@ def segments(model: Model, b: Behaviour, config: EmbeddingConfig) -> Segments:
     if config.mode == "suffix":
         init = ids(config.init_token)
         if len(init) != 1:
-            raise ValueError(f"init_token {config.init_token!r} is {len(init)} tokens for {model.name}; use one token")
+            raise InputError(f"init_token {config.init_token!r} is {len(init)} tokens for {model.name}; use one token")
         suffix = init * config.n_suffix
     seg = Segments(ids(before), ids(b.goal), suffix, ids(after), ids(b.target))
     if not seg.target:
-        raise ValueError(f"behaviour {b.id} has an empty target: nothing to optimise toward")
+        raise InputError(f"behaviour {b.id} has an empty target: nothing to optimise toward")
     n = len(seg.before) + len(seg.goal) + len(seg.suffix) + len(seg.after)
     if n > model.max_prompt_tokens:
         raise PromptTooLongError(f"behaviour {b.id}: prompt has {n} tokens > "

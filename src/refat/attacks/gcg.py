@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .. import hooks
 from ..configs import at_least, require
+from ..errors import InputError
 from ..generation import cache_keyword, generate, is_oom, new_cache
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
@@ -155,7 +156,7 @@ def split_prompt(model: Model, goal: str, target: str, placement: str = GCGConfi
     if n != 1:
         why = ("the chat template does not put the user message into the prompt" if n == 0 else
                f"{PLACEHOLDER} occurs {n} times (does the goal or system prompt contain it?)")
-        raise ValueError(f"cannot place the GCG string for {model.name}: {why}; rendered: {text[:200]!r}")
+        raise InputError(f"cannot place the GCG string for {model.name}: {why}; rendered: {text[:200]!r}")
     before, after = text.split(PLACEHOLDER)
     tok = model.tokenizer
     ids = [tok(s, add_special_tokens=False)["input_ids"] if s else [] for s in (before, after, target)]
@@ -219,7 +220,7 @@ class GCG:
         for :func:`run`, which loads it); given here, probe sampling is on."""
         self.model, self.config, self.progress = model, config, progress
         if config.probe_sampling.draft is not None and draft is None:
-            raise ValueError(f"GCGConfig.probe_sampling.draft={config.probe_sampling.draft!r}: pass the loaded "
+            raise InputError(f"GCGConfig.probe_sampling.draft={config.probe_sampling.draft!r}: pass the loaded "
                              "draft model (GCG(..., draft=...)); gcg.run loads it from the spec")
         self.draft = None if draft is None else GCG(_same_tokenizer(draft, model), replace(
             config, probe_sampling=ProbeSamplingConfig()), progress=False)
@@ -228,7 +229,7 @@ class GCG:
         self.disallowed = _disallowed(model.tokenizer, rows, config.allow_non_ascii).to(model.device)
         allowed = int((~self.disallowed).sum())
         if allowed == 0:
-            raise ValueError(f"{model.name}: no token is allowed for GCG (try GCGConfig.allow_non_ascii=True)")
+            raise InputError(f"{model.name}: no token is allowed for GCG (try GCGConfig.allow_non_ascii=True)")
         self.topk = min(config.topk, allowed)
         base = model.hf.get_base_model() if hasattr(model.hf, "get_base_model") else model.hf
         params = inspect.signature(base.forward).parameters
@@ -401,9 +402,9 @@ class GCG:
             d0 = self.draft.n_forward
         init = torch.tensor(tok(cfg.optim_str_init, add_special_tokens=False)["input_ids"], device=self.model.device)
         if len(init) == 0:
-            raise ValueError(f"GCGConfig.optim_str_init {cfg.optim_str_init!r} tokenizes to no tokens")
+            raise InputError(f"GCGConfig.optim_str_init {cfg.optim_str_init!r} tokenizes to no tokens")
         if cfg.n_replace > len(init):
-            raise ValueError(f"GCGConfig.n_replace={cfg.n_replace} exceeds the {len(init)} optimised tokens")
+            raise InputError(f"GCGConfig.n_replace={cfg.n_replace} exceeds the {len(init)} optimised tokens")
         seed = cfg.seed if cfg.seed is not None else torch.seed()
         generator = torch.Generator().manual_seed(seed)
         # the probe's own stream: the candidates drawn match a plain search's with the same seed
@@ -472,7 +473,7 @@ def _same_tokenizer(draft: Model, target: Model) -> Model:
     """``draft``, checked to share ``target``'s tokenizer (candidates pass between them as token ids)."""
     a, b = draft.tokenizer, target.tokenizer
     if len(a) != len(b) or a.get_vocab() != b.get_vocab() or a.all_special_ids != b.all_special_ids:
-        raise ValueError(f"probe sampling: the draft model {draft.name} does not share the tokenizer of {target.name} "
+        raise InputError(f"probe sampling: the draft model {draft.name} does not share the tokenizer of {target.name} "
                          f"({len(a)} vs {len(b)} tokens, or other ids); choose a draft of the same family")
     return draft
 
@@ -513,7 +514,7 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: GCGConfig = GCGCo
     """GCG on each behaviour (resumable with ``out_dir``); the record's completion answers the best string.
     ``draft``: a loaded probe-sampling draft (else ``config.probe_sampling.draft`` is loaded with ``context``)."""
     if not behaviours:
-        raise ValueError("the behaviour set is empty: nothing to attack")
+        raise InputError("the behaviour set is empty: nothing to attack")
     attacker: list[GCG] = []  # built on first use: a fully resumed run never pays for the vocabulary scan
 
     def one(b: Behaviour) -> AttackRecord:

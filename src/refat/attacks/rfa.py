@@ -22,6 +22,7 @@ from .. import hooks
 from ..configs import at_least, require
 from ..data import prompt_key
 from ..directions import Directions
+from ..errors import InputError
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model
@@ -81,7 +82,7 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: RFAConfig = RFACo
         attacked = {prompt_key(b.goal) for b in behaviours}
         leaked = [p for p in validation if prompt_key(p) in attacked]
         if leaked:
-            raise ValueError(f"rfa: {len(leaked)} validation prompt(s) are attacked behaviours (e.g. {leaked[0]!r}); "
+            raise InputError(f"rfa: {len(leaked)} validation prompt(s) are attacked behaviours (e.g. {leaked[0]!r}); "
                              "the attacker must choose its ablation on other prompts")
         result = rfa_sweep.sweep(model, directions, validation, config.sweep, judge=judge,
                                  max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
@@ -93,7 +94,7 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: RFAConfig = RFACo
     else:
         sel = directions.selection
         if sel is None:
-            raise ValueError("rfa with direction 'selected' needs directions with a selection (refat directions)")
+            raise InputError("rfa with direction 'selected' needs directions with a selection (refat directions)")
         named = {"direction": "selected", "description": f"layer {sel.layer}, position {sel.position}, {config.mode}",
                  "layer": sel.layer, "position": sel.position, "mode": config.mode}
         attack = lambda: ablation(model, directions, config)  # noqa: E731

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from .. import hooks
 from ..configs import at_least, require
 from ..directions import Directions, mean_refusal_score, refusal_token_ids
+from ..errors import InputError, RunError
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model
@@ -177,9 +178,9 @@ def sweep(model: Model, directions: Directions, validation: Sequence[str], confi
     """Score every member on ``validation`` (harmful prompts disjoint from whatever is attacked) and choose one."""
     validation = list(validation)
     if not validation:
-        raise ValueError("the worst-case RFA sweep needs harmful validation prompts")
+        raise InputError("the worst-case RFA sweep needs harmful validation prompts")
     if directions.n_layers != model.n_layers or directions.diff.shape[-1] != model.d_model:
-        raise ValueError(f"directions of {directions.model} ({directions.n_layers} layers, "
+        raise InputError(f"directions of {directions.model} ({directions.n_layers} layers, "
                          f"d={directions.diff.shape[-1]}) do not fit {model.name} ({model.n_layers} layers, d={model.d_model})")
     judge = judge or RefusalStringJudge()
     t0 = time.perf_counter()
@@ -219,7 +220,7 @@ def sweep(model: Model, directions: Directions, validation: Sequence[str], confi
                    f"{m.val_refusal_rate:.0%}" + (f": rejected ({m.rejected})" if m.rejected else ""), file=sys.stderr)
     passed = [m for m in members[:config.top_m] if m.rejected is None]
     if not passed:
-        raise RuntimeError(f"every confirmed RFA member was rejected by the coherence guard (degenerate share more "
+        raise RunError(f"every confirmed RFA member was rejected by the coherence guard (degenerate share more "
                            f"than {config.max_degenerate_increase} above the unattacked {base_degenerate:.0%}); "
                            "raise top_m or max_degenerate_increase (null turns the guard off)")
     chosen = min(passed, key=lambda m: (m.val_refusal_rate, m.screen_score))

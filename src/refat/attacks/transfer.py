@@ -18,11 +18,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..configs import at_least
+from ..errors import InputError
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model, PromptTooLongError
 from ..storage import write_jsonl
-from .base import AttackCost, AttackRecord, Behaviour, read_records, run_attack, string_judge
+from .base import (
+    AttackCost,
+    AttackRecord,
+    Behaviour,
+    read_records,
+    run_attack,
+    string_judge,
+)
 
 __all__ = ["Message", "Skipped", "send", "ReplayConfig", "replay"]
 
@@ -134,12 +142,12 @@ def replay(model: Model, records: Sequence[AttackRecord], out_dir: str | Path | 
     plus ``source_attack``; records of prompts too long for ``model`` are skipped (``skipped.jsonl``).
     """
     if not records:
-        raise ValueError("no records to replay")
+        raise InputError("no records to replay")
     attacks = sorted({r.attack for r in records})
     if len(attacks) > 1:
-        raise ValueError(f"records from several attacks ({', '.join(attacks)}); replay one attack's records at a time")
+        raise InputError(f"records from several attacks ({', '.join(attacks)}); replay one attack's records at a time")
     if any(r.extra.get("transferable") is False for r in records):
-        raise ValueError(f"{attacks[0]} records cannot be replayed: their attack is not a prompt string "
+        raise InputError(f"{attacks[0]} records cannot be replayed: their attack is not a prompt string "
                          "(e.g. an embedding perturbation)")
     messages = [Message(Behaviour(r.goal, r.target, r.behaviour_id), r.prompt, r.extra.get("prefill", ""),
                         {**{k: v for k, v in r.extra.items() if k not in ("continuation", "continuation_refused")},

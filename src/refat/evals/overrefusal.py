@@ -21,8 +21,17 @@ from pathlib import Path
 from typing import Literal
 
 from ..configs import at_least, require
-from ..data import (DatasetError, Example, PackageFile, examples_from_records, records_from_file, dedupe,
-                    load_dataset, prompt_key, read_package_file)
+from ..data import (
+    DatasetError,
+    Example,
+    PackageFile,
+    dedupe,
+    examples_from_records,
+    load_dataset,
+    prompt_key,
+    read_package_file,
+    records_from_file,
+)
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model

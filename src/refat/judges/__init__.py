@@ -7,13 +7,28 @@ the classifier judges say whether what was said instead is harmful; :mod:`.agree
 judge against human labels.
 """
 
-from .agreement import (LabelledResponse, agreement, calibrate_threshold, judge_agreement, load_classifier_comparison,
-                        published_agreement, rank_auc, score_agreement)
+from .agreement import (
+                        LabelledResponse,
+                        agreement,
+                        calibrate_threshold,
+                        judge_agreement,
+                        load_classifier_comparison,
+                        published_agreement,
+                        rank_auc,
+                        score_agreement,
+)
 from .base import Judge, judge_records
 from .cache import cache_path, cached_scores, slug
 from .classifiers import ChatJudge, HarmBenchJudge, LlamaGuardJudge
 from .ensemble import EnsembleFit, EnsembleJudge
-from .spec import JUDGE_KINDS, JudgeSpec, from_spec, judge_name, judge_threshold, parse_spec
+from .spec import (
+                        JUDGE_KINDS,
+                        JudgeSpec,
+                        from_spec,
+                        judge_name,
+                        judge_threshold,
+                        parse_spec,
+)
 from .strings import PREFIX_LISTS, RefusalStringJudge, rate, refusal_records
 
 __all__ = ["Judge", "judge_records", "JudgeSpec", "JUDGE_KINDS", "parse_spec", "judge_name", "judge_threshold",

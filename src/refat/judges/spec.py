@@ -10,8 +10,8 @@ scores are found without a model.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..configs import ConfigError
 from ..models import load as load_model

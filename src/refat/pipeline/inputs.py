@@ -9,7 +9,15 @@ from pathlib import Path
 
 from ..attacks.base import Behaviour
 from ..configs import ConfigError
-from ..data import DatasetError, Example, PromptSets, affirmative_target, load_dataset, prompt_key, prompt_sets
+from ..data import (
+    DatasetError,
+    Example,
+    PromptSets,
+    affirmative_target,
+    load_dataset,
+    prompt_key,
+    prompt_sets,
+)
 from ..evals.overrefusal import OVERREFUSAL_SETS
 from ..judges import parse_spec
 from ..models import check_spec

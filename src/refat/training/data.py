@@ -26,7 +26,16 @@ import torch
 
 from .. import hooks
 from ..configs import at_least, require
-from ..data import DataConfig, Example, affirmative_target, load_dataset, prompt_key, prompt_sets, split
+from ..data import (
+    DataConfig,
+    Example,
+    affirmative_target,
+    load_dataset,
+    prompt_key,
+    prompt_sets,
+    split,
+)
+from ..errors import InputError
 from ..evals.overrefusal import load_overrefusal, split_halves
 from ..generation import generate
 from ..judges import RefusalStringJudge
@@ -164,7 +173,7 @@ def build_pairs(model: Model, harmful: Sequence[Example], harmless: Sequence[Exa
     keep = lambda xs: [e for e in xs if prompt_key(e.prompt) not in banned]  # noqa: E731
     harmful, harmless, borderline = keep(harmful), keep(harmless), keep(borderline)
     if not harmful or not (harmless or n_borderline):
-        raise ValueError("no training prompts left after removing evaluation prompts")
+        raise InputError("no training prompts left after removing evaluation prompts")
     refuses = refuses_outright if strict_refusals else RefusalStringJudge().refuses
     own = _answers(model, harmful, "own refusals", max_new_tokens, batch_size)
     pairs = [Pair(e.prompt, c, True, "model", _attack_target(e), complete=done) if c and refuses(c)
@@ -192,7 +201,7 @@ def _borderline_pairs(model: Model, candidates: Sequence[Example], n: int, max_n
         answers = _answers(model, chunk, "borderline answers", max_new_tokens, batch_size)
         out += [p for p in (_answer_pair(e, a, "borderline") for e, a in zip(chunk, answers)) if p]
     if len(out) < n:
-        raise ValueError(f"borderline: asked for {n} borderline pairs, but the model answered only {len(out)} of "
+        raise InputError(f"borderline: asked for {n} borderline pairs, but the model answered only {len(out)} of "
                          f"{len(candidates)} candidate prompts without refusing; lower borderline or use a larger "
                          "borderline_source")
     return out[:n]
@@ -249,7 +258,7 @@ def encode(model: Model, prompt: str, response: str, max_length: int, *, end: bo
         rest = rest[:at + len(response)] if at >= 0 else response
     prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) >= max_length:
-        raise ValueError(f"training prompt has {len(prompt_ids)} tokens, over max_length={max_length}: {prompt[:80]!r}")
+        raise InputError(f"training prompt has {len(prompt_ids)} tokens, over max_length={max_length}: {prompt[:80]!r}")
     ids = prompt_ids + tok(rest, add_special_tokens=False)["input_ids"]
     return ids[:max_length], len(prompt_ids)
 

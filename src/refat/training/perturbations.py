@@ -31,8 +31,8 @@ from ..configs import at_least, require
 from ..directions import extract
 from ..memory import release_freed_memory
 from ..models import Model
-from ..prefix_cache import Work
 from ..pgd import Ball, default_step, pgd
+from ..prefix_cache import Work
 from .data import Batch, response_loss
 
 __all__ = ["RefatConfig", "ABLATIONS", "AdversarialConfig", "Perturbation", "RefatPerturbation",

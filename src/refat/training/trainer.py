@@ -27,12 +27,37 @@ import torch
 from tqdm.auto import tqdm
 
 from ..configs import FieldError, at_least, require
+from ..errors import InputError, RunError
 from ..memory import release_freed_memory
-from ..models import Model, check_resumable, describe_identity, files_sha256, identity, model_files, wrap
-from ..storage import FinishedRunError, atomic_dir, digest, read_jsonl, replacing, write_json, write_jsonl
+from ..models import (
+    Model,
+    check_resumable,
+    describe_identity,
+    files_sha256,
+    identity,
+    model_files,
+    wrap,
+)
+from ..storage import (
+    FinishedRunError,
+    atomic_dir,
+    digest,
+    read_jsonl,
+    replacing,
+    write_json,
+    write_jsonl,
+)
 from .data import Pair, collate, response_loss
 from .distributed import rank_and_world
-from .perturbations import METHODS, AdversarialConfig, Cost, Method, RefatConfig, make_perturbation, step_generator
+from .perturbations import (
+    METHODS,
+    AdversarialConfig,
+    Cost,
+    Method,
+    RefatConfig,
+    make_perturbation,
+    step_generator,
+)
 
 __all__ = ["LoraSettings", "TrainConfig", "TrainResult", "train", "TrainingDivergedError"]
 
@@ -40,7 +65,7 @@ __all__ = ["LoraSettings", "TrainConfig", "TrainResult", "train", "TrainingDiver
 _RUN_FILES = ("train_summary.json", "metrics.jsonl", "train_config.json")
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(RunError):
     pass
 
 
@@ -157,7 +182,7 @@ class _Sampler:
         self.harmful = [p for p in pairs if p.harmful]
         self.harmless = [p for p in pairs if not p.harmful]
         if not self.harmful or not self.harmless:
-            raise ValueError("training needs both harmful (refusal) and harmless (answer) pairs")
+            raise InputError("training needs both harmful (refusal) and harmless (answer) pairs")
         self.n_harmful = (cfg.batch_size + 1) // 2
         self.n_harmless = cfg.batch_size // 2
         self.cfg = cfg
@@ -218,7 +243,7 @@ def _check_resume(path: Path, stored: dict, now: dict) -> None:
              for key, value in now.items() if stored.get(key) != value]
     if diffs:
         hint = " (only --steps may change)" if stored.get("config") != now["config"] else ""
-        raise ValueError(f"{path} was written with a different {' and a different '.join(diffs)}: resume with the "
+        raise InputError(f"{path} was written with a different {' and a different '.join(diffs)}: resume with the "
                          f"same model, data and options{hint}, or pass --overwrite, or start a new --out")
 
 

@@ -7,7 +7,8 @@ import gc
 from pathlib import Path
 
 from ...storage import read_jsonl
-from ...training import Pair, train as train_model, training_pairs
+from ...training import Pair, training_pairs
+from ...training import train as train_model
 
 
 def pairs(ctx, folder: Path) -> None:
