@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import hooks
 from .configs import at_least, require
 from .data import PromptSets
-from .errors import RefatError
+from .errors import RefatError, RunError
 from .generation import batched, forward_last_logits
 from .models import Model, check_resumable, describe_identity, identity
 from .prefix_cache import Work, mean_block_inputs
@@ -264,7 +264,7 @@ def select(model: Model, directions: Directions, harmful_val: Sequence[str], har
         return directions.selection
     best = "; ".join(f"layer {c['layer']} pos {c['position']}: score {c['refusal_score']:.2f}, KL {c['kl']:.3f}"
                      + (f", induced {c['induce_score']:.2f}" if "induce_score" in c else "") for c in live[:6])
-    raise DirectionsError(f"no candidate direction passed the filters (KL ≤ {config.kl_threshold}, induced refusal "
+    raise RunError(f"no candidate direction passed the filters (KL ≤ {config.kl_threshold}, induced refusal "
                        f"score > {config.induce_refusal_threshold}); best candidates: {best}. Relax kl_threshold / "
                        "induce_refusal_threshold or use more extraction prompts")
 
