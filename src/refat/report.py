@@ -473,6 +473,8 @@ def _paired_section(tables: Path) -> list[_Section]:
         sec.blocks.append(_Missing(bad))
         return [sec]
     cols = _columns(data)
+    diffs = [[d, *(_pct((row.get(c) or {}).get("vs_base")) for c in cols)] for d, row in data.items()
+             if any((row.get(c) or {}).get("vs_base") for c in cols)]
     sec.blocks += [
         ("Refusal rates on each over-refusal set (lower is better), utility over every benchmark question together "
          "and refusal under the worst-case adaptive RFA attack by the run's first judge (higher is better); "
@@ -481,8 +483,7 @@ def _paired_section(tables: Path) -> list[_Section]:
         ("The same, minus the base model's, in percentage points, on the same prompts and questions matched by "
          "prompt or id; [low, high]: 95 % paired-bootstrap interval over the n items (a `(n seeds)` row: the "
          "seed-averaged outcome per item minus the base's, so its interval is over items, given these seeds)."),
-        _Table(["defense", *cols], [[d, *(_pct((row.get(c) or {}).get("vs_base")) for c in cols)]
-                                    for d, row in data.items() if any((row.get(c) or {}).get("vs_base") for c in cols)]),
+        _Table(["defense", *cols], diffs) if diffs else _Missing("No model besides the base model."),
     ]
     return [sec]
 

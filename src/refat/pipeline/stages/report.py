@@ -121,9 +121,9 @@ def _paired(ctx) -> dict | None:
     difference from the base model on the same items and its 95 % paired-bootstrap interval. A defense trained at
     several seeds also gets a ``<name> (<n> seeds)`` row: the mean ± sd over its seeds, and the difference of its
     seed-averaged outcome per item from the base's (an interval over items, given these seeds). None without a
-    base model or a measure."""
+    base model, another model to compare with it, or a measure."""
     c, base = ctx.cfg, ctx.cfg.base_subject
-    if base is None:
+    if base is None or len(c.subjects) < 2:
         return None
     outcomes = {s.key: _outcomes(ctx, s) for s in c.subjects}
     if not outcomes[base.key]:
