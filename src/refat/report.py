@@ -8,6 +8,8 @@ others, so it can be written at any point of a run. Expected inputs (all optiona
       asr.json                        {defense: {attack: {judge: CELL}}}, CELL an ASR in [0, 1]
       utility.json                    {defense: {benchmark: CELL}}
       overrefusal.json                {defense: {dataset: CELL}}, CELL a refusal rate in [0, 1]
+      paired.json                     {defense: {measure: CELL + "vs_base": CELL or null}}: refusal rates and
+                                        utility, and each one's difference from the base model on the same items
       judge_agreement.json            [{"judges": [a, b], "cells": [{"defense", "attack", "asr": {a: CELL, b: CELL},
                                         "disagree": CELL, "kappa": number or null}]}]
       samples.json                    {"judge": first judge, "samples": [{"defense", "attack", "behaviour_id",
@@ -18,8 +20,11 @@ others, so it can be written at any point of a run. Expected inputs (all optiona
       train/<defense>/metrics.jsonl   one {"step": int, "loss": float, ...} per line (the trainer's file)
 
 Outputs: ``RUN_DIR/report.md`` (plots linked from ``RUN_DIR/plots/``) and ``RUN_DIR/report.html``
-(plots embedded as base64 PNG, no other file needed). A CELL is a plain number (older run folders) or
-``{"value", "n", "ci": [low, high]}`` (a :class:`refat.stats.Rate`, shown as ``36 % [24, 50] (n=50)``).
+(plots embedded as base64 PNG, no other file needed). A CELL is a plain number (older run folders),
+``{"value", "n", "ci": [low, high]}`` (a :class:`refat.stats.Rate`, shown as ``36 % [24, 50] (n=50)``) or
+``{"mean", "sd", "seeds"}`` (a :class:`refat.stats.Spread` over training seeds, ``36 ± 4 % (3 seeds)``). A
+defense row is a model: its name, ``<name>@seed<s>`` for another training seed, and ``<name> (<n> seeds)``
+for the mean ± sd over its seeds.
 Plots need matplotlib (``refat[plots]``); ``plots=False`` writes the tables only. This module does not import torch.
 """
 
@@ -34,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .stats import Rate
+from .stats import Rate, Spread
 from .storage import atomic_path, write_text
 
 __all__ = ["write_report", "PlotsUnavailableError"]
@@ -145,11 +150,16 @@ def _num(x) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _cell(x) -> Rate | float | None:
-    """One table cell in either form: a plain number (older run folders, hand-written tables) or
-    ``{"value", "n", "ci"}``, a rate with its sample size and 95 % interval. Anything else is missing."""
+def _cell(x) -> Rate | Spread | float | None:
+    """One table cell in any of its forms: a plain number (older run folders, hand-written tables),
+    ``{"value", "n", "ci"}``, a rate with its sample size and 95 % interval, or ``{"mean", "sd", "seeds"}``, a
+    result's spread over training seeds. Anything else is missing."""
     if not isinstance(x, dict):
         return _num(x)
+    if "mean" in x:
+        mean, sd, seeds = _num(x.get("mean")), _num(x.get("sd")), x.get("seeds")
+        ok = isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > 0
+        return Spread(mean, sd, seeds) if mean is not None and sd is not None and ok else mean
     value, n, ci = _num(x.get("value")), x.get("n"), x.get("ci")
     if value is None:
         return None
@@ -165,6 +175,11 @@ def _bar_heights(cells: list) -> tuple[list[float], list[float], list[float]]:
     vals, lows, highs = [], [], []
     for x in cells:
         c = _cell(x)
+        if isinstance(c, Spread):  # a seed average: ± one sd
+            vals.append(100 * c.mean)
+            lows.append(100 * c.sd)
+            highs.append(100 * c.sd)
+            continue
         v = 100 * (c.value if isinstance(c, Rate) else c or 0.0)
         vals.append(v)
         lows.append(max(0.0, v - 100 * c.ci[0]) if isinstance(c, Rate) else 0.0)
@@ -174,10 +189,9 @@ def _bar_heights(cells: list) -> tuple[list[float], list[float], list[float]]:
 
 def _show(x, plain: Callable[[float], str]) -> str:
     """Any cell as text. A cell kind that carries its uncertainty formats itself (a :class:`Rate`:
-    ``36 % [24, 50] (n=50)``; a mean ± sd over seeds would be one more kind in :func:`_cell` and here);
-    a plain number goes through ``plain``."""
+    ``36 % [24, 50] (n=50)``; a :class:`Spread`: ``36 ± 4 % (3 seeds)``); a plain number goes through ``plain``."""
     c = _cell(x)
-    if isinstance(c, Rate):
+    if isinstance(c, (Rate, Spread)):
         return c.format()
     return "—" if c is None else plain(c)
 
@@ -448,6 +462,32 @@ def _matrix_section(tables: Path, name: str, title: str, what: str, first: str, 
     return sec
 
 
+def _paired_section(tables: Path) -> list[_Section]:
+    """Each model's refusal rates and utility beside the base model's, measured on the same items: the difference
+    a defense makes, with an interval that the pairing narrows (the items' shared difficulty cancels)."""
+    sec, data = _optional(tables, "paired.json", "Difference from the base model")
+    if sec is None or data is None:
+        return [sec] if sec else []
+    bad = _nested(data, 2, "paired.json", '{defense: {measure: {"value", "n", "ci", "vs_base"}}}')
+    if bad:
+        sec.blocks.append(_Missing(bad))
+        return [sec]
+    cols = _columns(data)
+    diffs = [[d, *(_pct((row.get(c) or {}).get("vs_base")) for c in cols)] for d, row in data.items()
+             if any((row.get(c) or {}).get("vs_base") for c in cols)]
+    sec.blocks += [
+        ("Refusal rates on each over-refusal set (lower is better), utility over every benchmark question together "
+         "and refusal under the worst-case adaptive RFA attack by the run's first judge (higher is better); "
+         "[low, high]: 95 % interval over the n items (a `(n seeds)` row: mean ± sd over training seeds)."),
+        _Table(["defense", *cols], [[d, *(_pct(row.get(c)) for c in cols)] for d, row in data.items()]),
+        ("The same, minus the base model's, in percentage points, on the same prompts and questions matched by "
+         "prompt or id; [low, high]: 95 % paired-bootstrap interval over the n items (a `(n seeds)` row: the "
+         "seed-averaged outcome per item minus the base's, so its interval is over items, given these seeds)."),
+        _Table(["defense", *cols], diffs) if diffs else _Missing("No model besides the base model."),
+    ]
+    return [sec]
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -608,6 +648,7 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> tuple[Path, Path
         _matrix_section(tables, "overrefusal.json", "Over-refusal", "over-refusal evaluation", "dataset", _pct,
                         "Refusal rate on benign prompts that look harmful (lower is better); [low, high]: 95 % "
                         "Wilson interval over the n prompts."),
+        *_paired_section(tables),
         _compute_section(run_dir, tables),
         _training_section(run_dir, plot),
         *_analysis_sections(run_dir, plot),

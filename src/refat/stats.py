@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["wilson", "bootstrap", "paired_bootstrap", "Rate", "rate", "clustered_rate", "mean_sd", "ranks", "spearman"]
+__all__ = ["wilson", "bootstrap", "paired_bootstrap", "paired_difference", "Rate", "Spread", "rate", "clustered_rate",
+           "mean_sd", "spread", "ranks", "spearman"]
 
 
 def _z(confidence: float) -> float:
@@ -109,6 +110,45 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         raise ValueError("no values")
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A result's mean and sample standard deviation over training seeds: how much it moves with the seed
+    (each seed's own cell keeps its interval over items)."""
+
+    mean: float
+    sd: float
+    n: int  # seeds
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "sd": self.sd, "seeds": self.n}
+
+    def format(self) -> str:
+        """E.g. ``36 ± 4 % (3 seeds)``: percentages, rounded to whole points."""
+        return f"{100 * self.mean:.0f} ± {100 * self.sd:.0f} % ({self.n} seeds)"
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """:func:`mean_sd` of one result over seeds, with the number of seeds."""
+    return Spread(*mean_sd(values), len(values))
+
+
+def paired_difference(a: Mapping[str, float | bool], b: Mapping[str, float | bool], n_resamples: int = 2000,
+                      confidence: float = 0.95, seed: int = 0) -> Rate:
+    """mean(a) - mean(b) over the same items, matched by key (a prompt, a question id), with the
+    :func:`paired_bootstrap` interval: e.g. a defended model's refusals minus the base model's on the same
+    prompts. A :class:`Rate` whose value is a difference in [-1, 1]. The item sets must be equal: a difference
+    over partly different items would mix the models' effect with the items'."""
+    if set(a) != set(b):
+        raise ValueError(f"paired outcomes need the same items: {len(set(a) - set(b))} only in the first, "
+                         f"{len(set(b) - set(a))} only in the second")
+    if not a:
+        raise ValueError("no paired outcomes")
+    keys = sorted(a)  # the interval does not depend on the mappings' order
+    xs, ys = [float(a[k]) for k in keys], [float(b[k]) for k in keys]
+    return Rate(statistics.fmean(xs) - statistics.fmean(ys), len(keys),
+                paired_bootstrap(xs, ys, n_resamples=n_resamples, confidence=confidence, seed=seed))
 
 
 def ranks(values: Sequence[float]) -> list[float]:

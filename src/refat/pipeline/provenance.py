@@ -60,11 +60,13 @@ def revision(git: dict | None) -> str | None:
 
 
 def _seeds(cfg: ExperimentConfig) -> dict:
-    seeds = {"experiment": cfg.seed, "data": cfg.data.seed, "train": {d: cfg.train_config(d).seed for d in cfg.trained}}
+    seeds = {"experiment": cfg.seed, "data": cfg.data.seed, "train": {s.key: s.seed for s in cfg.trained}}
     seeds["attacks"] = {a.label: getattr(a.parsed(), "seed", None) for a in cfg.attacks}
-    for key in ("utility", "overrefusal"):
-        if getattr(cfg, key) is not None:
-            seeds[key] = getattr(cfg, key).seed
+    if cfg.utility is not None:
+        seeds["utility"] = cfg.utility.seed
+    if cfg.overrefusals:  # the single form as before; a list: {label: seed}
+        seeds["overrefusal"] = {o.label: o.config.seed for o in cfg.overrefusals} if isinstance(cfg.overrefusal, list) \
+            else cfg.overrefusal.seed
     return seeds
 
 

@@ -8,17 +8,18 @@ from ...analysis import analyse, residuals
 from ...attacks import rfa
 from ...attacks.base import read_records
 from ...directions import Directions
+from ..config import Subject
 
 
-def run(ctx, folder: Path, *, defense: str) -> None:
-    a, model = ctx.cfg.analysis, ctx.models.get(defense)
-    directions = Directions.load(ctx.layout.directions(defense))
+def run(ctx, folder: Path, *, subject: Subject) -> None:
+    a, model = ctx.cfg.analysis, ctx.models.get(subject)
+    directions = Directions.load(ctx.layout.directions(subject.directions))
     harmful = [b.goal for b in ctx.inputs.behaviours][:a.max_prompts]
     harmless = ctx.inputs.harmless_test(a.max_prompts)
     attacked = {}
     for spec in ctx.cfg.attacks:
         if spec.entry.prompt_attack:
-            prompts = [r.prompt for r in read_records(ctx.layout.records(defense, spec.label))]
+            prompts = [r.prompt for r in read_records(ctx.layout.records(subject.key, spec.label))]
             if prompts:
                 attacked[spec.label] = prompts[:a.max_prompts]
     if a.rfa:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ...directions import Directions, SelectionConfig, find_directions
+from ..config import Subject
 
 
 def base(ctx, folder: Path) -> None:
@@ -13,7 +14,7 @@ def base(ctx, folder: Path) -> None:
     find_directions(ctx.models.base(), ctx.inputs.sets, selection, folder, batch_size=selection.batch_size)
 
 
-def adaptive(ctx, folder: Path, *, defense: str) -> None:
+def adaptive(ctx, folder: Path, *, subject: Subject) -> None:
     """The defended model's own refusal features: every layer × position candidate (what worst-case RFA
     sweeps), with the selection forced to the base model's layer and position (selected-direction RFA's
     reference)."""
@@ -21,4 +22,4 @@ def adaptive(ctx, folder: Path, *, defense: str) -> None:
     batch_size = ctx.cfg.selection.batch_size
     forced = SelectionConfig(kl_threshold=math.inf, induce_refusal_threshold=-math.inf, prune_layer_fraction=0.0,
                              layers=[sel.layer], positions=[sel.position], batch_size=batch_size)
-    find_directions(ctx.models.get(defense), ctx.inputs.sets, forced, folder, batch_size=batch_size)
+    find_directions(ctx.models.get(subject), ctx.inputs.sets, forced, folder, batch_size=batch_size)

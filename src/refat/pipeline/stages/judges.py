@@ -16,7 +16,7 @@ def completions(ctx) -> list[tuple[str, str, AttackRecord]]:
     """(defense, column, record) for every harmful completion; the first RFA attack also gives the
     no-attack column."""
     first_rfa, out = ctx.cfg.first_rfa, []
-    for d in ctx.cfg.defenses:
+    for d in (s.key for s in ctx.cfg.subjects):
         for spec in ctx.cfg.attacks:
             for r in read_records(ctx.layout.records(d, spec.label)):
                 if r.extra.get("kind", "harmful") != "harmful":

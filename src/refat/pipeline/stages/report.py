@@ -9,9 +9,9 @@ from pathlib import Path
 
 from ...attacks.base import read_records
 from ...judges import agreement, judge_name
-from ...stats import Rate, rate
+from ...stats import Rate, paired_difference, rate, spread
 from ...storage import read_json, read_jsonl, write_json
-from ..config import NO_ATTACK
+from ..config import NO_ATTACK, Subject
 from ..provenance import revision
 from ..runner import read_marker
 
@@ -19,18 +19,39 @@ log = logging.getLogger("refat.pipeline")
 SAMPLES_PER_VERDICT = 2  # completions to read per cell: this many jailbroken and this many refused
 
 
+def _with_seed_means(ctx, table: dict) -> dict:
+    """The table's rows (one per model under test, keyed by :attr:`Subject.key`) in the config's order, each
+    defense trained at several seeds followed by a row ``<name> (<n> seeds)`` whose cells are the mean ± sd
+    over its seeds' cells (:class:`refat.stats.Spread`); each seed's own row keeps its interval over items."""
+    out = {}
+    for d in ctx.cfg.variants:
+        keys = [s.key for s in ctx.cfg.subjects if s.defense.name == d.name and s.key in table]
+        out |= {k: table[k] for k in keys}
+        if len(keys) > 1:
+            out[f"{d.name} ({len(keys)} seeds)"] = _spread_cells([table[k] for k in keys])
+    return out
+
+
+def _spread_cells(rows: list) -> dict:
+    """Mean ± sd over the leaves at the same place of nested rows (a leaf: a ``{"value", ...}`` cell or a number);
+    a place some rows lack is left out."""
+    if all(isinstance(r, dict) and "value" not in r for r in rows):
+        return {k: _spread_cells([r[k] for r in rows]) for k in rows[0] if all(k in r for r in rows)}
+    return spread([r["value"] if isinstance(r, dict) else r for r in rows]).to_dict()
+
+
 def _asr(ctx) -> dict:
-    """{defense: {column: {judge: {"value", "n", "ci"}}}}: each judge's ASR with its behaviours and interval."""
+    """{model: {column: {judge: {"value", "n", "ci"}}}}: each judge's ASR with its behaviours and interval."""
     c, at = ctx.cfg, ctx.layout
     columns = [NO_ATTACK] + [x for a in c.attacks for x in (a.label, f"{a.label} best-of-n")]
-    asr: dict[str, dict[str, dict]] = {d: {} for d in c.defenses}
+    asr: dict[str, dict[str, dict]] = {s.key: {} for s in c.subjects}
     for j in c.judges:
         rates = read_json(at.judge(j) / "rates.json")
-        for d in c.defenses:
+        for d, row in asr.items():
             for col in columns:
                 if col in rates["rates"].get(d, {}):
-                    asr[d].setdefault(col, {})[rates["judge"]] = _rate_cell(rates, d, col)
-    return asr
+                    row.setdefault(col, {})[rates["judge"]] = _rate_cell(rates, d, col)
+    return _with_seed_means(ctx, asr)
 
 
 def _rate_cell(rates: dict, d: str, col: str) -> dict | float:
@@ -41,9 +62,9 @@ def _rate_cell(rates: dict, d: str, col: str) -> dict | float:
 
 
 def _utility(ctx) -> dict:
-    """{defense: {task: accuracy cell}}: Wilson intervals over the task's scored items."""
+    """{model: {task: accuracy cell}}: Wilson intervals over the task's scored items."""
     out = {}
-    for d in ctx.cfg.defenses:
+    for d in (s.key for s in ctx.cfg.subjects):
         tasks = read_json(ctx.layout.utility(d) / "utility.json")["tasks"]
         path, items = ctx.layout.utility(d) / "utility_records.jsonl", defaultdict(list)
         for r in read_jsonl(path):
@@ -55,16 +76,76 @@ def _utility(ctx) -> dict:
             out[d][t] = rate([r["correct"] for r in items[t]]).to_dict()
             if s.get("accuracy_norm") is not None:
                 out[d][f"{t} (norm)"] = rate([r["correct_norm"] for r in items[t]]).to_dict()
-    return out
+    return _with_seed_means(ctx, out)
 
 
 def _overrefusal(ctx) -> dict:
-    """{defense: {dataset: refusal-rate cell}}: Wilson intervals over the benign prompts."""
+    """{model: {set: refusal-rate cell}}: Wilson intervals over the benign prompts; a set's column is its label
+    (the single ``overrefusal:`` mapping: its dataset's name, a file's name only)."""
     out = {}
-    for d in ctx.cfg.defenses:
-        ds = read_json(ctx.layout.overrefusal(d) / "overrefusal.json")["dataset"]
-        refused = [r["refused"] for r in read_jsonl(ctx.layout.overrefusal(d) / "overrefusal_records.jsonl")]
-        out[d] = {ds if ds.startswith("hf:") else Path(ds).name: rate(refused).to_dict()}  # a file: its name only
+    for s in ctx.cfg.subjects:
+        out[s.key] = {o.column: rate(list(_refusals(ctx, s.key, o).values())).to_dict() for o in ctx.cfg.overrefusals}
+    return _with_seed_means(ctx, out)
+
+
+def _refusals(ctx, key: str, o) -> dict[str, bool]:
+    """{prompt: refused} of one over-refusal set on one model."""
+    return {r["prompt"]: r["refused"] for r in read_jsonl(ctx.layout.overrefusal(key, o.label) / "overrefusal_records.jsonl")}
+
+
+def _outcomes(ctx, s: Subject) -> dict[str, dict[str, float]]:
+    """One model's per-item outcomes, by measure, for the paired comparison with the base model: each over-refusal
+    set's refusals (by prompt), utility correctness over every task's items together (by task and id), and
+    refusal under the first worst-case RFA attack as the first judge sees it (by behaviour)."""
+    c, out = ctx.cfg, {}
+    for o in c.overrefusals:
+        out[o.column] = {p: float(r) for p, r in _refusals(ctx, s.key, o).items()}
+    if c.utility is not None:
+        rows = read_jsonl(ctx.layout.utility(s.key) / "utility_records.jsonl")
+        out["utility"] = {f"{r['task']}/{r['id']}": float(r["correct"]) for r in rows}
+    worst = c.worst_case_rfa
+    if worst is not None and c.judges:
+        rows = read_jsonl(ctx.layout.judge(c.judges[0]) / "verdicts.jsonl")
+        out[rfa_measure(worst.label)] = {str(r["behaviour_id"]): float(not r["jailbroken"]) for r in rows
+                                         if r["defense"] == s.key and r["attack"] == worst.label}
+    return out
+
+
+def rfa_measure(label: str) -> str:
+    """The column of paired.json that holds refusal under the RFA attack ``label``."""
+    return f"{label} refusal"
+
+
+def _paired(ctx) -> dict | None:
+    """{model: {measure: cell}}: each model's refusal rates and utility (:func:`_outcomes`) with ``vs_base``, the
+    difference from the base model on the same items and its 95 % paired-bootstrap interval. A defense trained at
+    several seeds also gets a ``<name> (<n> seeds)`` row: the mean ± sd over its seeds, and the difference of its
+    seed-averaged outcome per item from the base's (an interval over items, given these seeds). None without a
+    base model, another model to compare with it, or a measure."""
+    c, base = ctx.cfg, ctx.cfg.base_subject
+    if base is None or len(c.subjects) < 2:
+        return None
+    outcomes = {s.key: _outcomes(ctx, s) for s in c.subjects}
+    if not outcomes[base.key]:
+        return None
+
+    def cell(items: dict[str, float], key: str, measure: str) -> dict:
+        own = rate([bool(v) for v in items.values()]).to_dict()
+        vs_base = None if key == base.key else paired_difference(items, outcomes[base.key][measure]).to_dict()
+        return own | {"vs_base": vs_base}
+
+    out = {}
+    for d in c.variants:
+        keys = [s.key for s in c.subjects if s.defense.name == d.name]
+        for k in keys:
+            out[k] = {m: cell(items, k, m) for m, items in outcomes[k].items()}
+        if len(keys) > 1:
+            row = {}
+            for m in outcomes[keys[0]]:
+                per_item = {i: sum(outcomes[k][m][i] for k in keys) / len(keys) for i in outcomes[keys[0]][m]}
+                row[m] = spread([out[k][m]["value"] for k in keys]).to_dict() | {
+                    "vs_base": paired_difference(per_item, outcomes[base.key][m]).to_dict()}
+            out[f"{d.name} ({len(keys)} seeds)"] = row
     return out
 
 
@@ -124,9 +205,9 @@ def _samples(verdicts: dict[str, list[dict]], per_verdict: int = SAMPLES_PER_VER
 
 
 def _compute(ctx) -> dict:
-    """Per defense: training cost (the method's extra passes apart) and each attack's wall time."""
+    """Per model: training cost (the method's extra passes apart) and each attack's wall time."""
     out = {}
-    for d in ctx.cfg.defenses:
+    for d in (s.key for s in ctx.cfg.subjects):
         row: dict[str, float] = {}
         summary = ctx.layout.train(d) / "train_summary.json"
         if summary.is_file():
@@ -152,7 +233,8 @@ def _run_info(ctx) -> dict:
             "data": f"{c.data.harmful} / {c.data.harmless}: train {c.data.n_train}, val {c.data.n_val}, "
                     f"test {c.data.n_test}, seed {c.data.seed}",
             "behaviours": f"{c.behaviours or c.data.harmful} ({len(ctx.inputs.behaviours)} held out)",
-            "defenses": ", ".join(c.defenses), "attacks": ", ".join(a.label for a in c.attacks),
+            "defenses": ", ".join(d.name if d.name == d.method else f"{d.name} ({d.method})" for d in c.variants),
+            "seeds": ", ".join(map(str, c.seeds)), "attacks": ", ".join(a.label for a in c.attacks),
             "judges": ", ".join(judge_name(j) for j in c.judges), "config_hash": c.hash(),
             "git": revision(prov["git"]), **prov["versions"]}
 
@@ -167,7 +249,8 @@ def run(ctx, folder: Path) -> None:
               "judge_agreement.json": _judge_agreement(verdicts, asr) if len(verdicts) > 1 else None,
               "samples.json": _samples(verdicts) if verdicts else None,
               "utility.json": _utility(ctx) if c.utility is not None else None,
-              "overrefusal.json": _overrefusal(ctx) if c.overrefusal is not None else None,
+              "overrefusal.json": _overrefusal(ctx) if c.overrefusals else None,
+              "paired.json": _paired(ctx),
               "compute.json": compute if any(compute.values()) else None, "run.json": _run_info(ctx)}
     for name, table in tables.items():
         if table is not None:
