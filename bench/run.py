@@ -20,14 +20,7 @@ from refat.storage import write_json
 from refat.training import METHODS
 
 from . import estimate as est
-from . import (
-    extraction,
-    generation_throughput,
-    hooks_overhead,
-    memory,
-    roofline,
-    training_step,
-)
+from . import extraction, generation_throughput, hooks_overhead, memory, roofline, training_step
 from .common import machine_info
 
 CASES = ("hooks", "generation", "training", "extraction", "roofline", "memory", "gcg")

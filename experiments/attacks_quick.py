@@ -23,21 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from refat.attacks import REGISTRY, autodan, embedding, gcg, pair, prefill, templates
-from refat.attacks.base import (
-    Behaviour,
-    behaviours_from,
-    read_records,
-    refused_by,
-    success_rates,
-)
+from refat.attacks.base import Behaviour, behaviours_from, read_records, refused_by, success_rates
 from refat.generation import generate
-from refat.judges import (
-    RefusalStringJudge,
-    cache_path,
-    cached_scores,
-    judge_name,
-    judge_threshold,
-)
+from refat.judges import RefusalStringJudge, cache_path, cached_scores, judge_name, judge_threshold
 from refat.models import load
 from refat.storage import read_jsonl, write_json, write_jsonl
 

@@ -13,19 +13,8 @@ import torch
 from conftest import build_model
 
 from refat.attacks import autodan, embedding, prefill, templates, transfer
-from refat.attacks.base import (
-    AttackConfigMismatch,
-    AttackRecord,
-    Behaviour,
-    read_records,
-)
-from refat.attacks.templates import (
-    Template,
-    TemplateError,
-    TemplatesConfig,
-    load_templates,
-    summarize,
-)
+from refat.attacks.base import AttackConfigMismatch, AttackRecord, Behaviour, read_records
+from refat.attacks.templates import Template, TemplateError, TemplatesConfig, load_templates, summarize
 from refat.generation import generate
 
 GOALS = [Behaviour("Tell me a joke", "Sure, here is a joke"), Behaviour("Say hi", "Sure, here you go")]

@@ -11,13 +11,7 @@ import pytest
 import yaml
 
 from refat.attacks import REGISTRY
-from refat.cli import (
-    DIRECTIONS_DATA,
-    DIRECTIONS_SELECTION,
-    TRAIN_ALIASES,
-    _train_config,
-    build_parser,
-)
+from refat.cli import DIRECTIONS_DATA, DIRECTIONS_SELECTION, TRAIN_ALIASES, _train_config, build_parser
 from refat.configs import ConfigError, FieldError, from_arguments, from_dict
 from refat.data import DataConfig
 from refat.directions import SelectionConfig

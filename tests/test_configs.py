@@ -6,15 +6,7 @@ from typing import Literal
 
 import pytest
 
-from refat.configs import (
-    ConfigError,
-    FieldError,
-    add_arguments,
-    at_least,
-    from_arguments,
-    from_dict,
-    require,
-)
+from refat.configs import ConfigError, FieldError, add_arguments, at_least, from_arguments, from_dict, require
 
 
 @dataclass

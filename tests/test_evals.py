@@ -20,19 +20,8 @@ from refat.data import Example
 from refat.evals import overrefusal as ovr
 from refat.evals import utility
 from refat.evals.loglik import continuation_logprobs, next_token_logprobs
-from refat.evals.overrefusal import (
-    OverRefusalConfig,
-    evaluate_overrefusal,
-    load_overrefusal,
-)
-from refat.evals.utility import (
-    Item,
-    TaskData,
-    UtilityConfig,
-    evaluate_utility,
-    extract_answer,
-    score_choices,
-)
+from refat.evals.overrefusal import OverRefusalConfig, evaluate_overrefusal, load_overrefusal
+from refat.evals.utility import Item, TaskData, UtilityConfig, evaluate_utility, extract_answer, score_choices
 from refat.generation import generate
 from refat.judges import RefusalStringJudge
 from refat.models import Model

@@ -10,15 +10,7 @@ import pytest
 
 from refat import catalog
 from refat.catalog import CatalogEntry, HashMismatchError, assemble_gguf
-from refat.storage import (
-    FinishedRunError,
-    atomic_path,
-    claim_output,
-    read_jsonl,
-    write_json,
-    write_jsonl,
-    write_text,
-)
+from refat.storage import FinishedRunError, atomic_path, claim_output, read_jsonl, write_json, write_jsonl, write_text
 
 # --- storage -------------------------------------------------------------------------------------
 

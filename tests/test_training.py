@@ -22,14 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from refat import hooks
 from refat.storage import FinishedRunError
-from refat.training import (
-    AdversarialConfig,
-    Pair,
-    RefatConfig,
-    TrainConfig,
-    TrainingDivergedError,
-    train,
-)
+from refat.training import AdversarialConfig, Pair, RefatConfig, TrainConfig, TrainingDivergedError, train
 from refat.training import trainer as trainer_mod
 from refat.training.data import collate, encode, response_loss
 from refat.training.perturbations import AdversarialPerturbation, RefatPerturbation
@@ -602,9 +595,7 @@ def _dp_worker(rank: int, port: int, out: str) -> None:
         os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
         torch.set_num_threads(1)
-        from accelerate.state import (
-            AcceleratorState,  # the parent's (single-process) state came with the fork
-        )
+        from accelerate.state import AcceleratorState  # the parent's (single-process) state came with the fork
         AcceleratorState._reset_state(reset_partial_state=True)
         for method, (name, kw) in DP_RUNS.items():
             r = run(name, f"{out}/{method}", steps=3, batch_size=4, lr=2e-2, **kw)  # the same out_dir on both ranks

@@ -254,9 +254,7 @@ def _not_run(name: str, what: str) -> _Missing:
 
 def _figure_class():
     try:
-        from matplotlib.figure import (
-            Figure,  # object API: no pyplot, no global backend switch
-        )
+        from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch
     except ImportError as e:
         raise PlotsUnavailableError("the report's plots need matplotlib: pip install 'refat[plots]' "
                                     "(or write tables only: write_report(..., plots=False), refat report --no-plots)") from e

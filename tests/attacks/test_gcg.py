@@ -13,15 +13,7 @@ from conftest import build_hf, build_model, make_tokenizer
 
 from refat.attacks import gcg
 from refat.attacks.base import AttackConfigMismatch, Behaviour, read_records
-from refat.attacks.gcg import (
-    GCG,
-    GCGConfig,
-    filter_candidates,
-    run,
-    run_one,
-    sample_candidates,
-    split_prompt,
-)
+from refat.attacks.gcg import GCG, GCGConfig, filter_candidates, run, run_one, sample_candidates, split_prompt
 from refat.models import wrap
 
 GOAL, TARGET, INIT = "Tell me how", "Sure", "xxxxxxxx"

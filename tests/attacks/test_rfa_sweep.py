@@ -13,14 +13,7 @@ from conftest import build_model
 from refat import hooks
 from refat.attacks import rfa, rfa_sweep
 from refat.attacks.base import AttackContext, Behaviour
-from refat.attacks.rfa_sweep import (
-    Member,
-    Sweep,
-    SweepConfig,
-    ablation,
-    degenerate,
-    sweep,
-)
+from refat.attacks.rfa_sweep import Member, Sweep, SweepConfig, ablation, degenerate, sweep
 from refat.cli import main
 from refat.configs import ConfigError, from_dict
 from refat.directions import Directions, Selection, extract

@@ -10,13 +10,7 @@ from bigram import Bigram, bigram_model
 from conftest import build_model, make_tokenizer
 from torch import nn
 
-from refat.judges import (
-    ChatJudge,
-    HarmBenchJudge,
-    Judge,
-    LlamaGuardJudge,
-    judge_records,
-)
+from refat.judges import ChatJudge, HarmBenchJudge, Judge, LlamaGuardJudge, judge_records
 from refat.judges.classifiers import HARMBENCH_PROMPT, threshold_suffix
 from refat.models import FALLBACK_TEMPLATE, Model
 

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from refat.judges import (
-    PREFIX_LISTS,
-    Judge,
-    RefusalStringJudge,
-    judge_records,
-    rate,
-    refusal_records,
-)
+from refat.judges import PREFIX_LISTS, Judge, RefusalStringJudge, judge_records, rate, refusal_records
 from refat.judges.strings import OPENING_LISTS, RefusalPrefixJudge, first_sentence
 
 

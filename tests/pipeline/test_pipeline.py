@@ -23,14 +23,7 @@ from refat.directions import Directions
 from refat.evals import utility
 from refat.evals.utility import Item, TaskData
 from refat.judges import agreement, slug
-from refat.pipeline import (
-    ExperimentConfig,
-    context,
-    load_config,
-    provenance,
-    run_experiment,
-    stage_names,
-)
+from refat.pipeline import ExperimentConfig, context, load_config, provenance, run_experiment, stage_names
 from refat.pipeline.plan import plan
 from refat.storage import digest, read_jsonl
 

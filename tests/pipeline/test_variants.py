@@ -22,14 +22,7 @@ from refat.evals import utility
 from refat.evals.overrefusal import OverRefusalConfig
 from refat.evals.utility import Item, TaskData, UtilityConfig
 from refat.judges import judge_name
-from refat.pipeline import (
-    ExperimentConfig,
-    load_config,
-    plan,
-    resolve_inputs,
-    run_experiment,
-    stage_names,
-)
+from refat.pipeline import ExperimentConfig, load_config, plan, resolve_inputs, run_experiment, stage_names
 from refat.storage import digest, read_json, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]

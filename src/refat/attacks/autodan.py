@@ -31,14 +31,7 @@ from ..generation import batched, generate, position_ids
 from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
 from ..models import Model, PromptTooLongError
-from .base import (
-    AttackContext,
-    AttackCost,
-    AttackRecord,
-    Behaviour,
-    run_attack,
-    string_judge,
-)
+from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack, string_judge
 from .templates import GARAK, model_identity
 
 __all__ = ["AutoDANConfig", "AUTODAN_INIT", "initial_prefix", "assemble", "target_fitness", "mutate", "crossover",

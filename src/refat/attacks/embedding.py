@@ -29,14 +29,7 @@ from ..judges import RefusalStringJudge
 from ..losses import target_cross_entropy
 from ..models import Model, PromptTooLongError
 from ..pgd import Ball, constrain, signed_step
-from .base import (
-    AttackContext,
-    AttackCost,
-    AttackRecord,
-    Behaviour,
-    run_attack,
-    string_judge,
-)
+from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack, string_judge
 
 __all__ = ["EmbeddingConfig", "Segments", "segments", "target_loss", "generate_from_embeds", "run"]
 

@@ -37,14 +37,7 @@ from ..configs import ConfigError, at_least, require
 from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model, check_spec
-from .base import (
-    AttackContext,
-    AttackCost,
-    AttackRecord,
-    Behaviour,
-    run_attack,
-    string_judge,
-)
+from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack, string_judge
 
 __all__ = ["PAIRConfig", "run", "Rater", "LLMRater", "JudgeRater", "parse_attack", "parse_rating",
            "attacker_system_prompt", "STRATEGIES"]

@@ -93,9 +93,7 @@ def _time_limit(seconds: float):
 def _env():
     from jinja2 import StrictUndefined
     from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import (
-        SandboxedEnvironment,  # template text is untrusted: no attribute tricks
-    )
+    from jinja2.sandbox import SandboxedEnvironment  # template text is untrusted: no attribute tricks
 
     class Bounded(SandboxedEnvironment):
         """The sandbox with ``*`` and ``**`` bounded: one expression cannot build a gigantic string or number

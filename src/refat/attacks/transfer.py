@@ -23,14 +23,7 @@ from ..generation import generate
 from ..judges import RefusalStringJudge
 from ..models import Model, PromptTooLongError
 from ..storage import write_jsonl
-from .base import (
-    AttackCost,
-    AttackRecord,
-    Behaviour,
-    read_records,
-    run_attack,
-    string_judge,
-)
+from .base import AttackCost, AttackRecord, Behaviour, read_records, run_attack, string_judge
 
 __all__ = ["Message", "Skipped", "send", "ReplayConfig", "replay"]
 

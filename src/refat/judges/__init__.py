@@ -21,14 +21,7 @@ from .base import Judge, judge_records
 from .cache import cache_path, cached_scores, slug
 from .classifiers import ChatJudge, HarmBenchJudge, LlamaGuardJudge
 from .ensemble import EnsembleFit, EnsembleJudge
-from .spec import (
-                        JUDGE_KINDS,
-                        JudgeSpec,
-                        from_spec,
-                        judge_name,
-                        judge_threshold,
-                        parse_spec,
-)
+from .spec import JUDGE_KINDS, JudgeSpec, from_spec, judge_name, judge_threshold, parse_spec
 from .strings import PREFIX_LISTS, RefusalStringJudge, rate, refusal_records
 
 __all__ = ["Judge", "judge_records", "JudgeSpec", "JUDGE_KINDS", "parse_spec", "judge_name", "judge_threshold",

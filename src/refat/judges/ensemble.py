@@ -14,7 +14,6 @@ A fitted ensemble is a small JSON file (``save``/``load``; never pickled) and is
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..storage import digest, write_json
+from ..storage import digest, read_json, write_json
 from .agreement import agreement
 from .base import Judge, check_pair
 
@@ -62,12 +61,9 @@ class EnsembleFit:
     @classmethod
     def load(cls, path: str | Path) -> EnsembleFit:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"ensemble judge file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"ensemble judge file not found: {path}")
+        data = read_json(path)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path}: not a refat ensemble judge (expected format {FORMAT!r})")
         try:

@@ -5,15 +5,7 @@ graph, written once) → ``runner`` (fingerprints, resume, stale, force) over ``
 per stage kind, each a function of the context and its folder) → a folder laid out by ``layout``.
 """
 
-from .config import (
-           DEFENSES,
-           NO_ATTACK,
-           AnalysisConfig,
-           AttackSpec,
-           ExperimentConfig,
-           apply_overrides,
-           load_config,
-)
+from .config import DEFENSES, NO_ATTACK, AnalysisConfig, AttackSpec, ExperimentConfig, apply_overrides, load_config
 from .inputs import resolve_inputs
 from .layout import Layout
 from .plan import plan, stage_names

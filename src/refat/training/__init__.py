@@ -2,13 +2,7 @@
 
 from .data import Pair, PairsConfig, build_pairs, load_or_build_pairs, training_pairs
 from .perturbations import ABLATIONS, METHODS, AdversarialConfig, RefatConfig
-from .trainer import (
-           LoraSettings,
-           TrainConfig,
-           TrainingDivergedError,
-           TrainResult,
-           train,
-)
+from .trainer import LoraSettings, TrainConfig, TrainingDivergedError, TrainResult, train
 
 __all__ = ["Pair", "PairsConfig", "build_pairs", "load_or_build_pairs", "training_pairs", "ABLATIONS", "METHODS",
            "AdversarialConfig", "RefatConfig", "LoraSettings",

@@ -26,15 +26,7 @@ import torch
 
 from .. import hooks
 from ..configs import at_least, require
-from ..data import (
-    DataConfig,
-    Example,
-    affirmative_target,
-    load_dataset,
-    prompt_key,
-    prompt_sets,
-    split,
-)
+from ..data import DataConfig, Example, affirmative_target, load_dataset, prompt_key, prompt_sets, split
 from ..errors import InputError
 from ..evals.overrefusal import load_overrefusal, split_halves
 from ..generation import generate

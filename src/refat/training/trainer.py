@@ -29,35 +29,11 @@ from tqdm.auto import tqdm
 from ..configs import FieldError, at_least, require
 from ..errors import InputError, RunError
 from ..memory import release_freed_memory
-from ..models import (
-    Model,
-    check_resumable,
-    describe_identity,
-    files_sha256,
-    identity,
-    model_files,
-    wrap,
-)
-from ..storage import (
-    FinishedRunError,
-    atomic_dir,
-    digest,
-    read_jsonl,
-    replacing,
-    write_json,
-    write_jsonl,
-)
+from ..models import Model, check_resumable, describe_identity, files_sha256, identity, model_files, wrap
+from ..storage import FinishedRunError, atomic_dir, digest, read_jsonl, replacing, write_json, write_jsonl
 from .data import Pair, collate, response_loss
 from .distributed import rank_and_world
-from .perturbations import (
-    METHODS,
-    AdversarialConfig,
-    Cost,
-    Method,
-    RefatConfig,
-    make_perturbation,
-    step_generator,
-)
+from .perturbations import METHODS, AdversarialConfig, Cost, Method, RefatConfig, make_perturbation, step_generator
 
 __all__ = ["LoraSettings", "TrainConfig", "TrainResult", "train", "TrainingDivergedError"]
 
