@@ -398,3 +398,49 @@ def test_endpoint_credentials_are_sent_but_never_written_or_printed(files, tmp_p
     assert "s3cr3t" not in printed.out + printed.err + written and "alice" not in written
     meta = json.loads((tmp_path / "out" / "attack.json").read_text())
     assert meta["config"]["attacker"] == f"http://127.0.0.1:{port}/v1/chat/completions#served"
+
+
+# --- counts blamed on the right field, YAML checked before any model, one run per folder -----------------------
+
+def test_a_negative_n_train_names_n_train(files, tmp_path, capsys):
+    args = _directions(files / "model", files, tmp_path / "d")
+    args[args.index("--n-train") + 1] = "-3"
+    assert main(args) == 2
+    _one_line_error(capsys, "n_train", "-3")
+
+
+def _run_config(files, tmp_path, **changes) -> pathlib.Path:
+    cfg = {"name": "r", "model": str(files / "model"), "device": "cpu", "defenses": ["base", "rt"],
+           "analysis": False, "report": False, "n_harmful": 2, "n_harmless": 2,
+           "data": {"harmful": str(files / "harmful.csv"), "harmless": str(files / "harmless.csv"),
+                    "n_train": 2, "n_val": 2, "n_test": 2},
+           "attacks": [{"name": "prefill", "config": {"max_new_tokens": 2}}]} | changes
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_yaml_steps_minus_five_fails_before_any_model_loads(files, tmp_path, capsys, monkeypatch):
+    from refat.pipeline import context
+
+    monkeypatch.setattr(context, "load", lambda *a, **k: pytest.fail("a model was loaded before the checks"))
+    assert main(["run", str(_run_config(files, tmp_path, train={"steps": -5})), "--out-root", str(tmp_path)]) == 2
+    _one_line_error(capsys, "train.steps", "-5")
+    assert main(["run", str(_run_config(files, tmp_path)), "train.steps=-5", "--out-root", str(tmp_path)]) == 2
+    _one_line_error(capsys, "train.steps")
+
+
+def test_a_second_run_of_one_config_gets_a_clear_error(files, tmp_path, capsys):
+    from refat.storage import folder_lock
+
+    holder = __import__("subprocess").Popen(["sleep", "60"])
+    try:
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / ".lock").write_text(str(holder.pid))
+        assert main(["run", str(_run_config(files, tmp_path)), "--out-root", str(tmp_path)]) == 2
+        _one_line_error(capsys, "in use by process", holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(tmp_path / "r"):  # the holder is gone: a stale lock is taken over
+        pass

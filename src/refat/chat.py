@@ -31,7 +31,7 @@ from .errors import RefatError
 from .generation import batched, eos_ids, generate
 from .models import Model
 
-__all__ = ["ChatBackend", "LocalChat", "HTTPChat", "ChatEndpointError", "render", "from_spec", "redact_url"]
+__all__ = ["ChatBackend", "LocalChat", "HTTPChat", "ChatEndpointError", "render", "from_spec", "redact_url", "redact"]
 
 Messages = list[dict]
 
@@ -65,6 +65,21 @@ def redact_url(url: str) -> str:
                      for pair in parts.query.split("&") if pair
                      for k, _, v in [pair.partition("=")])
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+_URL = re.compile(r"https?://[^\s'\"]+")
+
+
+def redact(obj):
+    """``obj`` (a string, or JSON-like data) with every URL in it passed through :func:`redact_url`: for
+    configs, argv and anything else a run writes down."""
+    if isinstance(obj, str):
+        return _URL.sub(lambda m: redact_url(m.group(0)), obj)
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    return obj
 
 
 def render(tokenizer, messages: Messages) -> str:

@@ -95,3 +95,26 @@ def test_a_run_folder_is_locked_while_written(overrides, tmp_path):
     with folder_lock(tmp_path / "demo"):  # its process is gone: a stale lock is taken over
         assert (tmp_path / "demo" / ".lock").read_text() == str(os.getpid())
     assert not (tmp_path / "demo" / ".lock").exists()
+
+
+def test_an_override_changes_exactly_that_field_and_the_fingerprint():
+    base = demo_config()
+    changed = demo_config(overrides=["data.n_test=20"])
+    diff = {k for k, v in base.resolved().items() if changed.resolved()[k] != v}
+    assert diff == {"data"} and changed.data.n_test == 20
+    assert {k for k, v in vars(base.data).items() if getattr(changed.data, k) != v} == {"n_test"}
+    assert changed.hash() != base.hash()
+
+
+def test_credentials_in_an_endpoint_url_are_never_written(tmp_path):
+    from refat.chat import redact
+    from refat.pipeline import ExperimentConfig
+
+    secret = "http://user:s3cret@example.org:8000/v1?api-key=abc123"
+    cfg = ExperimentConfig(name="leak", defenses=["base"], analysis=False, attacks=[
+        {"name": "pair", "config": {"attacker": secret, "attacker_model": "m", "n_streams": 1, "n_iterations": 1}}])
+    assert cfg.attacks[0].parsed().attacker == secret  # the run itself uses the credentials
+    text = json.dumps(cfg.resolved())
+    assert "s3cret" not in text and "abc123" not in text and "example.org:8000/v1" in text
+    assert redact(["refat", "run", f"attacks.0.config.attacker={secret}"])[2] == \
+        "attacks.0.config.attacker=http://example.org:8000/v1?api-key=***"

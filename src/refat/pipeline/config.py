@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import attacks, catalog
+from ..chat import redact
 from ..configs import ConfigError, from_dict, require
 from ..data import DataConfig
 from ..directions import SelectionConfig
@@ -370,8 +371,9 @@ class ExperimentConfig:
         return from_dict(TrainConfig, merged, where)
 
     def resolved(self) -> dict:
-        """The config as plain YAML/JSON data, every default filled in (``config.yaml`` of the run)."""
-        data = json.loads(json.dumps(asdict(self), default=str))  # tuples become lists
+        """The config as plain YAML/JSON data, every default filled in (``config.yaml`` of the run), with any
+        credentials in endpoint URLs removed (never written to a run folder, nor part of a fingerprint)."""
+        data = redact(json.loads(json.dumps(asdict(self), default=str)))  # tuples become lists
         data["train"].pop("method")  # each defense's own
         return data
 

@@ -9,6 +9,7 @@ from importlib import metadata
 
 import torch
 
+from ..chat import redact
 from ..judges import judge_name
 from ..models import Model, auto_device, identity, spec_identity
 from .config import ExperimentConfig
@@ -81,7 +82,7 @@ def provenance(cfg: ExperimentConfig, inputs: Inputs, model: Model | None) -> di
         "versions": {"refat": _version("refat") or refat.__version__, "torch": torch.__version__,
                      "transformers": _version("transformers"), "peft": _version("peft"),
                      "python": platform.python_version()},
-        "platform": platform.platform(), "argv": sys.argv, "git": _git(), "seeds": _seeds(cfg),
+        "platform": platform.platform(), "argv": redact(sys.argv), "git": _git(), "seeds": _seeds(cfg),
         "data_hashes": inputs.hashes, "judges": [judge_name(j) for j in cfg.judges],
         "attack_judge": judge_name(cfg.attack_judge),
     }
