@@ -726,3 +726,11 @@ def test_tensorboard_gets_the_loss_curve_drift_and_counters(tmp_path):
     tokens = [e.value for e in acc.Scalars("compute/train_tokens")]
     assert tokens == sorted(tokens) and tokens[0] > 0
     assert [e.value for e in acc.Scalars("compute/perturbation_forward")][-1] > 0
+
+
+def test_lat_default_layers_are_distinct_on_a_shallow_model():
+    """[L/4, L/2, 3L/4] repeats a layer when L is 2 or 3; the inner attack then zipped mismatched lists."""
+    shallow = build_model("llama", layers=2, hidden=32, dtype=torch.float32)
+    assert AdversarialPerturbation(shallow, AdversarialConfig(), "lat").layers == [0, 1]
+    deep = build_model("llama", layers=8, hidden=32, dtype=torch.float32)
+    assert AdversarialPerturbation(deep, AdversarialConfig(), "lat").layers == [2, 4, 6]

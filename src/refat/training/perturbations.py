@@ -259,7 +259,8 @@ class AdversarialPerturbation(Perturbation):
         cfg.validate(model.n_layers)
         self.name, self.cfg = method, cfg
         n = model.n_layers
-        self.layers = cfg.layers if cfg.layers is not None else ([0] if method == "cat" else [n // 4, n // 2, 3 * n // 4])
+        default = [0] if method == "cat" else sorted({n // 4, n // 2, 3 * n // 4})  # a set: a shallow model repeats
+        self.layers = cfg.layers if cfg.layers is not None else default
         self.away = cfg.away_weight if cfg.away_weight is not None else (0.0 if method == "cat" else 1.0)
 
     def _attack(self, batch: Batch) -> dict[int, Tensor]:
