@@ -311,3 +311,27 @@ def test_local_attacker_against_local_target(model_factory, tmp_path):
     assert r.extra["calls"] == {"attacker": 4, "target": 1, "judge": 0} and r.history[0]["skipped"] == [0, 1]
     assert r.prompt == GOALS[0] and r.extra["attacker"] == "local:tiny-llama"
     assert json.loads((tmp_path / "attack.json").read_text())["config"]["target"] == "local:tiny-llama"
+
+
+def test_the_default_rater_grades_with_a_model_judge_when_the_run_has_one(monkeypatch):
+    """With a model judge configured (AttackContext.rating_judge) PAIR's default rater is that judge's score mapped
+    onto 1-10, not refusal strings; the records are still stamped by the judge given to ``run``."""
+    from refat.attacks import pair as pair_module
+    from refat.attacks.base import AttackContext
+
+    class Graded:
+        name, threshold = "fake-model-judge", 0.5
+
+        def scores(self, behaviours, completions):
+            return [0.3 for _ in completions]
+
+    loaded = []
+    monkeypatch.setattr(pair_module, "from_spec", lambda spec, **kw: loaded.append(spec) or Graded())
+    behaviours = [Behaviour(GOALS[0], "Sure")]
+    records = pair.run(FakeChat(answer="Here is a partial answer"), behaviours, PAIRConfig(n_streams=1, n_iterations=2),
+                       attacker=FakeChat(garbage_for=None), context=AttackContext(rating_judge="llm:some/model"),
+                       progress=False)
+    assert loaded == ["llm:some/model"]
+    assert records[0].extra["pair_judge"] == "fake-model-judge->1/10"
+    assert [h["best_score"] for h in records[0].history] == [4, 4]  # 1 + round(9 * 0.3): graded, never reaches 10
+    assert records[0].judge == "refusal-strings:default"

@@ -95,6 +95,8 @@ class AttackContext:
     harmless: list[str] = field(default_factory=list)  # prompts whose refusal RFA also measures (over-refusal)
     # harmful prompts disjoint from the attacked behaviours, on which worst-case RFA chooses its ablation
     validation: list[str] = field(default_factory=list)
+    # a model judge's spec (the run's first): PAIR's default rater rates with it instead of refusal strings
+    rating_judge: str | None = None
     seed: int = 0
     dtype: str = "auto"  # helper models loaded by spec (PAIR's attacker, AutoDAN's mutator) use these
     device: str | None = None

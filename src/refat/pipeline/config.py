@@ -354,6 +354,11 @@ class ExperimentConfig:
         return next((a for a in self.attacks if a.name == "rfa" and a.parsed().direction == "worst-case"), None)
 
     @property
+    def rating_judge(self) -> str | None:
+        """The first model judge configured: an attack that rates its own attempts (PAIR) rates with it."""
+        return next((j for j in self.judges if parse_spec(j).needs_model), None)
+
+    @property
     def attack_judge(self) -> str:
         """The string judge attacks stamp on their own records (their quick stopping test): the first configured
         string judge, else ``refusal-strings:default``."""

@@ -54,8 +54,9 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
         own_directions = (name(at.directions(s.directions)),) if cfg.needs_directions else ()
         for a in cfg.attacks:
             needs = own_directions if "directions" in a.entry.needs else ()
+            rates = {"rating_judge": cfg.rating_judge} if hasattr(a.parsed(), "rater") else {}  # PAIR rates with it
             stages.append(Stage(name(at.attack(s.key, a.label)), partial(attacks.run, subject=s, spec=a),
-                                model | {"attack": asdict(a), "judge": cfg.attack_judge}, (*reads, *needs)))
+                                model | {"attack": asdict(a), "judge": cfg.attack_judge} | rates, (*reads, *needs)))
         if cfg.utility is not None:
             stages.append(Stage(name(at.utility(s.key)), partial(evals.utility, subject=s),
                                 model | {"utility": asdict(cfg.utility)}, reads))

@@ -16,7 +16,8 @@ def run(ctx, folder: Path, *, subject: Subject, spec: AttackSpec) -> None:
     directions = Directions.load(ctx.layout.directions(subject.directions)) if "directions" in entry.needs else None
     context = AttackContext(directions=directions, harmless=ctx.inputs.harmless_test(spec.n_behaviours),
                             validation=ctx.inputs.sets.prompts("harmful", "val"),  # never a held-out behaviour
-                            seed=ctx.cfg.seed, dtype=ctx.cfg.dtype, device=ctx.cfg.device)
+                            rating_judge=ctx.cfg.rating_judge, seed=ctx.cfg.seed, dtype=ctx.cfg.dtype,
+                            device=ctx.cfg.device)
     records = entry.run(ctx.models.get(subject), behaviours, config, folder, judge=ctx.attack_judge, context=context)
     summary = {"attack": spec.name, "label": spec.label, "defense": subject.key, "n_records": len(records),
                "n_behaviours": len(behaviours), **entry.summarize(records), "judge": ctx.attack_judge.name,
