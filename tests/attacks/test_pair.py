@@ -326,7 +326,7 @@ def test_the_default_rater_grades_with_a_model_judge_when_the_run_has_one(monkey
             return [0.3 for _ in completions]
 
     loaded = []
-    monkeypatch.setattr(pair_module, "from_spec", lambda spec, **kw: loaded.append(spec) or Graded())
+    monkeypatch.setattr(pair_module, "judge_from_spec", lambda spec, **kw: loaded.append(spec) or Graded())
     behaviours = [Behaviour(GOALS[0], "Sure")]
     records = pair.run(FakeChat(answer="Here is a partial answer"), behaviours, PAIRConfig(n_streams=1, n_iterations=2),
                        attacker=FakeChat(garbage_for=None), context=AttackContext(rating_judge="llm:some/model"),

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from ..chat import ChatBackend, HTTPChat, LocalChat, Messages, from_spec, redact_url
 from ..configs import ConfigError, at_least, require
 from ..generation import generate
-from ..judges import Judge, RefusalStringJudge, from_spec
+from ..judges import Judge, RefusalStringJudge
+from ..judges import from_spec as judge_from_spec
 from ..models import Model, check_spec
 from .base import AttackContext, AttackCost, AttackRecord, Behaviour, run_attack, string_judge
 
@@ -456,7 +457,7 @@ def run(model: Model | ChatBackend, behaviours: Sequence[Behaviour], config: PAI
         attacker = _chat(config.attacker, config.attacker_model, model, config, context)
     if rater is None and config.rater == "judge":  # the run's model judge when it has one, else the records' judge
         spec = context.rating_judge if context is not None else None
-        rater = JudgeRater(from_spec(spec, dtype=context.dtype, device=context.device) if spec else judge,
+        rater = JudgeRater(judge_from_spec(spec, dtype=context.dtype, device=context.device) if spec else judge,
                            queries_model=bool(spec))
     elif rater is None:
         rater = _chat(config.rater, config.rater_model, model, config, context)
