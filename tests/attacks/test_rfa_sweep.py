@@ -112,9 +112,14 @@ def test_the_coherence_guard_rejects_members_that_answer_nothing(model, monkeypa
     # without the guard the empty answers win
     assert key(sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=3, top_k=0,
                                                                        max_degenerate_increase=None)).chosen) == B
+    # the two best-screened babble: the sweep walks on down the screened list to the first coherent member...
+    script = Scripted(monkeypatch, SCREEN, REFUSAL, degenerate_members=[A, B])
+    assert key(sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=1, top_k=0)).chosen) == C
+    assert script.confirmed == [A, B, C]  # and stops there: D is never generated
+    # ...up to max_confirm, then stops with an error rather than choosing babble
     Scripted(monkeypatch, SCREEN, REFUSAL, degenerate_members=[A, B])
-    with pytest.raises(RuntimeError, match="every confirmed RFA member was rejected"):
-        sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=2, top_k=0))
+    with pytest.raises(RuntimeError, match=r"every confirmed RFA member \(2\) was rejected"):
+        sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=2, max_confirm=2, top_k=0))
 
 
 def test_degenerate_completions():

@@ -67,12 +67,16 @@ MemberKind = Literal["single", "per-layer", "top-k"]
 class SweepConfig:
     screen_prompts: int | None = 8  # screen on the first N validation prompts (None: all of them)
     top_m: int = 4  # confirm the N best-screened members by generation on every validation prompt
+    # ...and, while the coherence guard has rejected every one confirmed, walk on down the screened list up to
+    # this many (the strongest ablations of a small model often only make it babble)
+    max_confirm: int = 16
     top_k: int = 3  # per mode, one member ablating the k best-screened singles together (0: none)
     modes: list[SweepMode] = field(default_factory=lambda: list(SWEEP_MODES))
     max_degenerate_increase: float | None = 0.25  # coherence guard (see the module docstring; None: off)
 
     def __post_init__(self):
         at_least(self, 1, "screen_prompts", "top_m")
+        require(self.max_confirm >= self.top_m, "max_confirm", f"must be >= top_m ({self.top_m}), got {self.max_confirm}")
         require(self.top_k == 0 or self.top_k >= 2, "top_k", f"must be 0 (no top-k member) or >= 2, got {self.top_k}")
         require(bool(self.modes) and len(set(self.modes)) == len(self.modes) and set(self.modes) <= set(SWEEP_MODES),
                 "modes", f"must be distinct values among {', '.join(SWEEP_MODES)}, got {self.modes}")
@@ -209,7 +213,12 @@ def sweep(model: Model, directions: Directions, validation: Sequence[str], confi
                 members.append(screen(top))
     members.sort(key=lambda m: m.screen_score)
     base_refusal, base_degenerate = answers("generating (validation, no attack)")
-    for m in members[:config.top_m]:
+    confirmed: list[Member] = []
+    for m in members:
+        if len(confirmed) >= config.max_confirm or (
+                len(confirmed) >= config.top_m and any(c.rejected is None for c in confirmed)):
+            break
+        confirmed.append(m)
         with ablation(model, directions, m):
             m.val_refusal_rate, m.degenerate_rate = answers(f"confirming {m.describe()}")
         limit = config.max_degenerate_increase
@@ -218,11 +227,11 @@ def sweep(model: Model, directions: Directions, validation: Sequence[str], confi
                           f"{base_degenerate:.0%} + {limit:.0%}")
         tqdm.write(f"refat: RFA member {m.describe()}: screening score {m.screen_score:.2f}, validation refusal "
                    f"{m.val_refusal_rate:.0%}" + (f": rejected ({m.rejected})" if m.rejected else ""), file=sys.stderr)
-    passed = [m for m in members[:config.top_m] if m.rejected is None]
+    passed = [m for m in confirmed if m.rejected is None]
     if not passed:
-        raise RunError(f"every confirmed RFA member was rejected by the coherence guard (degenerate share more "
-                           f"than {config.max_degenerate_increase} above the unattacked {base_degenerate:.0%}); "
-                           "raise top_m or max_degenerate_increase (null turns the guard off)")
+        raise RunError(f"every confirmed RFA member ({len(confirmed)}) was rejected by the coherence guard (degenerate "
+                       f"share more than {config.max_degenerate_increase} above the unattacked {base_degenerate:.0%}); "
+                       "raise max_confirm or max_degenerate_increase (null turns the guard off)")
     chosen = min(passed, key=lambda m: (m.val_refusal_rate, m.screen_score))
     return Sweep(chosen, members, base_refusal, base_degenerate, len(validation), len(screen_set), judge.name,
                  asdict(config), round(time.perf_counter() - t0, 1))
