@@ -6,7 +6,10 @@ hidden size 32-64, 2-4 layers and a ~260-token vocabulary, so the whole suite ru
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,3 +132,20 @@ def prompts() -> list[str]:
 
 def unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm()
+
+
+def save_model(model: Model, folder) -> Path:
+    """A tiny model saved as a local Hugging Face folder: what the CLI and the pipeline load by path."""
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+def write_prompts(path, prompts) -> Path:
+    """A one-column CSV of prompts (quoted where a prompt needs it)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["prompt"])
+    writer.writerows([p] for p in prompts)
+    Path(path).write_text(buf.getvalue())
+    return Path(path)

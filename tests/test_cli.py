@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, save_model, write_prompts
 
 from refat import catalog
 from refat.cli import main
@@ -19,9 +19,8 @@ HARMLESS = [f"Tell me a fun fact about animal number {i}." for i in range(14)]
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model = build_model("qwen2", layers=3, hidden=32, dtype=torch.float32)
-    model.hf.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    (root / "harmful.csv").write_text("prompt\n" + "\n".join(HARMFUL) + "\n")
+    save_model(model, root / "model")
+    write_prompts(root / "harmful.csv", HARMFUL)
     (root / "harmless.jsonl").write_text("".join(json.dumps({"instruction": p, "output": "Sure."}) + "\n" for p in HARMLESS))
     return root
 
@@ -44,7 +43,7 @@ def test_directions_attack_orthogonalize_train(files, tmp_path, capsys):
     # the held-out test split (the prompts training leaves out) as the behaviours and harmless prompts
     sets = prompt_sets(DataConfig(str(files / "harmful.csv"), str(files / "harmless.jsonl"), 6, 4, 4))
     for kind in ("harmful", "harmless"):
-        (tmp_path / f"test-{kind}.csv").write_text("prompt\n" + "\n".join(sets.prompts(kind, "test")) + "\n")
+        write_prompts(tmp_path / f"test-{kind}.csv", sets.prompts(kind, "test"))
     args = ["attack", "rfa", "--model", str(files / "model"), "--behaviours", str(tmp_path / "test-harmful.csv"),
             "--n-behaviours", "4", "--harmless", str(tmp_path / "test-harmless.csv"), "--n-harmless", "4",
             "--max-new-tokens", "4", "--directions", str(tmp_path / "dirs"), "--out", str(tmp_path / "rfa"),

@@ -19,7 +19,7 @@ from typing import get_type_hints
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, save_model, write_prompts
 from safetensors.torch import load_file, save_file
 
 from refat import cli
@@ -35,8 +35,7 @@ HARMLESS = [f"Tell me a fun fact about animal number {i}." for i in range(8)]
 
 
 def _save(model, folder):
-    model.hf.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
+    save_model(model, folder)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +43,8 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     _save(build_model("qwen2", layers=2, hidden=32, dtype=torch.float32), root / "model")
     _save(build_model("gpt2", layers=2, hidden=32, dtype=torch.float32), root / "gpt2")  # 256 positions
-    (root / "harmful.csv").write_text("prompt\n" + "\n".join(HARMFUL) + "\n")
-    (root / "harmless.csv").write_text("prompt\n" + "\n".join(HARMLESS) + "\n")
+    write_prompts(root / "harmful.csv", HARMFUL)
+    write_prompts(root / "harmless.csv", HARMLESS)
     return root
 
 

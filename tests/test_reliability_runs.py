@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import build_model, make_tokenizer
+from conftest import build_model, make_tokenizer, save_model, write_prompts
 
 from refat import models
 from refat.cli import main
@@ -22,24 +22,23 @@ HARMLESS = [f"Tell me a fun fact about animal number {i}." for i in range(14)]
 LOOSE = ["--kl-threshold", "1e9", "--induce-refusal-threshold=-1e9", "--screen-prompts", "none"]
 
 
-def save_model(folder, seed: int):
+def saved_model(folder, seed: int):
     model = build_model("qwen2", layers=3, hidden=32, dtype=torch.float32, seed=seed)
-    model.hf.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
+    save_model(model, folder)
     return model
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    model = save_model(root / "a", seed=0)
-    save_model(root / "b", seed=1)
+    model = saved_model(root / "a", seed=0)
+    saved_model(root / "b", seed=1)
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     lora = get_peft_model(model.hf, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
     lora.save_pretrained(root / "adapter")
-    (root / "harmful.csv").write_text("prompt\n" + "\n".join(HARMFUL) + "\n")
+    write_prompts(root / "harmful.csv", HARMFUL)
     (root / "harmless.jsonl").write_text("".join(json.dumps({"instruction": p, "output": "Sure."}) + "\n"
                                                  for p in HARMLESS))
     return root
@@ -144,7 +143,7 @@ def test_directions_recomputed_after_the_weights_change_at_the_same_path(files, 
     out = tmp_path / "dirs"
     assert main(directions(files, out, model=path)) == 0
     first = Directions.load(out)
-    save_model(path, seed=1)  # new weights, same path
+    saved_model(path, seed=1)  # new weights, same path
     capsys.readouterr()
     assert main(directions(files, out, model=path)) == 0
     err = capsys.readouterr().err
@@ -226,7 +225,7 @@ def test_replacing_restores_a_swap_killed_between_its_renames(tmp_path):
 
 def test_identity_hashes_each_file_once_and_follows_its_bytes(tmp_path, monkeypatch):
     path = tmp_path / "m"
-    save_model(path, seed=0)
+    saved_model(path, seed=0)
     reads = []
     real = models.file_digest
     monkeypatch.setattr(models, "file_digest", lambda p: reads.append(p) or real(p))

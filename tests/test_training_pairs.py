@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict
 
 import pytest
-from conftest import build_model
+from conftest import build_model, write_prompts
 
 from refat.cli import build_parser
 from refat.configs import ConfigError, from_arguments, from_dict
@@ -140,7 +140,7 @@ HARMLESS = [f"Tell me a fun fact about animal number {i}." for i in range(20)]
 
 
 def test_training_pairs_never_hold_an_evaluation_prompt(model, monkeypatch, tmp_path):
-    (tmp_path / "harmful.csv").write_text("prompt\n" + "\n".join(HARMFUL) + "\n")
+    write_prompts(tmp_path / "harmful.csv", HARMFUL)
     (tmp_path / "harmless.jsonl").write_text("".join(json.dumps({"instruction": p, "output": "Sure."}) + "\n"
                                                      for p in HARMLESS))
     data = DataConfig(harmful=str(tmp_path / "harmful.csv"), harmless=str(tmp_path / "harmless.jsonl"),

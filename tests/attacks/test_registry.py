@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, save_model, write_prompts
 
 from refat.attacks import REGISTRY, get, register, rfa
 from refat.attacks.base import AttackContext, AttackRecord, Behaviour, run_attack
@@ -47,10 +47,9 @@ def toy():
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     model = build_model("qwen2", layers=2, hidden=32, dtype=torch.float32)
-    model.hf.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    (root / "harmful.csv").write_text("prompt\n" + "\n".join(GOALS) + "\n")
-    (root / "more_harmful.csv").write_text("prompt\n" + "\n".join(f"Do bad thing {i}." for i in range(8)) + "\n")
+    save_model(model, root / "model")
+    write_prompts(root / "harmful.csv", GOALS)
+    write_prompts(root / "more_harmful.csv", [f"Do bad thing {i}." for i in range(8)])
     (root / "harmless.csv").write_text("prompt\n" + "\n".join(f"Name a colour please ({i})." for i in range(8)) + "\n")
     return root
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, save_model, write_prompts
 
 from refat import hooks
 from refat.attacks import rfa, rfa_sweep
@@ -234,11 +234,10 @@ def test_sweep_config_checks_name_the_field():
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("rfa-cli")
     model = build_model("qwen2", layers=2, hidden=32, dtype=torch.float32)
-    model.hf.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
+    save_model(model, root / "model")
     harmful = [*TEST, *VAL]
-    (root / "harmful.csv").write_text("prompt\n" + "\n".join(harmful) + "\n")
-    (root / "harmless.csv").write_text("prompt\n" + "\n".join(HARMLESS) + "\n")
+    write_prompts(root / "harmful.csv", harmful)
+    write_prompts(root / "harmless.csv", HARMLESS)
     d = extract(model, VAL, HARMLESS, progress=False)
     d.selection = Selection(1, -1, 0.0, 1.0, 0.0, 0.0)
     d.save(root / "dirs")

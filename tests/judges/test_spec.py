@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, save_model
 
 from refat.configs import ConfigError
 from refat.judges import (
@@ -27,8 +27,7 @@ def model_dir(tmp_path_factory):
     """A tiny random chat model saved like a downloaded one, for the model judges' specs."""
     path = tmp_path_factory.mktemp("judge") / "model"
     model = build_model("qwen2", layers=2, hidden=32, dtype=torch.float32)
-    model.hf.save_pretrained(path)
-    model.tokenizer.save_pretrained(path)
+    save_model(model, path)
     return path
 
 

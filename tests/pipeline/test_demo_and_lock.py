@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, save_model, write_prompts
 
 from refat.cli import main
 from refat.pipeline import load_config, run_experiment
@@ -27,9 +27,8 @@ SUMMARY_KEYS = {"harmful_refusal_rate", "harmful_refusal_rate_rfa", "harmless_re
 def overrides(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("demo")
     model = build_model("qwen2", layers=3, hidden=32, dtype=torch.float32)
-    model.hf.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    (root / "harmful.csv").write_text("prompt\n" + "\n".join(HARMFUL) + "\n")
+    save_model(model, root / "model")
+    write_prompts(root / "harmful.csv", HARMFUL)
     (root / "harmless.jsonl").write_text("".join(json.dumps({"instruction": p}) + "\n" for p in HARMLESS))
     return [f"model={root / 'model'}", f"data.harmful={root / 'harmful.csv'}", f"data.harmless={root / 'harmless.jsonl'}",
             "data.n_train=6", "data.n_val=4", "data.n_test=4", "selection.kl_threshold=1e9",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_model
+from conftest import build_model, save_model, write_prompts
 
 from refat import attacks, pipeline
 from refat.attacks.rfa_sweep import Sweep
@@ -45,9 +45,8 @@ def tiny_utility_data():
 def files(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("experiment")
     model = build_model("qwen2", layers=3, hidden=32, dtype=torch.float32)
-    model.hf.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    (root / "harmful.csv").write_text("prompt\n" + "\n".join(HARMFUL) + "\n")
+    save_model(model, root / "model")
+    write_prompts(root / "harmful.csv", HARMFUL)
     (root / "harmless.jsonl").write_text("".join(json.dumps({"instruction": p, "output": "Sure."}) + "\n"
                                                  for p in HARMLESS))
     (root / "templates.yaml").write_text(yaml.safe_dump({"templates": [
