@@ -116,6 +116,19 @@ def test_the_coherence_guard_rejects_members_that_answer_nothing(model, monkeypa
     script = Scripted(monkeypatch, SCREEN, REFUSAL, degenerate_members=[A, B])
     assert key(sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=1, top_k=0)).chosen) == C
     assert script.confirmed == [A, B, C]  # and stops there: D is never generated
+    # a family (mode, position) whose members keep babbling is skipped after family_patience of them
+    e = ("single", "mean", (1,), (-2,))  # C's family: mean mode at position -2
+    script = Scripted(monkeypatch, SCREEN | {e: -1.5}, REFUSAL | {e: 0.0}, degenerate_members=[B, e])
+    result = sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=1, top_k=0, family_patience=1))
+    assert script.confirmed == [A] and key(result.chosen) == A  # A passes at once: nothing else confirmed
+    script = Scripted(monkeypatch, SCREEN | {e: -1.5}, REFUSAL | {e: 0.0}, degenerate_members=[A, B, e])
+    result = sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=1, top_k=0, family_patience=1))
+    by_key = {key(m): m for m in result.members}
+    # A babbled, so D (its family: project at -1) is skipped; B babbled, so e and C (mean at -2) are: the next
+    # member confirmed is the best of another family
+    x = ("single", "project", (0,), (-2,))
+    assert script.confirmed == [A, B, x] and key(result.chosen) == x
+    assert all(by_key[k].rejected.startswith("skipped") and by_key[k].val_refusal_rate is None for k in (C, D, e))
     # ...up to max_confirm, then stops with an error rather than choosing babble
     Scripted(monkeypatch, SCREEN, REFUSAL, degenerate_members=[A, B])
     with pytest.raises(RuntimeError, match=r"every confirmed RFA member \(2\) was rejected"):

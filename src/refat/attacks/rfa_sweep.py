@@ -70,6 +70,9 @@ class SweepConfig:
     # ...and, while the coherence guard has rejected every one confirmed, walk on down the screened list up to
     # this many (the strongest ablations of a small model often only make it babble)
     max_confirm: int = 16
+    # once this many members of one family (mode and position) have babbled, its other members are skipped
+    # unconfirmed: replacing one position's component by its harmless mean breaks every layer alike (0: never)
+    family_patience: int = 2
     top_k: int = 3  # per mode, one member ablating the k best-screened singles together (0: none)
     modes: list[SweepMode] = field(default_factory=lambda: list(SWEEP_MODES))
     max_degenerate_increase: float | None = 0.25  # coherence guard (see the module docstring; None: off)
@@ -77,6 +80,7 @@ class SweepConfig:
     def __post_init__(self):
         at_least(self, 1, "screen_prompts", "top_m")
         require(self.max_confirm >= self.top_m, "max_confirm", f"must be >= top_m ({self.top_m}), got {self.max_confirm}")
+        at_least(self, 0, "family_patience")
         require(self.top_k == 0 or self.top_k >= 2, "top_k", f"must be 0 (no top-k member) or >= 2, got {self.top_k}")
         require(bool(self.modes) and len(set(self.modes)) == len(self.modes) and set(self.modes) <= set(SWEEP_MODES),
                 "modes", f"must be distinct values among {', '.join(SWEEP_MODES)}, got {self.modes}")
@@ -214,10 +218,15 @@ def sweep(model: Model, directions: Directions, validation: Sequence[str], confi
     members.sort(key=lambda m: m.screen_score)
     base_refusal, base_degenerate = answers("generating (validation, no attack)")
     confirmed: list[Member] = []
+    babbled: dict[tuple, int] = {}  # (mode, first position) -> members of that family the guard rejected
     for m in members:
         if len(confirmed) >= config.max_confirm or (
                 len(confirmed) >= config.top_m and any(c.rejected is None for c in confirmed)):
             break
+        family = (m.mode, m.positions[0])
+        if config.family_patience and babbled.get(family, 0) >= config.family_patience:
+            m.rejected = f"skipped: {babbled[family]} members of its family ({m.mode}, position {family[1]}) babbled"
+            continue
         confirmed.append(m)
         with ablation(model, directions, m):
             m.val_refusal_rate, m.degenerate_rate = answers(f"confirming {m.describe()}")
@@ -225,6 +234,7 @@ def sweep(model: Model, directions: Directions, validation: Sequence[str], confi
         if limit is not None and m.degenerate_rate > base_degenerate + limit:
             m.rejected = (f"{m.degenerate_rate:.0%} degenerate completions, more than the unattacked "
                           f"{base_degenerate:.0%} + {limit:.0%}")
+            babbled[family] = babbled.get(family, 0) + 1
         tqdm.write(f"refat: RFA member {m.describe()}: screening score {m.screen_score:.2f}, validation refusal "
                    f"{m.val_refusal_rate:.0%}" + (f": rejected ({m.rejected})" if m.rejected else ""), file=sys.stderr)
     passed = [m for m in confirmed if m.rejected is None]
