@@ -22,7 +22,7 @@ from refat.evals import utility
 from refat.evals.overrefusal import OverRefusalConfig
 from refat.evals.utility import Item, TaskData, UtilityConfig
 from refat.judges import judge_name
-from refat.pipeline import ExperimentConfig, load_config, plan, resolve_inputs, run_experiment, stage_names
+from refat.pipeline import ExperimentConfig, load_config, parts, plan, resolve_inputs, run_experiment, stage_names
 from refat.storage import digest, read_json, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -356,7 +356,13 @@ def test_recipe_summary_of_a_finished_run(run, tmp_path):
     spec = importlib.util.spec_from_file_location("recipe", ROOT / "experiments" / "recipe.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    summary = recipe.summarize(run)
+    out, measured = tmp_path / "runs", tmp_path / "parts"
+    shutil.copytree(run, out / "tiny")
+    cfg = load_config(run / "config.yaml")
+    with pytest.MonkeyPatch.context() as mp:  # one model at a time over the finished run: nothing is recomputed
+        mp.setattr(utility, "load_task", lambda name, source="offline": ARC)
+        parts.run_parts(cfg, measured, out)
+    summary = recipe.summarize(cfg, measured)
     rows = summary["rows"]
     assert [(r["method"], r["setting"], r["seed"]) for r in rows] == [
         ("base", "base", None), ("rt", "rt", 0), ("rt", "rt", 1), ("rt", "rt", "mean ± sd"),
@@ -369,7 +375,9 @@ def test_recipe_summary_of_a_finished_run(run, tmp_path):
     assert set(rt_b["harmless_refusal"]) == {"value", "n", "ci", "vs_base"} and rt_b["harmless_refusal"]["vs_base"]
     assert rt_b["changes"]["pairs"]["borderline"] == 0.34
     assert rows[0]["harmless_refusal"]["vs_base"] is None
-    recipe.main(["--summary-only", str(run), "--results", str(tmp_path / "overrefusal.json")])
+    assert rt_b["train_seconds"] > 0 and summary["parts"] == sorted(s.key for s in cfg.subjects)
+    recipe.main(["--summary-only", "--config", str(run / "config.yaml"), "--parts", str(measured),
+                 "--results", str(tmp_path / "overrefusal.json")])
     assert read_json(tmp_path / "overrefusal.json") == json.loads(json.dumps(summary))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -374,6 +374,19 @@ class ExperimentConfig:
         merged = _merge(asdict(self.train), d.train) | {"method": d.method,
                                                         "seed": self.seeds[0] if seed is None else seed}
         return from_dict(TrainConfig, merged, where)
+
+    def only(self, key: str) -> ExperimentConfig:
+        """This config narrowed to the base model (if any) and one model under test (a :attr:`Subject.key`). Its run
+        shares this config's folder, stage names and fingerprints, so one model at a time can be run and measured
+        (:mod:`refat.pipeline.parts`); the other models' stages wait in ``stale/`` and come back unchanged."""
+        subject = next((s for s in self.subjects if s.key == key), None)
+        if subject is None:
+            raise ConfigError(f"no model under test {key!r} in this config; it has: "
+                              + ", ".join(s.key for s in self.subjects))
+        keep = [i for i, d in enumerate(self._defenses) if d.method == "base" or d is subject.defense]
+        return replace(self, defenses=[self.defenses[i] for i in keep],
+                       seeds=[0 if subject.seed is None else subject.seed],
+                       train_overrides={k: v for k, v in self.train_overrides.items() if k == subject.defense.name})
 
     def resolved(self) -> dict:
         """The config as plain YAML/JSON data, every default filled in (``config.yaml`` of the run), with any

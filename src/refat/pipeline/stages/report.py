@@ -84,28 +84,28 @@ def _overrefusal(ctx) -> dict:
     (the single ``overrefusal:`` mapping: its dataset's name, a file's name only)."""
     out = {}
     for s in ctx.cfg.subjects:
-        out[s.key] = {o.column: rate(list(_refusals(ctx, s.key, o).values())).to_dict() for o in ctx.cfg.overrefusals}
+        out[s.key] = {o.column: rate(list(_refusals(ctx.layout, s.key, o).values())).to_dict() for o in ctx.cfg.overrefusals}
     return _with_seed_means(ctx, out)
 
 
-def _refusals(ctx, key: str, o) -> dict[str, bool]:
+def _refusals(layout, key: str, o) -> dict[str, bool]:
     """{prompt: refused} of one over-refusal set on one model."""
-    return {r["prompt"]: r["refused"] for r in read_jsonl(ctx.layout.overrefusal(key, o.label) / "overrefusal_records.jsonl")}
+    return {r["prompt"]: r["refused"] for r in read_jsonl(layout.overrefusal(key, o.label) / "overrefusal_records.jsonl")}
 
 
-def _outcomes(ctx, s: Subject) -> dict[str, dict[str, float]]:
+def outcomes(cfg, layout, s: Subject) -> dict[str, dict[str, float]]:
     """One model's per-item outcomes, by measure, for the paired comparison with the base model: each over-refusal
     set's refusals (by prompt), utility correctness over every task's items together (by task and id), and
     refusal under the first worst-case RFA attack as the first judge sees it (by behaviour)."""
-    c, out = ctx.cfg, {}
-    for o in c.overrefusals:
-        out[o.column] = {p: float(r) for p, r in _refusals(ctx, s.key, o).items()}
-    if c.utility is not None:
-        rows = read_jsonl(ctx.layout.utility(s.key) / "utility_records.jsonl")
+    out = {}
+    for o in cfg.overrefusals:
+        out[o.column] = {p: float(r) for p, r in _refusals(layout, s.key, o).items()}
+    if cfg.utility is not None:
+        rows = read_jsonl(layout.utility(s.key) / "utility_records.jsonl")
         out["utility"] = {f"{r['task']}/{r['id']}": float(r["correct"]) for r in rows}
-    worst = c.worst_case_rfa
-    if worst is not None and c.judges:
-        rows = read_jsonl(ctx.layout.judge(c.judges[0]) / "verdicts.jsonl")
+    worst = cfg.worst_case_rfa
+    if worst is not None and cfg.judges:
+        rows = read_jsonl(layout.judge(cfg.judges[0]) / "verdicts.jsonl")
         out[rfa_measure(worst.label)] = {str(r["behaviour_id"]): float(not r["jailbroken"]) for r in rows
                                          if r["defense"] == s.key and r["attack"] == worst.label}
     return out
@@ -117,16 +117,19 @@ def rfa_measure(label: str) -> str:
 
 
 def _paired(ctx) -> dict | None:
-    """{model: {measure: cell}}: each model's refusal rates and utility (:func:`_outcomes`) with ``vs_base``, the
-    difference from the base model on the same items and its 95 % paired-bootstrap interval. A defense trained at
-    several seeds also gets a ``<name> (<n> seeds)`` row: the mean ± sd over its seeds, and the difference of its
-    seed-averaged outcome per item from the base's (an interval over items, given these seeds). None without a
-    base model, another model to compare with it, or a measure."""
-    c, base = ctx.cfg, ctx.cfg.base_subject
-    if base is None or len(c.subjects) < 2:
-        return None
-    outcomes = {s.key: _outcomes(ctx, s) for s in c.subjects}
-    if not outcomes[base.key]:
+    c = ctx.cfg
+    return paired_table(c, {s.key: outcomes(c, ctx.layout, s) for s in c.subjects})
+
+
+def paired_table(cfg, outcomes: dict[str, dict[str, dict[str, float]]]) -> dict | None:
+    """{model: {measure: cell}}: each model's refusal rates and utility (:func:`outcomes`, by subject key) with
+    ``vs_base``, the difference from the base model on the same items and its 95 % paired-bootstrap interval. A
+    defense with several seeds in ``outcomes`` also gets a ``<name> (<n> seeds)`` row: the mean ± sd over its seeds,
+    and the difference of its seed-averaged outcome per item from the base's (an interval over items, given these
+    seeds). Models missing from ``outcomes`` are left out. None without a base model, another model to compare with
+    it, or a measure."""
+    base = cfg.base_subject
+    if base is None or base.key not in outcomes or len(outcomes) < 2 or not outcomes[base.key]:
         return None
 
     def cell(items: dict[str, float], key: str, measure: str) -> dict:
@@ -135,8 +138,8 @@ def _paired(ctx) -> dict | None:
         return own | {"vs_base": vs_base}
 
     out = {}
-    for d in c.variants:
-        keys = [s.key for s in c.subjects if s.defense.name == d.name]
+    for d in cfg.variants:
+        keys = [s.key for s in cfg.subjects if s.defense.name == d.name and s.key in outcomes]
         for k in keys:
             out[k] = {m: cell(items, k, m) for m, items in outcomes[k].items()}
         if len(keys) > 1:

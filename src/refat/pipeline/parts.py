@@ -1,0 +1,116 @@
+"""A long experiment run one model under test at a time, each model's measurements kept in a small file.
+
+An experiment of several defenses × seeds takes many CPU hours: more than one sitting, and its run folder
+(gigabytes of adapters and caches, never committed) may not survive to the next. :func:`run_parts` runs the
+config narrowed to the base model and one model (:meth:`ExperimentConfig.only`, same folder, same stages) and,
+as soon as that model is measured, writes ``<results>/<key>.json``: its per-item outcomes, every judge's
+verdicts, the completions judged and the stages' seconds (tens of kB, meant to be committed). A rerun skips
+each model whose file is there; the tables (:func:`paired`, :func:`asr`) are computed from the files alone.
+A file measured under another config is an error, never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import RunError
+from ..models import Model
+from ..storage import digest, read_json, read_jsonl, write_json
+from .config import ExperimentConfig, Subject
+from .layout import Layout
+from .run import run_experiment
+from .runner import read_marker
+from .stages.judges import rate_tables
+from .stages.report import outcomes, paired_table
+
+__all__ = ["asr", "load_parts", "measure", "paired", "part_id", "run_parts"]
+
+log = logging.getLogger("refat.pipeline")
+FORMAT = 1  # the part file's schema
+
+
+def part_id(cfg: ExperimentConfig, key: str) -> str:
+    """What a part's measurements depend on: the config narrowed to it (other models and seeds left out)."""
+    return digest(cfg.only(key).resolved())
+
+
+def measure(cfg: ExperimentConfig, layout: Layout, s: Subject) -> dict:
+    """One model's part file from a run folder holding its finished stages."""
+    verdicts, completions = {}, {}
+    for j in cfg.judges:
+        rows = [r for r in read_jsonl(layout.judge(j) / "verdicts.jsonl") if r["defense"] == s.key]
+        verdicts[j] = [{k: r[k] for k in ("attack", "behaviour_id", "behaviour", "score", "jailbroken")} for r in rows]
+        for r in rows:
+            completions.setdefault(f"{r['attack']}/{r['behaviour_id']}", {"goal": r["goal"], "completion": r["completion"]})
+    seconds = {}
+    for marker in sorted(layout.root.glob("*/**/stage.json")):
+        rel = marker.parent.relative_to(layout.root)
+        if rel.parts[0] != "stale" and s.key in rel.parts[1:2]:
+            seconds[rel.as_posix()] = (read_marker(marker.parent) or {}).get("seconds")
+    return {"format": FORMAT, "key": s.key, "defense": s.defense.name, "method": s.defense.method, "seed": s.seed,
+            "changes": {"pairs": s.defense.pairs, "train": s.defense.train}, "part": part_id(cfg, s.key),
+            "outcomes": outcomes(cfg, layout, s), "verdicts": verdicts, "completions": completions, "seconds": seconds}
+
+
+def _check(path: Path, cfg: ExperimentConfig, key: str) -> dict:
+    record = read_json(path)
+    if record.get("format") != FORMAT or record.get("key") != key:
+        raise RunError(f"{path}: not a part file of {key!r} (format {FORMAT}); move it away")
+    if record["part"] != part_id(cfg, key):
+        raise RunError(f"{path}: measured under another config than {cfg.name!r} now describes for {key!r}; "
+                       "move the file away to measure it again (it is never overwritten)")
+    return record
+
+
+def run_parts(cfg: ExperimentConfig, results: str | Path, out_root: str | Path = "runs", *,
+              keys: Sequence[str] = (), model: Model | None = None) -> list[Path]:
+    """Measure every model under test (or only ``keys``) that has no part file in ``results`` yet, one at a time,
+    writing its file as soon as it is done; returns every part file of the config that exists afterwards."""
+    results = Path(results)
+    subjects = cfg.subjects
+    unknown = set(keys) - {s.key for s in subjects}
+    if unknown:
+        raise RunError(f"no model under test {', '.join(map(repr, sorted(unknown)))} in {cfg.name!r}; it has: "
+                       + ", ".join(s.key for s in subjects))
+    order = [s for s in subjects if s.seed is None] + [s for s in subjects if s.seed is not None]
+    for s in order:
+        path = results / f"{s.key}.json"
+        if path.exists():
+            _check(path, cfg, s.key)
+            continue
+        if keys and s.key not in keys and s.seed is not None:
+            continue
+        log.info("part %s: measuring (%s)", s.key, path)
+        narrowed = cfg.only(s.key)
+        layout = Layout(run_experiment(narrowed, out_root, model=model))
+        write_json(path, measure(narrowed, layout, s))
+        log.info("part %s: written %s", s.key, path)
+    return [results / f"{s.key}.json" for s in subjects if (results / f"{s.key}.json").exists()]
+
+
+def load_parts(cfg: ExperimentConfig, results: str | Path) -> dict[str, dict]:
+    """{key: part record} of every model of ``cfg`` measured in ``results`` (checked against the config)."""
+    results = Path(results)
+    return {s.key: _check(results / f"{s.key}.json", cfg, s.key) for s in cfg.subjects
+            if (results / f"{s.key}.json").exists()}
+
+
+def paired(cfg: ExperimentConfig, parts: dict[str, dict]) -> dict | None:
+    """The report's paired.json table (each measure with its difference from the base model) from part files."""
+    return paired_table(cfg, {k: p["outcomes"] for k, p in parts.items()})
+
+
+def asr(cfg: ExperimentConfig, parts: dict[str, dict]) -> dict[str, dict]:
+    """{judge: rate tables} as the judges stage writes them (``rates``, ``n``, ``ci`` by model and attack) from
+    part files: each judge's ASR with its behaviours and 95 % interval."""
+    out = {}
+    for j in cfg.judges:
+        hits: dict[tuple[str, str], list[tuple[str, bool]]] = defaultdict(list)
+        for key, p in parts.items():
+            for r in p["verdicts"].get(j, []):
+                hits[key, r["attack"]].append((r["behaviour"], r["jailbroken"]))
+        out[j] = rate_tables(hits)
+    return out

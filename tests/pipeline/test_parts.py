@@ -1,0 +1,81 @@
+"""An experiment run one model at a time (`refat.pipeline.parts`): the narrowed config reuses the full run's stages,
+each model's part file alone rebuilds the report's tables, and a file is never measured twice nor overwritten."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_pipeline import config, files, tiny_utility_data, write  # noqa: F401 (fixtures)
+
+from refat.configs import ConfigError
+from refat.errors import RunError
+from refat.pipeline import load_config, parts, run_experiment
+from refat.storage import read_json
+
+
+@pytest.fixture(scope="module")
+def full_run(files, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("runs")
+    cfg_path = write(out / "tiny.yaml", config(files, attacks=[{"name": "rfa", "config": {"max_new_tokens": 4,
+                                                                                           "batch_size": 8}}]))
+    return run_experiment(cfg_path, out), cfg_path
+
+
+def test_only_narrows_to_the_base_model_and_one_model_under_test(files):  # noqa: F811
+    cfg = load_config(write(files / "seeds.yaml", config(files, seeds=[0, 1])))
+    assert [s.key for s in cfg.only("refat@seed1").subjects] == ["base", "refat@seed1"]
+    assert cfg.only("refat@seed1").train_overrides == {"refat": {"refat": {"p": 1.0}}}
+    assert cfg.only("rt").train_overrides == {}
+    assert [s.key for s in cfg.only("base").subjects] == ["base"]
+    with pytest.raises(ConfigError, match="no model under test .lat.*base, rt, rt@seed1, refat, refat@seed1"):
+        cfg.only("lat")
+
+
+def test_parts_reuse_the_run_and_rebuild_its_tables(full_run, tmp_path, monkeypatch):
+    run_dir, cfg_path = full_run
+    out = tmp_path / "runs"
+    shutil.copytree(run_dir, out / "tiny")
+    cfg = load_config(cfg_path)
+    written = parts.run_parts(cfg, tmp_path / "results", out)
+    assert [p.name for p in written] == ["base.json", "rt.json", "refat.json"]
+    stages = read_json(out / "tiny/provenance.json")["stages"]  # the last part's run: nothing of its model recomputed
+    assert all(v["status"] == "skipped" for k, v in stages.items() if k.startswith(("train/", "attacks/", "utility/")))
+
+    loaded = parts.load_parts(cfg, tmp_path / "results")
+    refat = loaded["refat"]
+    assert refat["method"] == "refat" and refat["seed"] == 0 and refat["seconds"]["train/refat"] > 0
+    assert set(refat["outcomes"]) == {"utility", "benign.csv", "rfa refusal"}
+    assert {r["attack"] for r in refat["verdicts"]["refusal-strings:default"]} == {"none", "rfa"}
+    assert all(c["completion"] is not None for c in refat["completions"].values())
+    # the tables from the part files alone equal the full run's report
+    assert parts.paired(cfg, loaded) == read_json(run_dir / "report/paired.json")
+    judged = read_json(run_dir / "judges/refusal-strings_default/rates.json")
+    assert parts.asr(cfg, loaded)["refusal-strings:default"] == json.loads(json.dumps(
+        {k: judged[k] for k in ("rates", "n", "ci")}))
+
+    # a later sitting without the run folder: every model is measured already, nothing runs
+    shutil.rmtree(out)
+    monkeypatch.setattr(parts, "run_experiment", lambda *a, **k: pytest.fail("ran a measured part again"))
+    assert len(parts.run_parts(cfg, tmp_path / "results", out)) == 3
+
+
+def test_a_part_measured_under_another_config_is_an_error_and_kept(full_run, tmp_path, monkeypatch, files):  # noqa: F811
+    run_dir, cfg_path = full_run
+    cfg = load_config(cfg_path)
+    measured = []
+    monkeypatch.setattr(parts, "run_experiment", lambda c, out, model=None: measured.append(c) or run_dir)
+    parts.run_parts(cfg, tmp_path, keys=["rt"])  # the base model is always measured: it is every pair's other half
+    assert [c.defenses for c in measured] == [["base"], ["base", "rt"]]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["base.json", "rt.json"]
+
+    before = (tmp_path / "rt.json").read_text()
+    changed = load_config(write(files / "steps.yaml", config(files, attacks=cfg.resolved()["attacks"],
+                                                             train={**config(files)["train"], "steps": 3})))
+    assert parts.part_id(changed, "rt") != parts.part_id(cfg, "rt")
+    with pytest.raises(RunError, match=r"\.json: measured under another config.*never overwritten"):
+        parts.run_parts(changed, tmp_path)
+    assert (tmp_path / "rt.json").read_text() == before
+    with pytest.raises(RunError, match="no model under test 'cat'"):
+        parts.run_parts(cfg, tmp_path, keys=["cat"])
