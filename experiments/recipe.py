@@ -16,12 +16,10 @@ items (``vs_base``, 95 % paired-bootstrap interval); a variant measured at sever
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from refat.pipeline import ExperimentConfig, load_config, parts
+from refat.pipeline import ExperimentConfig, parts
 from refat.pipeline.stages.report import rfa_measure
-from refat.storage import write_json
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "recipe.yaml"
@@ -57,27 +55,8 @@ def summarize(cfg: ExperimentConfig, parts_dir: str | Path = PARTS) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="config keys, e.g. seeds=[0,1,2]")
-    parser.add_argument("--config", type=Path, default=CONFIG)
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="run folder root (runs/<name>)")
-    parser.add_argument("--parts", type=Path, default=PARTS, help="one file per measured model")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--only", nargs="+", metavar="KEY", default=(), help="measure these models (and the base)")
-    parser.add_argument("--summary-only", action="store_true", help="rebuild the table from the part files")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    unknown = set(args.only) - {s.key for s in cfg.trained}
-    if unknown:
-        parser.error(f"--only: no trained model {', '.join(sorted(unknown))}; choose from "
-                     + ", ".join(s.key for s in cfg.trained))
-    todo = [] if args.summary_only else [s.key for s in cfg.subjects if s.seed is not None
-                                         and (not args.only or s.key in args.only)]
-    for key in todo or [None]:  # one model at a time, the table rebuilt after each
-        if key is not None:
-            parts.run_parts(cfg, args.parts, args.out, keys=[key])
-        write_json(args.results, summarize(cfg, args.parts))
-        print(f"written: {args.results}", flush=True)
+    parts.experiment_main(argv, description=__doc__.split("\n\n")[0], config=CONFIG, parts_dir=PARTS,
+                          results=RESULTS, summarize=summarize)
 
 
 if __name__ == "__main__":

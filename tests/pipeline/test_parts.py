@@ -46,6 +46,8 @@ def test_parts_reuse_the_run_and_rebuild_its_tables(full_run, tmp_path, monkeypa
     loaded = parts.load_parts(cfg, tmp_path / "results")
     refat = loaded["refat"]
     assert refat["method"] == "refat" and refat["seed"] == 0 and refat["seconds"]["train/refat"] > 0
+    assert refat["train"]["refat"]["p"] == 1.0 and "revision" in refat["provenance"]["git"]
+    assert refat["attacks"]["rfa"]["summary"]["direction"] == "worst-case"
     assert set(refat["outcomes"]) == {"utility", "benign.csv", "rfa refusal"}
     assert {r["attack"] for r in refat["verdicts"]["refusal-strings:default"]} == {"none", "rfa"}
     assert all(c["completion"] is not None for c in refat["completions"].values())

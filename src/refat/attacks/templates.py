@@ -31,10 +31,11 @@ from pathlib import Path
 
 from .. import catalog
 from ..configs import at_least
-from ..data import PackageFile, read_package_file
+from ..data import PackageFile, affirmative_target, read_package_file
 from ..errors import RefatError
 from ..judges import RefusalStringJudge
 from ..models import Model
+from ..storage import write_json
 from .base import AttackContext, AttackRecord, Behaviour, success_rates
 from .transfer import Message, send
 
@@ -339,9 +340,15 @@ class TemplatesConfig:
     model_name: str | None = None  # what {generator.name} becomes (default: from the model's name)
     max_new_tokens: int = 64
     batch_size: int = 16
+    # the attacker's choice: attack with the `choose` templates that broke the most harmful validation prompts
+    # (context.validation, never an attacked behaviour) on the attacked model itself, each tried on the first
+    # `choose_prompts` of them for `choose_tokens` new tokens; choice.json scores every template. None: all
+    choose: int | None = None
+    choose_prompts: int = 8
+    choose_tokens: int = 32
 
     def __post_init__(self):
-        at_least(self, 1, "n", "max_new_tokens", "batch_size")
+        at_least(self, 1, "n", "max_new_tokens", "batch_size", "choose", "choose_prompts", "choose_tokens")
         at_least(self, 0, "seed")
 
     def check_inputs(self) -> None:
@@ -369,10 +376,38 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: TemplatesConfig =
     if templates is None:
         templates = load_templates(config.source, config.n, config.seed)
     name = config.model_name or model_identity(model)[0]
+    if config.choose is not None:
+        validation = (context or AttackContext()).require("templates", "validation")
+        templates = choose(model, templates, validation, config, name, out_dir, judge=judge, progress=progress)
     records, _ = send(model, "templates", attempts(behaviours, templates, name), config=asdict(config),
                       out_dir=out_dir, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                       judge=judge, progress=progress)
     return records
+
+
+def choose(model: Model, templates: Sequence[Template], validation: Sequence[str], config: TemplatesConfig,
+           model_name: str, out_dir: str | Path | None = None, *, judge: RefusalStringJudge | None = None,
+           progress: bool = True) -> list[Template]:
+    """The ``config.choose`` templates that broke the most validation prompts on ``model`` (ties: the earlier
+    template). Tries resume from ``out_dir/choice/records.jsonl``; ``out_dir/choice.json`` scores them all."""
+    prompts = list(validation)[:config.choose_prompts]
+    tries = [Message(Behaviour(p, affirmative_target(p), f"val{i}:{t.key}"), t.fill(p, model_name),
+                     extra={"template": t.name, "template_key": t.key}) for t in templates for i, p in enumerate(prompts)]
+    records, _ = send(model, "templates-choice", tries, config=asdict(config),
+                      out_dir=None if out_dir is None else Path(out_dir) / "choice",
+                      max_new_tokens=config.choose_tokens, batch_size=config.batch_size, judge=judge, progress=progress)
+    broke = defaultdict(int)
+    for r in records:
+        broke[r.extra["template_key"]] += not r.refused
+    ranked = sorted(range(len(templates)), key=lambda i: (-broke[templates[i].key], i))
+    chosen = [templates[i] for i in ranked[:config.choose]]
+    if out_dir is not None:
+        write_json(Path(out_dir) / "choice.json", {
+            "validation_prompts": len(prompts), "max_new_tokens": config.choose_tokens, "judge": records[0].judge,
+            "chosen": [t.name for t in chosen],
+            "scores": [{"template": templates[i].name, "source": templates[i].source,
+                        "broken": broke[templates[i].key]} for i in ranked]})
+    return chosen
 
 
 def summary(records: Sequence[AttackRecord]) -> dict:

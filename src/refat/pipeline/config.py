@@ -46,6 +46,7 @@ class AttackSpec:
     config: dict[str, Any] = field(default_factory=dict)
     n_behaviours: int | None = None  # the first n held-out behaviours (None: all); rfa: also n harmless prompts
     label: str | None = None  # its column in the results (default: name); set it to run one attack twice
+    seeds: list[int] | None = None  # attack the models trained at these seeds only (and the base model); None: all
 
     def __post_init__(self):
         if self.name not in attacks.REGISTRY:
@@ -56,6 +57,12 @@ class AttackSpec:
                              f"not {NO_ATTACK!r}, 'harmful' or 'harmless'")
         if self.n_behaviours is not None and self.n_behaviours < 1:
             raise ValueError(f"n_behaviours must be >= 1 or null, got {self.n_behaviours}")
+        if self.seeds is not None and not self.seeds:
+            raise ValueError("seeds must list at least one training seed, or be null (every seed)")
+
+    def runs_on(self, subject: Subject) -> bool:
+        """Whether this attack runs on ``subject`` (the base model always; a trained one at one of ``seeds``)."""
+        return subject.seed is None or self.seeds is None or subject.seed in self.seeds
 
     @property
     def entry(self) -> attacks.AttackEntry:
@@ -158,6 +165,9 @@ class ExperimentConfig:
     behaviours: str | None = None  # attacked behaviours: a dataset spec (None: data.harmful's test split)
     near_duplicates: float | None = 0.4  # with `behaviours`: drop those whose content-word Jaccard similarity to a
     #                                      training or extraction prompt is >= this (refat.data.near_duplicates); null: off
+    validation: str | None = None  # the attacker's harmful validation prompts (the worst-case RFA sweep, a template
+    #                                chosen on them): a dataset spec, e.g. harmbench-val beside HarmBench test
+    #                                behaviours; null: data.harmful's val split. Never an attacked behaviour.
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     # a method name (base, rt, refat, cat, lat) or a variant {name, method, train: {...}, pairs: {...}} (Defense)
     defenses: list[str | dict[str, Any]] = field(default_factory=lambda: ["base", "rt", "refat"])
@@ -346,6 +356,10 @@ class ExperimentConfig:
     def first_rfa(self) -> AttackSpec | None:
         """The RFA attack whose unattacked completions give the ``none`` column (and the analysis' ablation)."""
         return next((a for a in self.attacks if a.name == "rfa"), None)
+
+    def attacks_on(self, subject: Subject) -> list[AttackSpec]:
+        """The attacks run on ``subject``, in the config's order (an attack may name the training seeds it runs at)."""
+        return [a for a in self.attacks if a.runs_on(subject)]
 
     @property
     def worst_case_rfa(self) -> AttackSpec | None:

@@ -36,6 +36,8 @@ class Inputs:
     # `behaviours` left out as near duplicates of a training or extraction prompt: (example, closest prompt,
     # similarity); empty when the filter is off or `behaviours` is the harmful dataset's own test split
     near_duplicates: list[tuple[Example, str, float]] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)  # the attacker's harmful validation prompts
+
 
     def harmless_test(self, n: int | None = None) -> list[str]:
         return self.sets.prompts("harmless", "test")[:n]
@@ -131,4 +133,12 @@ def resolve_inputs(cfg: ExperimentConfig, *, base_model: bool = True) -> Inputs:
               "behaviours": digest([asdict(b) for b in behaviours]),
               "splits": {f"{kind}/{s}": _examples_hash(xs) for kind in ("harmful", "harmless")
                          for s, xs in getattr(sets, kind).items()}}
-    return Inputs(sets, behaviours, hashes, dropped)
+    if cfg.validation is None:
+        validation = sets.prompts("harmful", "val")
+    else:  # a separate set (HarmBench val beside HarmBench test): never one of the attacked behaviours
+        attacked = {prompt_key(b.goal) for b in behaviours}
+        validation = [e.prompt for e in _dataset(cfg.validation, "validation") if prompt_key(e.prompt) not in attacked]
+        if not validation:
+            raise ConfigError(f"validation: every prompt of {cfg.validation!r} is an attacked behaviour")
+        hashes["validation"] = digest(validation)
+    return Inputs(sets, behaviours, hashes, dropped, validation)

@@ -4,40 +4,50 @@ An experiment of several defenses × seeds takes many CPU hours: more than one s
 (gigabytes of adapters and caches, never committed) may not survive to the next. :func:`run_parts` runs the
 config narrowed to the base model and one model (:meth:`ExperimentConfig.only`, same folder, same stages) and,
 as soon as that model is measured, writes ``<results>/<key>.json``: its per-item outcomes, every judge's
-verdicts, the completions judged and the stages' seconds (tens of kB, meant to be committed). A rerun skips
+verdicts, the completions judged, each attack's summary (and the attacker's choices), its training config and the
+stages' seconds (tens of kB, meant to be committed). A rerun skips
 each model whose file is there; the tables (:func:`paired`, :func:`asr`) are computed from the files alone.
 A file measured under another config is an error, never overwritten.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import RunError
 from ..models import Model
 from ..storage import digest, read_json, read_jsonl, write_json
-from .config import ExperimentConfig, Subject
+from .config import ExperimentConfig, Subject, load_config
 from .layout import Layout
+from .plan import plan
+from .provenance import model_id
 from .run import run_experiment
 from .runner import read_marker
 from .stages.judges import rate_tables
 from .stages.report import outcomes, paired_table
 
-__all__ = ["asr", "load_parts", "measure", "paired", "part_id", "run_parts"]
+__all__ = ["asr", "experiment_main", "load_parts", "measure", "paired", "part_id", "run_parts"]
 
 log = logging.getLogger("refat.pipeline")
 FORMAT = 1  # the part file's schema
 
 
-def part_id(cfg: ExperimentConfig, key: str) -> str:
-    """What a part's measurements depend on: the config narrowed to it (other models and seeds left out)."""
-    return digest(cfg.only(key).resolved())
+def part_id(cfg: ExperimentConfig, key: str, model: Model | None = None) -> str:
+    """What a part's measurements depend on: every stage of the config narrowed to it (the base model and this
+    one), by the config values each stage reads and the stages it reads (the report left out). A part stays valid
+    exactly as long as its stages would be skipped: a config field added later that no stage reads, or reads only
+    when set (the plan's rule, pinned in tests/pipeline/test_variants.py), leaves it valid."""
+    narrowed = cfg.only(key)
+    return digest({s.name: {"config": s.config, "reads": list(s.reads)}
+                   for s in plan(narrowed, model_id(narrowed, model)) if s.name != "report"})
 
 
-def measure(cfg: ExperimentConfig, layout: Layout, s: Subject) -> dict:
+def measure(cfg: ExperimentConfig, layout: Layout, s: Subject, model: Model | None = None) -> dict:
     """One model's part file from a run folder holding its finished stages."""
     verdicts, completions = {}, {}
     for j in cfg.judges:
@@ -45,21 +55,29 @@ def measure(cfg: ExperimentConfig, layout: Layout, s: Subject) -> dict:
         verdicts[j] = [{k: r[k] for k in ("attack", "behaviour_id", "behaviour", "score", "jailbroken")} for r in rows]
         for r in rows:
             completions.setdefault(f"{r['attack']}/{r['behaviour_id']}", {"goal": r["goal"], "completion": r["completion"]})
+    attacks = {}
+    for a in cfg.attacks_on(s):  # the attacker's choices (the sweep's member, the chosen template) and summaries
+        folder = layout.attack(s.key, a.label)
+        attacks[a.label] = {f.stem: read_json(f) for f in (folder / "summary.json", folder / "choice.json")
+                            if f.is_file()}
     seconds = {}
     for marker in sorted(layout.root.glob("*/**/stage.json")):
         rel = marker.parent.relative_to(layout.root)
         if rel.parts[0] != "stale" and s.key in rel.parts[1:2]:
             seconds[rel.as_posix()] = (read_marker(marker.parent) or {}).get("seconds")
+    prov = read_json(layout.provenance)
     return {"format": FORMAT, "key": s.key, "defense": s.defense.name, "method": s.defense.method, "seed": s.seed,
-            "changes": {"pairs": s.defense.pairs, "train": s.defense.train}, "part": part_id(cfg, s.key),
-            "outcomes": outcomes(cfg, layout, s), "verdicts": verdicts, "completions": completions, "seconds": seconds}
+            "changes": {"pairs": s.defense.pairs, "train": s.defense.train}, "part": part_id(cfg, s.key, model),
+            "train": None if s.seed is None else asdict(cfg.train_config(s.defense, s.seed)),
+            "outcomes": outcomes(cfg, layout, s), "verdicts": verdicts, "attacks": attacks, "completions": completions,
+            "seconds": seconds, "provenance": {k: prov.get(k) for k in ("git", "versions", "platform", "data_hashes")}}
 
 
-def _check(path: Path, cfg: ExperimentConfig, key: str) -> dict:
+def _check(path: Path, cfg: ExperimentConfig, key: str, model: Model | None = None) -> dict:
     record = read_json(path)
     if record.get("format") != FORMAT or record.get("key") != key:
         raise RunError(f"{path}: not a part file of {key!r} (format {FORMAT}); move it away")
-    if record["part"] != part_id(cfg, key):
+    if record["part"] != part_id(cfg, key, model):
         raise RunError(f"{path}: measured under another config than {cfg.name!r} now describes for {key!r}; "
                        "move the file away to measure it again (it is never overwritten)")
     return record
@@ -79,14 +97,14 @@ def run_parts(cfg: ExperimentConfig, results: str | Path, out_root: str | Path =
     for s in order:
         path = results / f"{s.key}.json"
         if path.exists():
-            _check(path, cfg, s.key)
+            _check(path, cfg, s.key, model)
             continue
         if keys and s.key not in keys and s.seed is not None:
             continue
         log.info("part %s: measuring (%s)", s.key, path)
         narrowed = cfg.only(s.key)
         layout = Layout(run_experiment(narrowed, out_root, model=model))
-        write_json(path, measure(narrowed, layout, s))
+        write_json(path, measure(narrowed, layout, s, model))
         log.info("part %s: written %s", s.key, path)
     return [results / f"{s.key}.json" for s in subjects if (results / f"{s.key}.json").exists()]
 
@@ -114,3 +132,29 @@ def asr(cfg: ExperimentConfig, parts: dict[str, dict]) -> dict[str, dict]:
                 hits[key, r["attack"]].append((r["behaviour"], r["jailbroken"]))
         out[j] = rate_tables(hits)
     return out
+
+
+def experiment_main(argv: Sequence[str] | None, *, description: str, config: Path, parts_dir: Path, results: Path,
+                    summarize: Callable[[ExperimentConfig, Path], dict]) -> None:
+    """The command line of an experiment script (``experiments/*.py``): measure the models not yet in
+    ``parts_dir``, one at a time, rebuilding ``results`` (``summarize(cfg, parts_dir)``) after each."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("overrides", nargs="*", help="config keys, e.g. seeds=[0,1,2] (as `refat run`)")
+    parser.add_argument("--config", type=Path, default=config)
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="run folder root (runs/<name>)")
+    parser.add_argument("--parts", type=Path, default=parts_dir, help="one file per measured model")
+    parser.add_argument("--results", type=Path, default=results)
+    parser.add_argument("--only", nargs="+", metavar="KEY", default=(), help="measure these models (and the base)")
+    parser.add_argument("--summary-only", action="store_true", help="rebuild the table from the part files")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    unknown = set(args.only) - {s.key for s in cfg.trained}
+    if unknown:
+        parser.error(f"--only: no trained model {', '.join(sorted(unknown))}; choose from "
+                     + ", ".join(s.key for s in cfg.trained))
+    todo = [] if args.summary_only else [s.key for s in cfg.trained if not args.only or s.key in args.only]
+    for key in todo or [None]:
+        if key is not None:
+            run_parts(cfg, args.parts, args.out, keys=[key])
+        write_json(args.results, summarize(cfg, args.parts))
+        print(f"written: {args.results}", flush=True)

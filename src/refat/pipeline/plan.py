@@ -29,6 +29,8 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
     data_reads = {"data": asdict(cfg.data), "behaviours": cfg.behaviours}
     if cfg.behaviours is not None:  # the filter applies to a separate behaviours set only
         data_reads["near_duplicates"] = cfg.near_duplicates
+    if cfg.validation is not None:  # only when set: earlier runs keep their fingerprints
+        data_reads["validation"] = cfg.validation
     stages = [Stage(name(at.data), data.write, data_reads)]
     base_model = {"model": model_id}
 
@@ -52,11 +54,11 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
             stages.append(Stage(name(at.directions(s.key)), partial(directions.adaptive, subject=s), model,
                                 (*reads, name(at.directions("base")))))
         own_directions = (name(at.directions(s.directions)),) if cfg.needs_directions else ()
-        for a in cfg.attacks:
+        for a in cfg.attacks_on(s):
             needs = own_directions if "directions" in a.entry.needs else ()
             rates = {"rating_judge": cfg.rating_judge} if hasattr(a.parsed(), "rater") else {}  # PAIR rates with it
             stages.append(Stage(name(at.attack(s.key, a.label)), partial(attacks.run, subject=s, spec=a),
-                                model | {"attack": asdict(a), "judge": cfg.attack_judge} | rates, (*reads, *needs)))
+                                model | {"attack": _attack_reads(a), "judge": cfg.attack_judge} | rates, (*reads, *needs)))
         if cfg.utility is not None:
             stages.append(Stage(name(at.utility(s.key)), partial(evals.utility, subject=s),
                                 model | {"utility": asdict(cfg.utility)}, reads))
@@ -65,15 +67,22 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
                                 model | {"overrefusal": _overrefusal_reads(o.config)}, reads))
         if cfg.analysis is not None:
             rfa = cfg.first_rfa
-            prompt_attacks = tuple(name(at.attack(s.key, a.label)) for a in cfg.attacks if a.entry.prompt_attack)
+            prompt_attacks = tuple(name(at.attack(s.key, a.label)) for a in cfg.attacks_on(s) if a.entry.prompt_attack)
             stages.append(Stage(name(at.analysis(s.key)), partial(analysis.run, subject=s),
-                                model | {"analysis": asdict(cfg.analysis), "rfa": asdict(rfa) if rfa else None},
+                                model | {"analysis": asdict(cfg.analysis), "rfa": _attack_reads(rfa) if rfa else None},
                                 (*reads, *own_directions, *prompt_attacks)))
-    attack_stages = tuple(name(at.attack(s.key, a.label)) for s in cfg.subjects for a in cfg.attacks)
+    attack_stages = tuple(name(at.attack(s.key, a.label)) for s in cfg.subjects for a in cfg.attacks_on(s))
     stages += [Stage(name(at.judge(j)), partial(judges.run, spec=j), {"judge": j}, attack_stages)
                for j in (cfg.judges if cfg.attacks else [])]
     stages.append(Stage(name(at.report), report.run, {"config": cfg.hash()}, tuple(s.name for s in stages)))
     return stages
+
+
+def _attack_reads(spec) -> dict:
+    """The attack as its stage reads it: ``seeds`` only decides which models it runs on, not what it computes."""
+    out = asdict(spec)
+    del out["seeds"]
+    return out
 
 
 def _overrefusal_reads(config: OverRefusalConfig) -> dict:

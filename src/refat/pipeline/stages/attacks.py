@@ -15,7 +15,7 @@ def run(ctx, folder: Path, *, subject: Subject, spec: AttackSpec) -> None:
     behaviours = ctx.inputs.behaviours[:spec.n_behaviours]
     directions = Directions.load(ctx.layout.directions(subject.directions)) if "directions" in entry.needs else None
     context = AttackContext(directions=directions, harmless=ctx.inputs.harmless_test(spec.n_behaviours),
-                            validation=ctx.inputs.sets.prompts("harmful", "val"),  # never a held-out behaviour
+                            validation=ctx.inputs.validation,  # never a held-out behaviour
                             rating_judge=ctx.cfg.rating_judge, seed=ctx.cfg.seed, dtype=ctx.cfg.dtype,
                             device=ctx.cfg.device)
     records = entry.run(ctx.models.get(subject), behaviours, config, folder, judge=ctx.attack_judge, context=context)

@@ -15,6 +15,8 @@ def write(ctx, folder: Path) -> None:
                                           for s, xs in getattr(sets, kind).items() for e in xs])
     write_jsonl(folder / "behaviours.jsonl", [asdict(b) for b in ctx.inputs.behaviours])
     write_json(folder / "hashes.json", ctx.inputs.hashes)
+    if ctx.cfg.validation is not None:
+        write_jsonl(folder / "validation.jsonl", [{"prompt": p} for p in ctx.inputs.validation])
     if ctx.cfg.behaviours is not None and ctx.cfg.near_duplicates is not None:
         write_json(folder / "near_duplicates.json", {
             "threshold": ctx.cfg.near_duplicates, "kept": len(ctx.inputs.behaviours),

@@ -16,8 +16,9 @@ def completions(ctx) -> list[tuple[str, str, AttackRecord]]:
     """(defense, column, record) for every harmful completion; the first RFA attack also gives the
     no-attack column."""
     first_rfa, out = ctx.cfg.first_rfa, []
-    for d in (s.key for s in ctx.cfg.subjects):
-        for spec in ctx.cfg.attacks:
+    for s in ctx.cfg.subjects:
+        d = s.key
+        for spec in ctx.cfg.attacks_on(s):
             for r in read_records(ctx.layout.records(d, spec.label)):
                 if r.extra.get("kind", "harmful") != "harmful":
                     continue

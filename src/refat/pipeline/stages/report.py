@@ -210,8 +210,8 @@ def _samples(verdicts: dict[str, list[dict]], per_verdict: int = SAMPLES_PER_VER
 def _compute(ctx) -> dict:
     """Per model: training cost (the method's extra passes apart) and each attack's wall time."""
     out = {}
-    for d in (s.key for s in ctx.cfg.subjects):
-        row: dict[str, float] = {}
+    for s in ctx.cfg.subjects:
+        d, row = s.key, {}
         summary = ctx.layout.train(d) / "train_summary.json"
         if summary.is_file():
             comp = read_json(summary)["compute"]
@@ -220,7 +220,7 @@ def _compute(ctx) -> dict:
                     "train passes": comp["train_forward"] + comp["train_backward"],
                     "method extra passes": extra.get("forward", 0) + extra.get("backward", 0),
                     "method extra seconds": round(extra.get("seconds", 0.0), 1)}
-        for a in ctx.cfg.attacks:
+        for a in ctx.cfg.attacks_on(s):
             if a.name == "rfa":  # one batched generation, not per-behaviour records: the stage's wall time
                 seconds = (read_marker(ctx.layout.attack(d, a.label)) or {}).get("seconds")
             else:
