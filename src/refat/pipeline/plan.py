@@ -13,6 +13,7 @@ from dataclasses import asdict
 from functools import partial
 
 from ..evals.overrefusal import DEFAULT_JUDGE, OverRefusalConfig
+from ..evals.utility import UtilityConfig
 from .config import ExperimentConfig, Subject
 from .layout import Layout
 from .runner import Stage
@@ -61,7 +62,7 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
                                 model | {"attack": _attack_reads(a), "judge": cfg.attack_judge} | rates, (*reads, *needs)))
         if cfg.utility is not None:
             stages.append(Stage(name(at.utility(s.key)), partial(evals.utility, subject=s),
-                                model | {"utility": asdict(cfg.utility)}, reads))
+                                model | {"utility": _utility_reads(cfg.utility)}, reads))
         for o in cfg.overrefusals:
             stages.append(Stage(name(at.overrefusal(s.key, o.label)), partial(evals.overrefusal, subject=s, spec=o),
                                 model | {"overrefusal": _overrefusal_reads(o.config)}, reads))
@@ -91,6 +92,15 @@ def _overrefusal_reads(config: OverRefusalConfig) -> dict:
     out = asdict(config)
     if out["judge"] == DEFAULT_JUDGE:
         del out["judge"]
+    return out
+
+
+def _utility_reads(config: UtilityConfig) -> dict:
+    """The utility config as its stage reads it; the evaluator fields are left out at their defaults (refat's own
+    evaluator), so the fingerprints of runs made before lm-eval could be chosen stay valid."""
+    out = asdict(config)
+    if out["evaluator"] == "refat" and out["lm_eval_tasks"] is None:
+        del out["evaluator"], out["lm_eval_tasks"]
     return out
 
 

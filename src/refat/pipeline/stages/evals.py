@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...evals.harness import evaluate_harness
 from ...evals.overrefusal import evaluate_overrefusal
 from ...evals.utility import evaluate_utility, write_results
 from ...judges import from_spec
@@ -11,7 +12,13 @@ from ..config import HARMLESS_TEST, OverRefusalSpec, Subject
 
 
 def utility(ctx, folder: Path, *, subject: Subject) -> None:
-    write_results(evaluate_utility(ctx.models.get(subject), ctx.cfg.utility), folder, ctx.cfg.utility)
+    """refat's utility.json and utility_records.jsonl, whichever evaluator scores; lm-eval's own results JSON
+    (versions, stderr) beside them when it is lm-eval."""
+    config, model = ctx.cfg.utility, ctx.models.get(subject)
+    if config.evaluator == "lm-eval":
+        evaluate_harness(model, config).save(folder, config)
+    else:
+        write_results(evaluate_utility(model, config), folder, config)
 
 
 def overrefusal(ctx, folder: Path, *, subject: Subject, spec: OverRefusalSpec) -> None:
