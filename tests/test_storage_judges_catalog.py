@@ -10,7 +10,16 @@ import pytest
 
 from refat import catalog
 from refat.catalog import CatalogEntry, HashMismatchError, assemble_gguf
-from refat.storage import FinishedRunError, atomic_path, claim_output, read_jsonl, write_json, write_jsonl, write_text
+from refat.storage import (
+    FinishedRunError,
+    atomic_dir,
+    atomic_path,
+    claim_output,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 
 # --- storage -------------------------------------------------------------------------------------
 
@@ -43,6 +52,23 @@ def test_atomic_path_failure_keeps_old_file(tmp_path):
             raise KeyboardInterrupt
     assert target.read_text() == "old content"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_dir_other_processes_write_into_the_main_ones_folder(tmp_path):
+    """A sharded checkpoint: another process writes its shard into the folder the main process made; only
+    the main process creates and moves it."""
+    target = tmp_path / "step-000002"
+    with atomic_dir(target) as tmp:
+        with atomic_dir(target, main=False) as other:
+            assert other == tmp
+            (other / "shard-1").write_text("1")
+        assert tmp.is_dir()  # the other process's exit moved nothing
+        (tmp / "shard-0").write_text("0")
+    assert sorted(p.name for p in target.iterdir()) == ["shard-0", "shard-1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000002"]
+    with atomic_dir(tmp_path / "other", main=False) as tmp:
+        assert not tmp.exists()  # nor does another process make it
+    assert not (tmp_path / "other").exists()
 
 
 def test_write_helpers_roundtrip(tmp_path):

@@ -21,6 +21,7 @@ from conftest import build_model
 from safetensors.torch import load_file, save_file
 
 from refat import hooks
+from refat.errors import InputError
 from refat.storage import FinishedRunError
 from refat.training import AdversarialConfig, Pair, RefatConfig, TrainConfig, TrainingDivergedError, train
 from refat.training import trainer as trainer_mod
@@ -648,6 +649,182 @@ def test_data_parallel_matches_single_process(tmp_path):
         sa = adapter(out / method)
         sb = adapter(tmp_path / f"single-{method}")
         assert max_diff(sa, sb) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# 8b. Sharded full fine-tuning (FSDP2 through accelerate) on 2 CPU processes
+
+FSDP_CONFIG = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+# label -> (method, TrainConfig changes): full fine-tuning; ReFAT ablates every harmful row (its hooks must fire)
+FSDP_RUNS = {"rt": ("rt", {}), "refat": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0)})}
+FSDP_KW = {"full_finetune": True, "steps": 3, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2}
+
+
+def _launch_env(config: Path, processes: int) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file config`` gives each process (accelerate's own
+    translation of the file: the shipped config is what is tested)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", str(processes),
+                                               "-m", "refat.cli"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def _shard_on_cpu() -> None:
+    """Make accelerate shard CPU processes. accelerate 1.15 sets FSDP up only for GPU processes (AcceleratorState
+    takes ACCELERATE_USE_FSDP for MULTI_GPU and its kin, never MULTI_CPU) while torch's fully_shard runs on gloo;
+    so once accelerate has set up this process, its state becomes FSDP with the plugin accelerate reads from
+    the environment, as on a GPU. Everything after (prepare, clip, checkpoints, state dicts) is accelerate's."""
+    import accelerate
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    class ShardingAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # read back by every AcceleratorState()
+            self.state.distributed_type = DistributedType.FSDP
+            self.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+    accelerate.Accelerator = ShardingAccelerator
+
+
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group running the trainer sharded: each run, then a run extended by resuming."""
+    try:
+        os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", **_launch_env(FSDP_CONFIG, 2))
+        torch.set_num_threads(1)
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+        _shard_on_cpu()
+        for label, (method, kw) in FSDP_RUNS.items():
+            r = run(method, f"{out}/{label}", **FSDP_KW, **kw)
+            blocks = r.model.blocks
+            Path(f"{out}/{label}-rank{rank}.json").write_text(json.dumps({
+                "loss": r.final_loss, "blocks": [type(b).__name__ for b in blocks],
+                "shard": [list(next(blocks[0].parameters()).to_local().shape), list(next(blocks[0].parameters()).shape)]}))
+        run("refat", f"{out}/resumed", **FSDP_KW | {"steps": 2}, **FSDP_RUNS["refat"][1])
+        run("refat", f"{out}/resumed", **FSDP_KW | {"steps": 4}, **FSDP_RUNS["refat"][1], resume=True)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        Path(f"{out}/error-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _saved_model(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def test_fsdp_full_finetune_matches_single_process_and_resumes(tmp_path):
+    """accelerate's FSDP2 (from the shipped configs/accelerate/fsdp.yaml) on 2 CPU processes: each decoder
+    block is sharded, ReFAT's hooks and feature recomputation run on the sharded model, every step's loss
+    and gradient norm and the saved model equal one unsharded process's, checkpoints are written as
+    shards, and a run resumed from them equals an uninterrupted one."""
+    out = tmp_path / "fsdp"
+    out.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_fsdp_worker, args=(rank, port, str(out))) for rank in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=300)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = "\n".join(e.read_text() for e in sorted(out.glob("error-rank*.txt")))
+    assert [p.exitcode for p in procs] == [0, 0], errors or "a rank hung or was killed"
+
+    base = {n: p.detach() for n, p in fresh().hf.state_dict().items()}
+    singles = {}
+    for label, (method, kw) in FSDP_RUNS.items():
+        ranks = [json.loads((out / f"{label}-rank{r}.json").read_text()) for r in range(2)]
+        assert all(r["blocks"] == ["FSDPLlamaDecoderLayer"] * 4 for r in ranks), label  # sharded in place
+        local, whole = ranks[0]["shard"]
+        assert local == [whole[0] // 2, *whole[1:]]  # each rank holds half of each weight (rows), not all of it
+        single = run(method, tmp_path / f"single-{label}", **FSDP_KW, **kw)
+        singles[label] = metrics(tmp_path / f"single-{label}")
+        for r in ranks:
+            assert r["loss"] == pytest.approx(single.final_loss, abs=1e-5), label
+        sharded, plain = metrics(out / label), singles[label]
+        assert [m["step"] for m in sharded] == [0, 1, 2]
+        for x, y in zip(sharded, plain):
+            assert x["loss"] == pytest.approx(y["loss"], abs=1e-5), label
+            assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4), label
+        ws, wp = _saved_model(out / label), _saved_model(tmp_path / f"single-{label}")
+        assert max_diff(ws, wp) <= 1e-5, label
+        assert max_diff({k: ws[k] for k in base if k in ws}, base) > 1e-4  # every weight trained: they moved
+        assert all(v.dtype == torch.float32 for v in ws.values())
+        hs, hp = summary(out / label)["direction_history"], summary(tmp_path / f"single-{label}")["direction_history"]
+        assert [h["step"] for h in hs] == [h["step"] for h in hp] == ([0, 2] if method == "refat" else [])
+        for x, y in zip(hs, hp):  # the features recomputed from the sharded model are the unsharded model's
+            assert x["mean_norm"] == pytest.approx(y["mean_norm"], rel=1e-5)
+            assert (x["cosine_to_previous"] is None) == (y["cosine_to_previous"] is None)
+            assert (x["cosine_to_previous"] or 0) == pytest.approx(y["cosine_to_previous"] or 0, abs=1e-5)
+    # the ablation changes the training, so equal ReFAT losses mean its hooks fired on the sharded blocks
+    assert abs(singles["refat"][0]["loss"] - singles["rt"][0]["loss"]) > 1e-3
+
+    ckpt = out / "refat" / "checkpoints" / "step-000002"
+    shards = sorted(p.name for p in (ckpt / "fsdp").rglob("*.distcp"))
+    assert len(shards) >= 4 and not (ckpt / "trainable.safetensors").exists()  # model and optimizer, per rank
+    assert "optimizer" not in torch.load(ckpt / "state.pt", weights_only=True)
+    # 2 steps, then 2 more resumed from the sharded checkpoint = 4 steps of one process
+    whole = run("refat", tmp_path / "single-4", **FSDP_KW | {"steps": 4}, **FSDP_RUNS["refat"][1])
+    resumed = metrics(out / "resumed")
+    assert [m["step"] for m in resumed] == [0, 1, 2, 3]
+    for x, y in zip(resumed, metrics(tmp_path / "single-4")):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["lr"] == pytest.approx(y["lr"], rel=1e-9)
+    assert summary(out / "resumed")["final_loss"] == pytest.approx(whole.final_loss, abs=1e-5)
+    assert max_diff(_saved_model(out / "resumed"), _saved_model(tmp_path / "single-4")) <= 1e-5
+
+
+def test_fsdp_asked_but_not_set_up_is_refused(tmp_path, monkeypatch):
+    """accelerate does not shard a CPU process (nor one not started by accelerate launch): the run stops
+    rather than train unsharded under an FSDP config."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="asks for FSDP .* but accelerate set up NO"):
+        run("rt", tmp_path / "run", full_finetune=True, steps=1)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fsdp_refuses_fsdp1_lora_and_a_process_without_a_harmful_row():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from refat.training import fsdp
+
+    def acc(version: int = 2):
+        return SimpleNamespace(distributed_type=DistributedType.FSDP,
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+
+    full = make_cfg("cat", full_finetune=True, batch_size=7)
+    fsdp.check(acc(), full, world=4)  # 4 harmful rows: one per process
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        fsdp.check(acc(1), full, world=4)
+    with pytest.raises(ValueError, match="--full-finetune"):
+        fsdp.check(acc(), make_cfg("refat"), world=2)
+    with pytest.raises(ValueError, match="--batch-size >= 9"):
+        fsdp.check(acc(), full, world=5)
+    fsdp.check(acc(), dataclasses.replace(full, method="refat"), world=5)  # ReFAT's hooks run no forward of their own
+    fsdp.check(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), make_cfg("refat"), world=5)  # DDP: no check
+
+
+def test_sharded_checkpoint_is_not_resumed_unsharded(tmp_path):
+    out = tmp_path / "run"
+    run("rt", out, full_finetune=True, steps=2, checkpoint_every=1)
+    (out / "checkpoints" / "step-000002" / "fsdp").mkdir()  # as a sharded run writes it
+    with pytest.raises(InputError, match="written by a sharded run and this one is not sharded"):
+        run("rt", out, full_finetune=True, steps=3, checkpoint_every=1, resume=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -451,9 +451,10 @@ def _train(args, data) -> int:
         pairs = training_pairs(model, data, from_arguments(PairsConfig, args), out / PAIRS_FILE)
         result = train(model, pairs, cfg, out, resume=args.resume)
     c = result.compute
+    saved = args.out / ("model" if cfg.full_finetune else "adapter")
     if main_process:
         print(f"{args.method}: final loss {result.final_loss:.3f}; {c['train_forward']} training forwards, "
-              f"{c['perturbation']['forward']} extra forwards, {c['seconds']:.0f} s; adapter in {args.out / 'adapter'}")
+              f"{c['perturbation']['forward']} extra forwards, {c['seconds']:.0f} s; {saved.name} in {saved}")
     return 0
 
 

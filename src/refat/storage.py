@@ -56,13 +56,18 @@ def atomic_path(path: str | Path):
 
 
 @contextmanager
-def atomic_dir(path: str | Path, *, replace: bool = True):
+def atomic_dir(path: str | Path, *, replace: bool = True, main: bool = True):
     """Yield a fresh temporary folder beside ``path``; it becomes ``path`` only if the block succeeds
-    (an existing ``path`` is replaced when ``replace``, else refused)."""
+    (an existing ``path`` is replaced when ``replace``, else refused). ``main``: False on the other
+    processes of a sharded run, which only write into the folder the main process makes and moves
+    (the caller makes them wait for it)."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    if not main:
+        yield tmp
+        return
     if path.exists() and not replace and any(path.iterdir()):
         raise FileExistsError(f"{path} is not empty; choose another output directory")
-    tmp = path.with_name(f".{path.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
     tmp.mkdir(parents=True)
     try:

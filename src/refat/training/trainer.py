@@ -3,9 +3,9 @@ method's perturbation around the harmful rows' forward pass, resumable checkpoin
 accounting and optional data parallelism (``torchrun``/``accelerate launch``, gloo or nccl).
 
 The loop runs through ``accelerate.Accelerator``: one device per process, DDP when launched data
-parallel, mixed precision (bf16 on GPUs, none on CPU), gradient accumulation, and the trackers of
-``report_to`` (TensorBoard, W&B, Trackio...) beside ``metrics.jsonl``. Sharded training (FSDP,
-DeepSpeed) is refused with a clear error: checkpoints assume each process holds the trainable weights.
+parallel, FSDP2 for sharded full fine-tuning (``fsdp.py``), mixed precision (bf16 on GPUs, none on CPU),
+gradient accumulation, and the trackers of ``report_to`` (TensorBoard, W&B, Trackio...) beside
+``metrics.jsonl``. DeepSpeed is refused with a clear error.
 
 Every random choice (batch order, RFA coins, prompts for recomputing features) is a function of
 (seed, step), so a resumed run and a data-parallel run see exactly what a single uninterrupted
@@ -26,11 +26,12 @@ from typing import Literal, get_args
 import torch
 from tqdm.auto import tqdm
 
-from ..configs import FieldError, at_least, require
+from ..configs import ConfigError, FieldError, at_least, require
 from ..errors import InputError, RunError
 from ..memory import release_freed_memory
 from ..models import Model, check_resumable, describe_identity, files_sha256, identity, model_files, wrap
 from ..storage import FinishedRunError, atomic_dir, digest, read_jsonl, replacing, write_json, write_jsonl
+from . import fsdp
 from .data import Pair, collate, response_loss
 from .distributed import rank_and_world
 from .perturbations import METHODS, AdversarialConfig, Cost, Method, RefatConfig, make_perturbation, step_generator
@@ -224,32 +225,53 @@ def _check_resume(path: Path, stored: dict, now: dict) -> None:
 
 
 def _save_checkpoint(out: Path, step: int, model: Model, opt, sched, perturbation, fingerprint: dict, cost: dict,
-                     loss: float = float("nan")) -> Path:
+                     loss: float = float("nan"), *, acc=None) -> Path:
+    """Rank 0 writes the checkpoint; under FSDP (``acc`` sharded) every process calls this and writes its
+    shards of the weights and optimizer state into the folder rank 0 prepares."""
     from safetensors.torch import save_file
 
     final = out / "checkpoints" / f"step-{step:06d}"
-    with atomic_dir(final) as tmp:
-        save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(model).items()},
-                  str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "perturbation": perturbation.state()}, tmp / "state.pt")
-        write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint, "compute": cost, "loss": loss,
-                                        "perturbation_history": getattr(perturbation, "history", [])})
+    shard = acc is not None and fsdp.sharded(acc)
+    main = rank_and_world()[0] == 0
+    with atomic_dir(final, main=main) as tmp:
+        state = {"scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "perturbation": perturbation.state()}
+        if shard:
+            acc.wait_for_everyone()  # rank 0 has made the folder
+            fsdp.save_state(acc, model.hf, opt, tmp / fsdp.STATE_DIR)
+            acc.wait_for_everyone()  # every shard is written before rank 0 moves the folder into place
+        else:
+            save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(model).items()},
+                      str(tmp / "trainable.safetensors"))
+            state["optimizer"] = opt.state_dict()
+        if main:
+            torch.save(state, tmp / "state.pt")
+            write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint, "compute": cost, "loss": loss,
+                                            "perturbation_history": getattr(perturbation, "history", [])})
     return final
 
 
 def _load_checkpoint(path: Path, model: Model, opt, sched, perturbation, cfg: TrainConfig,
-                     fingerprint: dict) -> tuple[int, dict, float]:
+                     fingerprint: dict, *, acc=None) -> tuple[int, dict, float]:
+    """Every process reads the checkpoint (under FSDP, each its own shards)."""
     from safetensors.torch import load_file
 
     info = json.loads((path / "state.json").read_text())
     stored = info["fingerprint"] if isinstance(info["fingerprint"], dict) else {"config": info["fingerprint"]}
     _check_resume(path, stored, fingerprint)
-    params = _trainable(model)
-    for name, t in load_file(str(path / "trainable.safetensors")).items():
-        params[name].data.copy_(t)
+    shard = acc is not None and fsdp.sharded(acc)
+    written_sharded = (path / fsdp.STATE_DIR).is_dir()
+    if shard != written_sharded:
+        raise InputError(f"{path} was written by a {'' if written_sharded else 'non-'}sharded run and this one is "
+                         f"{'' if shard else 'not '}sharded (FSDP): resume it with the accelerate config it was "
+                         "started with, or pass --overwrite")
     state = torch.load(path / "state.pt", weights_only=True)  # our own file; no arbitrary unpickling
-    opt.load_state_dict(state["optimizer"])
+    if shard:
+        fsdp.load_state(acc, model.hf, opt, path / fsdp.STATE_DIR)
+    else:
+        params = _trainable(model)
+        for name, t in load_file(str(path / "trainable.safetensors")).items():
+            params[name].data.copy_(t)
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     schedule = _lr_lambda(cfg)  # the saved lr came from the saved run's step count, which a resume may raise
     for group, base in zip(opt.param_groups, sched.base_lrs):
@@ -269,7 +291,10 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
 
     ``resume``: continue the checkpoints in ``out_dir``, refused when they were made with another model, other
     pairs or another config. ``overwrite``: a fresh run written beside ``out_dir`` that replaces the run's own
-    outputs only when it finishes (other files, such as cached pairs, are kept)."""
+    outputs only when it finishes (other files, such as cached pairs, are kept).
+
+    Launched sharded (FSDP, full fine-tuning) the returned model stays sharded over the processes, so each
+    of its forwards needs all of them; the saved ``model`` folder holds the whole trained model."""
     cfg.validate(model.n_layers)
     cfg = cfg.resolved(model.device)
     sampler = _Sampler(pairs, cfg)  # checks the pairs before anything is written
@@ -290,10 +315,11 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
     if cfg.gradient_checkpointing:  # non-reentrant: no input gradients needed, and the block hooks re-run
         model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     acc = _accelerator(cfg, model, out)
-    params = list(_trainable(model).values())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    base_dtype = model.dtype  # FSDP under mixed precision keeps fp32 master weights; the saved model keeps this
+    opt = torch.optim.AdamW(list(_trainable(model).values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))  # stepped by us: once per step, any world
     forward_model, opt = acc.prepare(model.hf, opt)
+    params = list(_trainable(model).values())  # after prepare: FSDP replaced them by their shards
     _check_blocks_inside(model, forward_model)
     perturbation = make_perturbation(cfg.method, model, refat=cfg.refat, adversarial=cfg.adversarial,
                                      harmful=[p.prompt for p in sampler.harmful],
@@ -304,7 +330,8 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
     ckpts = _checkpoints(out)
     if resume and ckpts:
         check_resumable(model, ckpts[-1])
-        start, compute, loss_value = _load_checkpoint(ckpts[-1], model, opt, sched, perturbation, cfg, fingerprint)
+        start, compute, loss_value = _load_checkpoint(ckpts[-1], model, opt, sched, perturbation, cfg, fingerprint,
+                                                      acc=acc)
         print(f"refat: resuming {cfg.method} from {ckpts[-1]} (step {start})", file=sys.stderr)
     elif ckpts:
         raise FinishedRunError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite")
@@ -353,7 +380,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             total = torch.tensor([loss_value])
             torch.distributed.all_reduce(total)
             loss_value = total.item()
-        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        grad_norm = fsdp.scalar(acc.clip_grad_norm_(params, cfg.max_grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -370,9 +397,9 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{row['lr']:.1e}", s_per_step=f"{dt:.1f}")
             bar.update(1)
         done = step + 1
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        if (rank == 0 or fsdp.sharded(acc)) and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             _save_checkpoint(out, done, model, opt, sched, perturbation, fingerprint,
-                             compute | {"perturbation": asdict(perturbation.cost)}, loss_value)
+                             compute | {"perturbation": asdict(perturbation.cost)}, loss_value, acc=acc)
         if world > 1:
             torch.distributed.barrier()
     bar.close()
@@ -381,8 +408,9 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
     model.hf = acc.unwrap_model(forward_model, keep_fp32_wrapper=False)  # the plain forward, autocast removed
     compute["perturbation"] = asdict(perturbation.cost)
     saved = out / ("model" if cfg.full_finetune else "adapter")
+    weights = fsdp.full_state_dict(acc, forward_model, base_dtype) if fsdp.sharded(acc) else None  # every rank
     if rank == 0:
-        _save_model(model, saved)
+        _save_model(model, saved, weights)
         # the trained model is not its base: its identity gains the saved weights' (path-free) fingerprint
         model.source = {**model.source, "trained": files_sha256(model_files(saved))}
     if cfg.merge and not cfg.full_finetune:
@@ -403,17 +431,21 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
 
 def _accelerator(cfg: TrainConfig, model: Model, out: Path):
     """The Accelerator of this process: on the model's device (each process its own GPU, see
-    ``models.auto_device``), DDP when launched data parallel, never sharded."""
+    ``models.auto_device``), DDP when launched data parallel, FSDP2 when launched sharded (full
+    fine-tuning only, see ``fsdp.check``)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     acc = Accelerator(cpu=model.device.type == "cpu", mixed_precision=cfg.mixed_precision,
                       gradient_accumulation_steps=cfg.grad_accum, device_placement=False,
                       log_with=cfg.report_to or None, project_dir=out / "trackers")
-    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise ValueError(f"accelerate is configured for {acc.distributed_type.value}; refat's trainer runs data "
-                         "parallel (DDP) only: launch with configs/accelerate/ddp.yaml, or torchrun")
+    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU,
+                                    DistributedType.FSDP):
+        raise ConfigError(f"accelerate is configured for {acc.distributed_type.value}; refat's trainer runs data "
+                          "parallel (DDP) or sharded (FSDP2): launch with configs/accelerate/ddp.yaml or fsdp.yaml, "
+                          "or torchrun")
     world = rank_and_world()[1]
+    fsdp.check(acc, cfg, world)
     if acc.num_processes != world:  # e.g. a process forked after accelerate's state was set up alone
         raise RuntimeError(f"accelerate's state is set up for {acc.num_processes} process(es) but WORLD_SIZE is "
                            f"{world}; create no Accelerator before the process group is started")
@@ -461,7 +493,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _save_model(model: Model, path: Path) -> None:
+def _save_model(model: Model, path: Path, state_dict: dict | None = None) -> None:
+    """``state_dict``: the weights to write when the model's own are sharded (FSDP)."""
     with atomic_dir(path) as tmp:
-        model.hf.save_pretrained(tmp)
+        model.hf.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         model.tokenizer.save_pretrained(tmp)
