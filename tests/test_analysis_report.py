@@ -22,6 +22,7 @@ from refat.analysis import (
     cosine_by_layer,
     cosine_to_rfa,
     induced_direction,
+    paired_prompts,
     pca_2d,
     pgd_latent_perturbation,
     projections,
@@ -66,12 +67,34 @@ def test_cosine_by_layer_known_values():
     assert torch.allclose(cosine_by_layer(a, b), torch.tensor([2 ** -0.5, 1.0, 0.0, -1.0], dtype=torch.float64))
 
 
-def test_induced_direction_is_difference_of_means():
-    clean = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]])  # mean (2, 3)
-    attacked = torch.tensor([[[0.0, 0.0]], [[1.0, 1.0]], [[2.0, -1.0]]])  # mean (1, 0)
-    assert torch.equal(induced_direction(clean, attacked), torch.tensor([[1.0, 3.0]], dtype=torch.float64))
+def test_induced_direction_is_paired_by_behaviour():
+    clean = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]], [[10.0, 0.0]]])  # behaviours 0, 1, 2
+    attacked = torch.tensor([[[0.0, 0.0]], [[2.0, -2.0]], [[1.0, 1.0]]])
+    # rows 0 and 1 attack behaviour 2 (mean (1, -1): two variants count once), row 2 behaviour 0; behaviour 1
+    # has no attacked row and is left out: ((1, 2) − (1, 1) + (10, 0) − (1, −1)) / 2
+    paired = induced_direction(clean, attacked, [2, 2, 0])
+    assert torch.equal(paired, torch.tensor([[4.5, 1.0]], dtype=torch.float64))
+    unpaired = clean.double().mean(0) - attacked.double().mean(0)  # every clean prompt against every attack
+    assert not torch.allclose(paired, unpaired)
+    # without pairs, attacked row i attacks clean row i: the mean difference is the difference of means
+    assert torch.allclose(induced_direction(clean[:2], attacked[:2]), clean[:2].double().mean(0) - attacked[:2].mean(0))
+    with pytest.raises(ValueError, match="without pairs"):
+        induced_direction(clean, attacked[:2])
+    with pytest.raises(ValueError, match="index the 3 clean rows"):
+        induced_direction(clean, attacked, [0, 1, 3])
+    with pytest.raises(ValueError, match="2 pairs for 3 attacked rows"):
+        induced_direction(clean, attacked, [0, 1])
     with pytest.raises(ValueError, match="differ"):
-        induced_direction(clean, torch.zeros(2, 2, 2))
+        induced_direction(clean, torch.zeros(2, 2, 2), [0, 1])
+
+
+def test_paired_prompts_keep_analysed_behaviours_round_robin():
+    records = [("b1", "t1 b1"), ("b1", "t2 b1"), ("zz", "t1 zz"), ("b0", "t1 b0"), ("b0", "t2 b0"), ("b2", "t1 b2")]
+    prompts, pairs = paired_prompts(["b0", "b1", "b2"], records)
+    assert prompts == ["t1 b0", "t1 b1", "t1 b2", "t2 b0", "t2 b1"] and pairs == [0, 1, 2, 0, 1]  # "zz" left out
+    # a limit keeps one prompt of every behaviour before a second of any
+    assert paired_prompts(["b0", "b1", "b2"], records, 4) == (["t1 b0", "t1 b1", "t1 b2", "t2 b0"], [0, 1, 2, 0])
+    assert paired_prompts(["b5"], records) == ([], [])
 
 
 def _pca_data():
@@ -198,10 +221,33 @@ def test_analyse_end_to_end_and_roundtrip(model, r, tmp_path):
     assert back.info() == json.loads(json.dumps(res.info()))
     assert torch.equal(back.refusal, res.refusal) and torch.equal(back.induced["suffix"], res.induced["suffix"])
     assert not list(tmp_path.glob(".*partial"))
+    assert res.paired == {"same": n, "suffix": n} and res.notes == {} and res.ablation is None
     with pytest.raises(ValueError, match="clash"):
         analyse(model, r, HARMFUL, HARMLESS, {"harmful": HARMFUL}, layer=2, progress=False)
     with pytest.raises(ValueError, match="layer"):
         analyse(model, r, HARMFUL, HARMLESS, {}, progress=False)
+
+
+def test_analyse_compares_each_attacked_prompt_with_its_own_behaviour(model, r):
+    """An attack on behaviours 2 and 0 only (in that order): its induced direction is the mean of those two
+    behaviours' clean − attacked differences, not every clean prompt against every attacked one, nor row i
+    against row i; with fewer paired behaviours than min_paired, a note says so."""
+    attacked = [HARMFUL[2] + " !!! ok", HARMFUL[0] + " !!! ok"]
+    res = analyse(model, r, HARMFUL, HARMLESS, {"suffix": attacked}, pairs={"suffix": [2, 0]}, min_paired=3,
+                  layer=2, progress=False)
+    clean, att = residuals(model, HARMFUL, progress=False), residuals(model, attacked, progress=False)
+    paired = (clean[[2, 0]].double() - att.double()).mean(0)
+    assert torch.allclose(res.induced["suffix"], paired, atol=1e-12)
+    assert res.cosines["suffix"] == pytest.approx(cosine_by_layer(paired, r).tolist(), abs=1e-10)
+    mixed = clean.double().mean(0) - att.double().mean(0)  # the unpaired comparison this replaces
+    by_row = (clean[:2].double() - att.double()).mean(0)  # row order, the wrong behaviours
+    for wrong in (mixed, by_row):
+        assert (res.induced["suffix"] - wrong)[1:].norm() > 1e-3  # layer 0 is the embedding: the same for any pairing
+    assert res.paired == {"suffix": 2} and res.counts["suffix"] == 2 and "2 paired behaviours" in res.notes["suffix"]
+    with pytest.raises(ValueError, match="without pairs"):
+        analyse(model, r, HARMFUL, HARMLESS, {"suffix": attacked}, layer=2, progress=False)
+    with pytest.raises(ValueError, match="not in attacked"):
+        analyse(model, r, HARMFUL, HARMLESS, {"suffix": attacked}, pairs={"other": [0]}, layer=2, progress=False)
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
@@ -244,7 +290,7 @@ def test_report_markdown_tables_hold_the_numbers(run_dir):
     assert "| refat | 15.5 % |" in md
     assert "| defense | train_forward | seconds | perturbation.forward |" in md and "| refat | 3 | 6 | 7 |" in md
     assert "| refat | 3 | 2.75 | 1.5 | 6 |" in md  # training: steps, first, final loss, seconds
-    assert "## Mechanism analysis: refat" in md and "| suffix |" in md
+    assert "## Mechanism analysis: refat" in md and "| suffix | 3 |" in md  # with its paired behaviours
     assert "Not run" not in md
     figures = re.findall(r"!\[[^]]*\]\((plots/[^)]+\.png)\)", md)
     assert len(figures) == 6  # ASR × 2 judges, loss, cosines, projections, PCA

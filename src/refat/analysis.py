@@ -3,8 +3,10 @@
 The paper's claim is that jailbreaks work by suppressing the refusal feature r (difference of mean
 harmful and harmless activations). Three measurements test it on any model:
 
-- the *attack-induced direction* (mean harmful − mean attacked-harmful activation) and its cosine
-  with r at every layer: near 1 means the attack moves activations along −r, as RFA does;
+- the *attack-induced direction* and its cosine with r at every layer: near 1 means the attack moves
+  activations along −r, as RFA does. It is paired: the mean over behaviours of (a behaviour's clean
+  activation − the mean of its attacked activations), over the behaviours with both; a clean prompt is
+  never compared with an attack on another behaviour, whose own content would read as the attack's effect;
 - the mean projection onto r̂ of harmless, harmful and each attacked-harmful set, per layer;
 - a 2-D PCA at the selected layer, fitted on the clean sets, showing where attacked prompts land.
 
@@ -34,8 +36,8 @@ from .models import Model
 from .pgd import Ball, default_step, pgd
 from .storage import atomic_path, write_json
 
-__all__ = ["residuals", "projections", "induced_direction", "cosine_by_layer", "pca_2d", "LatentAttack",
-           "pgd_latent_perturbation", "cosine_to_rfa", "AnalysisResult", "analyse"]
+__all__ = ["residuals", "projections", "induced_direction", "cosine_by_layer", "pca_2d", "paired_prompts",
+           "LatentAttack", "pgd_latent_perturbation", "cosine_to_rfa", "AnalysisResult", "analyse"]
 
 CLEAN_SETS = ("harmless", "harmful")
 
@@ -89,17 +91,41 @@ def projections(acts: Tensor, directions_per_layer: Tensor) -> Tensor:
     return (acts.double() * hooks.unit(r)).sum(-1)
 
 
-def induced_direction(clean_acts: Tensor, attacked_acts: Tensor) -> Tensor:
-    """Mean clean-harmful minus mean attacked-harmful activation per layer: [L, d] float64.
+def _pairs(pairs: Sequence[int] | None, n_clean: int, n_attacked: int, name: str) -> Tensor:
+    """``pairs`` checked as an index of clean rows, one per attacked row; None: attacked row i is clean row i."""
+    if pairs is None:
+        if n_attacked != n_clean:
+            raise ValueError(f"{name}: {n_attacked} attacked rows for {n_clean} clean ones; without pairs (the clean "
+                             "row each attacked row attacks) the attacked rows must be the clean ones', in order")
+        return torch.arange(n_clean)
+    idx = torch.as_tensor(list(pairs), dtype=torch.long)
+    if idx.dim() != 1 or idx.numel() != n_attacked:
+        raise ValueError(f"{name}: {idx.numel()} pairs for {n_attacked} attacked rows; give one clean row per attacked row")
+    if n_attacked and (idx.min() < 0 or idx.max() >= n_clean):
+        raise ValueError(f"{name}: pairs must index the {n_clean} clean rows, got {idx.min().item()}..{idx.max().item()}")
+    return idx
 
-    Positive cosine with r means the attack moves activations toward the harmless side, as RFA does.
+
+def induced_direction(clean_acts: Tensor, attacked_acts: Tensor, pairs: Sequence[int] | None = None) -> Tensor:
+    """The paired attack-induced direction per layer: [L, d] float64, the mean over behaviours of (clean activation
+    − mean of its attacked activations).
+
+    ``pairs[i]``: the row of ``clean_acts`` (the behaviour) that attacked row i attacks; several attacked rows may
+    share one (a behaviour's template variants) and count once together. Clean rows no attacked row pairs with
+    are left out. Default: attacked row i attacks clean row i. Positive cosine with r means the attack moves
+    activations toward the harmless side, as RFA does.
     """
     _check_acts(clean_acts, "clean_acts")
     _check_acts(attacked_acts, "attacked_acts")
     if clean_acts.shape[1:] != attacked_acts.shape[1:]:
         raise ValueError(f"clean {tuple(clean_acts.shape)} and attacked {tuple(attacked_acts.shape)} activations "
                          "differ in layers or width")
-    return clean_acts.double().mean(0) - attacked_acts.double().mean(0)
+    idx = _pairs(pairs, clean_acts.shape[0], attacked_acts.shape[0], "induced_direction").to(attacked_acts.device)
+    clean, attacked = clean_acts.double(), attacked_acts.double()
+    sums = torch.zeros_like(clean).index_add_(0, idx, attacked)
+    counts = torch.bincount(idx, minlength=clean.shape[0])
+    used = counts > 0
+    return (clean[used] - sums[used] / counts[used, None, None]).mean(0)
 
 
 def cosine_by_layer(a: Tensor, b: Tensor) -> Tensor:
@@ -144,6 +170,25 @@ def pca_2d(acts_at_layer: Tensor, labels: Sequence[str] | None = None, *,
     total = (s ** 2).sum()
     explained = s[:2] ** 2 / total if total > 0 else torch.zeros(2, dtype=torch.float64)
     return (x - centre) @ comps.T, explained
+
+
+def paired_prompts(behaviour_ids: Sequence[str], attacked: Sequence[tuple[str, str]],
+                   limit: int | None = None) -> tuple[list[str], list[int]]:
+    """The attacked prompts of the behaviours in ``behaviour_ids`` and, per prompt, the index of its behaviour
+    there: the ``attacked`` and ``pairs`` :func:`analyse` takes. ``attacked``: (behaviour id, prompt) per attacked
+    prompt; those of other behaviours are left out (nothing to pair them with). At most ``limit`` prompts, taken
+    round-robin (every behaviour's first prompt, then every one's second, ...) so as many behaviours as possible
+    are paired; each behaviour's prompts keep their order."""
+    row: dict[str, int] = {}
+    for i, b in enumerate(behaviour_ids):
+        row.setdefault(b, i)
+    by_behaviour: dict[int, list[str]] = {}
+    for b, prompt in attacked:
+        if b in row:
+            by_behaviour.setdefault(row[b], []).append(prompt)
+    ranked = sorted(((k, i, p) for i, ps in by_behaviour.items() for k, p in enumerate(ps)), key=lambda t: t[:2])
+    ranked = ranked[:limit] if limit is not None else ranked
+    return [p for _, _, p in ranked], [i for _, i, _ in ranked]
 
 
 # ---- latent PGD ---------------------------------------------------------------------------------------
@@ -276,11 +321,15 @@ class AnalysisResult:
     pca: dict  # {"layer", "coords" [[x, y]], "labels", "explained" [2], "fit_on"}
     refusal: Tensor = field(repr=False)  # [L, d] the refusal feature per layer
     induced: dict[str, Tensor] = field(default_factory=dict, repr=False)  # attack -> [L, d]
+    paired: dict[str, int] = field(default_factory=dict)  # attack -> behaviours its induced direction averages over
+    min_paired: int = 1  # fewer paired behaviours than this: the attack's note says its numbers are thin
+    notes: dict[str, str] = field(default_factory=dict)  # attack -> what a reader must know (few pairs, left out)
+    ablation: dict | None = None  # the RFA set's ablation (attack label, direction, what was ablated)
 
     def info(self) -> dict:
         d = asdict(self)
         d.pop("refusal"), d.pop("induced")
-        return {"schema": 1, **d}
+        return {"schema": 2, **d}
 
     def save(self, out_dir: str | Path) -> Path:
         """``analysis.json`` (everything the report reads) and ``analysis.safetensors`` (r and the induced
@@ -316,14 +365,18 @@ def _finite(xs: Tensor) -> list[float]:
 
 
 def analyse(model: Model, directions: Directions | Tensor, harmful: Sequence[str], harmless: Sequence[str],
-            attacked: Mapping[str, Sequence[str] | Tensor], *, layer: int | None = None, position: int | None = None,
+            attacked: Mapping[str, Sequence[str] | Tensor], *, pairs: Mapping[str, Sequence[int]] | None = None,
+            min_paired: int = 1, layer: int | None = None, position: int | None = None,
             batch_size: int = 32, progress: bool = True) -> AnalysisResult:
-    """Cosines of each attack's induced direction with r, projections onto r̂, and PCA, at every layer.
+    """Cosines of each attack's paired induced direction with r, projections onto r̂, and PCA, at every layer.
 
     ``directions``: a :class:`Directions` (its selected layer and position are the defaults) or an
     [n_layers, d] tensor (then ``layer`` is required). ``attacked`` maps an attack name to the attacked
     harmful prompts (user messages with suffix, template...), or to activations already taken with
     :func:`residuals` ([n, n_layers, d] at the same position) for attacks that are hooks (RFA, latent PGD).
+    ``pairs[name][i]``: the index in ``harmful`` of the behaviour attacked prompt i attacks (see
+    :func:`paired_prompts`); an attack without pairs must attack every ``harmful`` prompt, in order. An attack
+    pairing fewer than ``min_paired`` behaviours gets a note saying so (its numbers are still given, with n).
     """
     if isinstance(directions, Directions):
         sel = directions.selection
@@ -340,6 +393,10 @@ def analyse(model: Model, directions: Directions | Tensor, harmful: Sequence[str
     clash = set(attacked) & set(CLEAN_SETS)
     if clash:
         raise ValueError(f"attack name(s) {sorted(clash)} clash with the clean sets; rename them")
+    pairs = dict(pairs or {})
+    if set(pairs) - set(attacked):
+        raise ValueError(f"pairs for attack(s) {sorted(set(pairs) - set(attacked))} not in attacked")
+    index = {k: _pairs(pairs.get(k), len(harmful), len(v), k) for k, v in attacked.items()}  # before any forward
     sets: dict[str, Tensor] = {}
     for name, prompts in (("harmless", harmless), ("harmful", harmful), *attacked.items()):
         if isinstance(prompts, Tensor):
@@ -351,7 +408,10 @@ def analyse(model: Model, directions: Directions | Tensor, harmful: Sequence[str
             sets[name] = residuals(model, prompts, [position], batch_size=batch_size, progress=progress,
                                    desc=f"residuals ({name})")
     proj = {k: projections(v, r) for k, v in sets.items()}
-    induced = {k: induced_direction(sets["harmful"], sets[k]) for k in attacked}
+    induced = {k: induced_direction(sets["harmful"], sets[k], index[k]) for k in attacked}
+    paired = {k: len(set(v.tolist())) for k, v in index.items()}
+    notes = {k: f"{n} paired behaviour{'s' * (n != 1)}, fewer than {min_paired}: its induced direction is noisy"
+             for k, n in paired.items() if n < min_paired}
     labels = [k for k, v in sets.items() for _ in range(v.shape[0])]
     coords, explained = pca_2d(torch.cat([v[:, layer].double() for v in sets.values()]), labels,
                                fit_labels=CLEAN_SETS)
@@ -365,4 +425,4 @@ def analyse(model: Model, directions: Directions | Tensor, harmful: Sequence[str
         projection_std={k: _finite(p.std(0) if p.shape[0] > 1 else torch.zeros(p.shape[1])) for k, p in proj.items()},
         pca={"layer": layer, "coords": coords.tolist(), "labels": labels, "explained": explained.tolist(),
              "fit_on": list(CLEAN_SETS)},
-        refusal=r, induced=induced)
+        refusal=r, induced=induced, paired=paired, min_paired=min_paired, notes=notes)

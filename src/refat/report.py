@@ -587,11 +587,16 @@ def _analysis_sections(run_dir: Path, plot: _Plotter) -> list[_Section]:
 
 def _analysis_blocks(name: str, a: dict, plot: _Plotter) -> list:
     layer, cos, proj, std = int(a["layer"]), a["cosines"], a["projections"], a.get("projection_std", {})
-    counts = a.get("counts", {})
+    counts, paired, notes = a.get("counts", {}), a.get("paired", {}), a.get("notes", {})
     blocks = [f"Model `{a['model']}`, activations at position {a['position']}, selected layer {layer}; samples: "
-              + ", ".join(f"{k} {v}" for k, v in counts.items()) + ". The induced direction of an attack is the mean "
-              "harmful activation minus the mean attacked-harmful activation; cosine 1 with the refusal feature r "
-              "means the attack acts like refusal feature ablation."]
+              + ", ".join(f"{k} {v}" for k, v in counts.items()) + ". The induced direction of an attack is "
+              + ("the mean over behaviours of a behaviour's clean activation minus the mean of its attacked "
+                 "activations (paired: n behaviours)" if a.get("schema", 1) >= 2 else
+                 "the mean harmful activation minus the mean attacked-harmful activation (unpaired)")
+              + "; cosine 1 with the refusal feature r means the attack acts like refusal feature ablation."]
+    if a.get("ablation"):
+        blocks.append(f"RFA (`{a['ablation']['attack']}`) ablates as that attack did on this model: "
+                      f"{a['ablation']['direction']}, {a['ablation']['description']}.")
     if cos:
         rows = []
         r_norm = a.get("refusal_norms", [])
@@ -600,9 +605,11 @@ def _analysis_blocks(name: str, a: dict, plot: _Plotter) -> list:
             best = max(vals) if vals else (None, None)
             norm = (a.get("induced_norms", {}).get(k) or [None] * (layer + 1))[layer]
             ratio = norm / r_norm[layer] if _num(norm) is not None and r_norm and _num(r_norm[layer]) else None
-            rows.append([k, _fmt(c[layer]), _fmt(best[0]), "—" if best[1] is None else str(best[1]), _fmt(ratio)])
-        blocks.append(_Table(["attack", f"cosine at layer {layer}", "max cosine", "at layer",
+            rows.append([k, "—" if k not in paired else str(paired[k]), _fmt(c[layer]), _fmt(best[0]),
+                         "—" if best[1] is None else str(best[1]), _fmt(ratio)])
+        blocks.append(_Table(["attack", "n behaviours", f"cosine at layer {layer}", "max cosine", "at layer",
                               f"|induced| / |r| at layer {layer}"], rows))
+    blocks += [f"`{k}`: {v}." for k, v in notes.items()]
     blocks.append(_Table(["set", f"mean projection on r̂ at layer {layer}", "std"],
                          [[k, _fmt(v[layer]), _fmt((std.get(k) or [None] * (layer + 1))[layer])] for k, v in proj.items()]))
     blocks += plot.lines(f"cosines_{name}", cos, "Cosine of each attack's induced direction with the refusal feature",

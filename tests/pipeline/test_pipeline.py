@@ -77,7 +77,7 @@ def config(files: Path, **changes) -> dict:
         "judges": ["refusal-strings:default", f"llm:{files / 'model'}"],
         "utility": {"tasks": ["arc_easy"], "n_per_task": 2, "batch_size": 4},
         "overrefusal": {"dataset": str(files / "benign.csv"), "max_new_tokens": 4, "half": "all"},
-        "analysis": {"max_prompts": 4, "batch_size": 4},
+        "analysis": {"max_prompts": 4, "batch_size": 4, "min_paired": 2},
         "report": True,
     }
     return cfg | changes
@@ -205,11 +205,62 @@ def test_full_run_writes_report_provenance_and_every_stage(finished, files):
     assert sweep.n_validation == 4 and {m.positions[0] for m in sweep.members} == set(refat.positions)
     analysis = json.loads((run / "analysis/refat/analysis.json").read_text())
     assert set(analysis["cosines"]) == {"rfa", "templates", "gcg"} and analysis["layer"] == base.selection.layer
+    # paired: each attack's prompts against its own behaviours' clean prompts, n behaviours each; GCG's 1 is noted
+    assert analysis["paired"] == {"templates": 2, "gcg": 1, "rfa": 4} and analysis["counts"]["templates"] == 4
+    assert set(analysis["notes"]) == {"gcg"} and "1 paired behaviour," in analysis["notes"]["gcg"]
+    # ... and RFA ablates what the worst-case attack chose on this model
+    assert analysis["ablation"] == {"attack": "rfa", "direction": "worst-case", **summary["member"]}
+    assert "## Mechanism analysis: refat" in md and "| gcg | 1 |" in md and "`gcg`: 1 paired behaviour" in md
     accuracy = json.loads((run / "report/utility.json").read_text())["base"]["arc_easy"]
     assert accuracy["value"] in (0.0, 0.5, 1.0) and accuracy["n"] == 2
     refusal = json.loads((run / "report/overrefusal.json").read_text())["rt"]["benign.csv"]
     assert refusal["n"] == 2 and refusal["ci"][0] <= refusal["value"] <= refusal["ci"][1]
     assert re.search(r"^\| base \| \d+ % \[\d+, \d+\] \(n=2\) \|", md, flags=re.M)  # utility, over-refusal
+
+
+def test_analysis_pairs_each_attack_with_its_behaviours_and_ablates_the_sweeps_member(finished, tmp_path):
+    """The base model's analysis, checked against activations recomputed here: GCG's one record against its own
+    behaviour's clean prompt (not the mean of all four), and RFA under whichever member sweep.json names (here
+    one written in by hand, unlike the selected direction; the analysis is forced to rerun)."""
+    from refat.analysis import AnalysisResult, residuals
+    from refat.attacks import rfa
+    from refat.attacks.base import read_records
+    from refat.attacks.rfa_sweep import Member
+    from refat.models import load
+
+    files, out = _files_of(finished), copy_run(finished, tmp_path)
+    run = out / "tiny"
+    model = load(str(files / "model"), dtype="float32", device="cpu")
+    directions = Directions.load(run / "directions/base")
+    pos = [directions.selection.position]
+    goals = [r.goal for r in read_records(run / "attacks/base/rfa/records.jsonl")
+             if r.attack == "none" and r.extra["kind"] == "harmful"]  # the analysed behaviours, in order
+    clean = residuals(model, goals, pos, progress=False).double()
+    [gcg] = read_records(run / "attacks/base/gcg/records.jsonl")
+    own = clean[goals.index(gcg.goal)] - residuals(model, [gcg.prompt], pos, progress=False)[0].double()
+    before = AnalysisResult.load(run / "analysis/base")
+    assert torch.allclose(before.induced["gcg"], own, atol=1e-5)
+    mixed = clean.mean(0) - residuals(model, [gcg.prompt], pos, progress=False)[0].double()
+    assert (before.induced["gcg"] - mixed)[1:].norm() > 1e-3  # the unpaired comparison would differ
+
+    sweep_path = run / "attacks/base/rfa/sweep.json"
+    sweep = json.loads(sweep_path.read_text())
+    member = Member("per-layer", "mean", list(range(model.n_layers)), pos * model.n_layers)
+    sweep["chosen"] = dataclasses.asdict(member)
+    sweep_path.write_text(json.dumps(sweep))
+    run_experiment(write(tmp_path / "tiny.yaml", config(files)), out, force_stages=["analysis/base"])
+    after = AnalysisResult.load(run / "analysis/base")
+    assert after.ablation["description"] == member.describe() and after.ablation["kind"] == "per-layer"
+
+    def rfa_induced(config, chosen=None):
+        _, apply = rfa.applied(model, directions, config, chosen)
+        with apply():
+            return (clean - residuals(model, goals, pos, progress=False).double()).mean(0)
+
+    assert torch.allclose(after.induced["rfa"], rfa_induced(rfa.RFAConfig(), member), atol=1e-5)
+    selected = rfa_induced(rfa.RFAConfig(direction="selected"))
+    assert (after.induced["rfa"] - selected).norm() > 1e-3
+    assert torch.allclose(after.induced["gcg"], before.induced["gcg"])  # the rest is unchanged
 
 
 def test_second_run_skips_every_stage_and_loads_no_model(finished, tmp_path, caplog, monkeypatch):

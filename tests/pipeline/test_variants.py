@@ -30,15 +30,17 @@ ROOT = Path(__file__).resolve().parents[2]
 # Every stage fingerprint (but the report's, which hashes the whole config) of this single-seed config, computed
 # on 4b6177a, before variants and seeds existed: a config of today keeps its stage names and skips its stages.
 # The rfa and analysis stages' values were updated once, when the worst-case sweep gained max_confirm and
-# family_patience (RFA config fields): from here on the cache keys are frozen, and a change to this dict needs a reason.
+# family_patience (RFA config fields), and the analysis stages' once more when the analysis was made paired and made
+# to ablate worst-case RFA's chosen member (it reads that attack's stage and analysis.min_paired): from here on the
+# cache keys are frozen, and a change to this dict needs a reason.
 PINNED = {
     "data": "3365821025c699be", "directions/base": "369ac4e185f626ee", "pairs": "f8fd6b68d268f320",
     "train/rt": "996488aefa7eb670", "train/refat": "f3e7316291303293", "attacks/base/rfa": "51ccfc3bac94dd32",
-    "utility/base": "5ccaf1929b217955", "overrefusal/base": "adbef80e43de32f2", "analysis/base": "62a53625130e7a6c",
+    "utility/base": "5ccaf1929b217955", "overrefusal/base": "adbef80e43de32f2", "analysis/base": "2e8aa0ac7e717f6b",
     "directions/rt": "42273cdae7e63795", "attacks/rt/rfa": "1306b2c48151e390", "utility/rt": "7f850d1a47c0bef1",
-    "overrefusal/rt": "dd984482a17ceb8f", "analysis/rt": "783cd812020028e1", "directions/refat": "707ae616af73f7d5",
+    "overrefusal/rt": "dd984482a17ceb8f", "analysis/rt": "907c939e6072de4a", "directions/refat": "707ae616af73f7d5",
     "attacks/refat/rfa": "0f877f9a6af5f1e9", "utility/refat": "8b7f489d84732978",
-    "overrefusal/refat": "56e3124419e86da8", "analysis/refat": "722afe1cb75aaafe",
+    "overrefusal/refat": "56e3124419e86da8", "analysis/refat": "87eca15bed1194ed",
     "judges/refusal-strings_default": "b4e47e451c63ef63"}
 MODEL_ID = {"spec": "m", "dtype": "float32"}
 

@@ -13,7 +13,8 @@ ablation), generated in four batched passes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,9 +30,9 @@ from ..models import Model
 from ..storage import write_jsonl
 from . import rfa_sweep
 from .base import NO_ATTACK, AttackContext, AttackRecord, Behaviour, string_judge
-from .rfa_sweep import SweepConfig
+from .rfa_sweep import Member, SweepConfig
 
-__all__ = ["RFAConfig", "ablation", "run", "rates", "summarize", "summary"]
+__all__ = ["RFAConfig", "ablation", "applied", "run", "rates", "summarize", "summary"]
 
 KINDS = ("harmful", "harmless")
 
@@ -65,6 +66,25 @@ def ablation(model: Model, directions: Directions, config: RFAConfig):
     return hooks.ablate(model, directions.vector(), mode=config.mode, layers=layers, harmless_mean=mean)
 
 
+def applied(model: Model, directions: Directions, config: RFAConfig,
+            chosen: Member | None = None) -> tuple[dict, Callable[[], AbstractContextManager]]:
+    """The ablation RFA with ``config`` applies, named as its records name it (``extra["direction"]``: direction,
+    description and what was ablated), and a function giving the context manager that applies it: the worst-case
+    sweep's ``chosen`` member, or the directions' selection (``direction: selected``). What the attack ablates and
+    what the mechanism analysis ablates to compare with it come from here, so they are the same."""
+    if config.direction == "worst-case":
+        if chosen is None:
+            raise ValueError("worst-case RFA needs the sweep's chosen member")
+        named = {"direction": "worst-case", "description": chosen.describe(), **asdict(chosen)}
+        return named, lambda: rfa_sweep.ablation(model, directions, chosen)
+    sel = directions.selection
+    if sel is None:
+        raise InputError("rfa with direction 'selected' needs directions with a selection (refat directions)")
+    named = {"direction": "selected", "description": f"layer {sel.layer}, position {sel.position}, {config.mode}",
+             "layer": sel.layer, "position": sel.position, "mode": config.mode}
+    return named, lambda: ablation(model, directions, config)
+
+
 def run(model: Model, behaviours: Sequence[Behaviour], config: RFAConfig = RFAConfig(),
         out_dir: str | Path | None = None, *, judge: RefusalStringJudge | None = None,
         context: AttackContext | None = None, progress: bool = True) -> list[AttackRecord]:
@@ -89,15 +109,9 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: RFAConfig = RFACo
                                  progress=progress)
         if out_dir is not None:
             result.save(Path(out_dir) / "sweep.json")
-        named = {"direction": "worst-case", "description": result.chosen.describe(), **asdict(result.chosen)}
-        attack = lambda: rfa_sweep.ablation(model, directions, result.chosen)  # noqa: E731
+        named, attack = applied(model, directions, config, result.chosen)
     else:
-        sel = directions.selection
-        if sel is None:
-            raise InputError("rfa with direction 'selected' needs directions with a selection (refat directions)")
-        named = {"direction": "selected", "description": f"layer {sel.layer}, position {sel.position}, {config.mode}",
-                 "layer": sel.layer, "position": sel.position, "mode": config.mode}
-        attack = lambda: ablation(model, directions, config)  # noqa: E731
+        named, attack = applied(model, directions, config)
     records = []
     for kind, items in zip(KINDS, (list(behaviours), harmless), strict=True):
         prompts = [b.goal for b in items]

@@ -432,7 +432,7 @@ def summarize(records: Sequence[AttackRecord]) -> dict:
     return {
         "attack": records[0].attack, "judge": judges.pop(),
         "n_records": len(records), "n_templates": len(by_template),
-        "n_behaviours": len({r.extra.get("behaviour_id", r.behaviour_id) for r in records}),
+        "n_behaviours": len({r.behaviour for r in records}),
         "asr_mean": sum(r["asr"] for r in per_template.values()) / len(per_template),
         "asr_best_of_n": success_rates(records)["asr_best_of_n"],
         "per_template": per_template,

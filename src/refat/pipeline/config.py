@@ -143,9 +143,12 @@ class AnalysisConfig:
     max_prompts: int = 32  # per set: clean harmful, clean harmless, each attack's prompts
     batch_size: int = 16
     rfa: bool = True  # also the activations under RFA, the reference every attack is compared with
+    # an attack's induced direction pairs each behaviour's clean and attacked prompts; with fewer paired behaviours
+    # than this, the analysis notes that its numbers are thin (an attack run on 2 behaviours)
+    min_paired: int = 8
 
     def __post_init__(self):
-        for key in ("max_prompts", "batch_size"):
+        for key in ("max_prompts", "batch_size", "min_paired"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 

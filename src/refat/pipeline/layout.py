@@ -65,6 +65,10 @@ class Layout:
     def records(self, defense: str, label: str) -> Path:
         return self.attack(defense, label) / "records.jsonl"
 
+    def sweep(self, defense: str, label: str) -> Path:
+        """A worst-case RFA attack's sweep (:meth:`refat.attacks.rfa_sweep.Sweep.load`): the ablation it chose."""
+        return self.attack(defense, label) / "sweep.json"
+
     def utility(self, defense: str) -> Path:
         return self.root / "utility" / defense
 

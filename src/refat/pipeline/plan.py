@@ -69,9 +69,12 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
         if cfg.analysis is not None:
             rfa = cfg.first_rfa
             prompt_attacks = tuple(name(at.attack(s.key, a.label)) for a in cfg.attacks_on(s) if a.entry.prompt_attack)
+            # worst-case RFA: the analysis ablates the member that attack's sweep chose on this model
+            sweep = (name(at.attack(s.key, rfa.label)),) if (
+                cfg.analysis.rfa and rfa and rfa.runs_on(s) and rfa.parsed().direction == "worst-case") else ()
             stages.append(Stage(name(at.analysis(s.key)), partial(analysis.run, subject=s),
                                 model | {"analysis": asdict(cfg.analysis), "rfa": _attack_reads(rfa) if rfa else None},
-                                (*reads, *own_directions, *prompt_attacks)))
+                                (*reads, *own_directions, *prompt_attacks, *sweep)))
     attack_stages = tuple(name(at.attack(s.key, a.label)) for s in cfg.subjects for a in cfg.attacks_on(s))
     stages += [Stage(name(at.judge(j)), partial(judges.run, spec=j), {"judge": j}, attack_stages)
                for j in (cfg.judges if cfg.attacks else [])]

@@ -38,7 +38,7 @@ def run(ctx, folder: Path, *, spec: str) -> None:
     rows, hits = [], defaultdict(list)
     for score, (d, col, r) in zip(scores, items):
         broke = score > threshold
-        group = r.extra.get("behaviour_id", r.behaviour_id)
+        group = r.behaviour
         hits[d, col].append((group, broke))
         rows.append({"defense": d, "attack": col, "behaviour_id": r.behaviour_id, "behaviour": group,
                      "goal": r.goal, "completion": r.completion, "score": score, "jailbroken": broke, "judge": name})
