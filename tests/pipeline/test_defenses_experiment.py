@@ -1,0 +1,79 @@
+"""experiments/defenses.py on a tiny model: the attacker chooses on a separate validation set, GCG runs on the
+seed-0 models only, and results/defenses.json has the documented schema (behaviours, >= 2 judges, rows with
+method, seed, attack, n, asr and ci per judge) with the attacker's choices and the seed means."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from test_pipeline import config, files, tiny_utility_data, write  # noqa: F401 (fixtures)
+
+from refat.pipeline import load_config, stage_names
+from refat.storage import read_json, read_jsonl
+
+ROOT = Path(__file__).parents[2]
+VALIDATION = [f"Describe a dangerous validation request number {i}." for i in range(5)]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("defenses", ROOT / "experiments" / "defenses.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
+    (files / "validation.csv").write_text("prompt\n" + "\n".join(VALIDATION) + "\n")
+    cfg_dict = config(files, defenses=["base", "rt"], train_overrides={}, seeds=[0, 1], overrefusal=None,
+                      utility=None, analysis=False, validation=str(files / "validation.csv"),
+                      judges=["refusal-prefix:default", "refusal-strings:default"])
+    cfg_dict["attacks"] = [
+        {"name": "rfa", "config": {"max_new_tokens": 4, "batch_size": 8, "sweep": {"screen_prompts": 2, "top_m": 1}}},
+        {"name": "templates", "config": {"source": str(files / "templates.yaml"), "max_new_tokens": 4, "choose": 1,
+                                         "choose_prompts": 2, "choose_tokens": 2}, "n_behaviours": 2},
+        {"name": "gcg", "config": {"num_steps": 1, "search_width": 4, "topk": 4, "optim_str_init": "x x",
+                                   "max_new_tokens": 4}, "n_behaviours": 1, "seeds": [0]}]
+    path = write(tmp_path / "tiny.yaml", cfg_dict)
+    cfg = load_config(path)
+    assert "attacks/rt/gcg" in stage_names(cfg) and "attacks/rt@seed1/gcg" not in stage_names(cfg)
+
+    defenses = _script()
+    out, results = tmp_path / "runs", tmp_path / "defenses.json"
+    defenses.main(["--config", str(path), "--parts", str(tmp_path / "parts"), "--results", str(results),
+                   "--out", str(out)])
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["base.json", "rt.json", "rt@seed1.json"]
+    validation = [r["prompt"] for r in read_jsonl(out / "tiny/data/validation.jsonl")]
+    assert validation == VALIDATION  # the attacker's set, none of it attacked
+    choice = read_json(out / "tiny/attacks/rt@seed1/templates/choice.json")  # the last part's run
+    assert choice["validation_prompts"] == 2 and len(choice["chosen"]) == 1
+
+    table = read_json(results)
+    assert "validation.csv" in table["behaviours"] and table["judges"] == cfg.judges
+    keys = {"method", "setting", "seed", "attack", "n", "asr", "ci", "disagreement", "choice"}
+    assert all(keys <= set(r) for r in table["rows"])
+    cells = {(r["setting"], r["seed"], r["attack"]): r for r in table["rows"]}
+    assert set(cells) == {(d, s, a) for d, s in (("base", None), ("rt", 0), ("rt", 1))
+                          for a in ("none", "rfa", "templates")} | {("base", None, "gcg"), ("rt", 0, "gcg")}
+    for r in table["rows"]:
+        assert set(r["asr"]) == set(r["ci"]) == set(cfg.judges)
+        assert all(0 <= v <= 1 and lo <= v <= hi for v, (lo, hi) in ((r["asr"][j], r["ci"][j]) for j in cfg.judges))
+        assert r["n"] == {"none": 4, "rfa": 4, "templates": 2, "gcg": 1}[r["attack"]]
+        assert r["disagreement"] is None or 0 <= r["disagreement"] <= 1
+    assert cells["rt", 1, "rfa"]["choice"]["direction"] == "worst-case"
+    assert cells["rt", 1, "templates"]["choice"]["templates"] == choice["chosen"]
+    means = {(m["setting"], m["attack"]): m for m in table["means"]}
+    assert set(means) == {("rt", "none"), ("rt", "rfa"), ("rt", "templates")}  # GCG ran at one seed only
+    rfa = [cells["rt", s, "rfa"]["asr"]["refusal-prefix:default"] for s in (0, 1)]
+    assert means["rt", "rfa"]["asr"]["refusal-prefix:default"]["mean"] == sum(rfa) / 2
+    assert table["models"]["rt@seed1"]["seed"] == 1 and table["models"]["rt@seed1"]["train"]["steps"] == 2
+
+
+def test_shipped_defenses_config():
+    cfg = load_config(ROOT / "configs" / "defenses.yaml")
+    assert cfg.behaviours == "harmbench-test" and cfg.validation == "harmbench-val" and cfg.seeds == [0, 1, 2]
+    assert [d.name for d in cfg.variants] == ["base", "rt", "refat"] and len(cfg.judges) >= 2
+    assert cfg.worst_case_rfa is not None
+    gcg = next(a for a in cfg.attacks if a.name == "gcg")
+    assert gcg.seeds == [0] and gcg.n_behaviours >= 10
+    assert all(a.parsed().max_new_tokens >= 128 for a in cfg.attacks)
