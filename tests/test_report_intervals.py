@@ -173,3 +173,29 @@ def test_a_run_without_agreement_or_samples_has_neither_section(tmp_path):
     (tmp_path / "asr.json").write_text(json.dumps({"rt": {"gcg": {"strings": 0.5}}}))  # one judge, older folder
     md = write_report(tmp_path, plots=False)[0].read_text()
     assert "| rt | 50.0 % |" in md and "## Judge agreement" not in md and "## Sample completions" not in md
+
+
+def test_report_tradeoff_marks_the_models_no_other_beats(tmp_path):
+    from refat.report import write_report
+
+    def cell(v):
+        return {"value": v, "n": 40, "ci": [max(0.0, v - 0.1), min(1.0, v + 0.1)], "vs_base": None}
+
+    def mean(v):
+        return {"mean": v, "sd": 0.05, "seeds": 2, "vs_base": None}
+
+    paired = {"base": {"harmless": cell(0.10), "rfa refusal": cell(0.05)},
+              "rt": {"harmless": cell(0.12), "rfa refusal": cell(0.30)},
+              "rt@seed1": {"harmless": cell(0.50), "rfa refusal": cell(0.90)},  # shown through its seed mean
+              "rt (2 seeds)": {"harmless": mean(0.14), "rfa refusal": mean(0.35)},
+              "refat": {"harmless": cell(0.30), "rfa refusal": cell(0.70)},
+              "lat": {"harmless": cell(0.40), "rfa refusal": cell(0.60)}}
+    (tmp_path / "paired.json").write_text(json.dumps(paired))
+    md, _ = write_report(tmp_path)
+    text = md.read_text()
+    section = text[text.index("## Robustness against over-refusal"):]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    assert "rt (2 seeds)" in rows and "rt@seed1" not in rows and "rt" not in rows
+    assert [m for m in ("base", "rt (2 seeds)", "refat", "lat") if rows[m].rstrip(" |").endswith("yes")] == \
+        ["base", "rt (2 seeds)", "refat"]  # lat: refat refuses more under attack and less of the harmless set
+    assert (tmp_path / "plots" / "tradeoff_harmless.png").is_file()

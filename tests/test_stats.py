@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from refat.stats import Rate, bootstrap, mean_sd, paired_bootstrap, rate, wilson
+from refat.stats import Rate, bootstrap, mean_sd, paired_bootstrap, pareto_front, rate, wilson
 
 
 @pytest.mark.parametrize("k, n, expected", [(0, 10, (0.0, 0.27753)), (5, 10, (0.23659, 0.76341)),
@@ -79,3 +79,11 @@ def test_spearman_averages_tied_ranks_and_is_zero_when_undefined():
     assert spearman([1, 1, 1], [1, 2, 3]) == 0.0 and spearman([5], [6]) == 0.0
     with pytest.raises(ValueError, match="paired"):
         spearman([1, 2], [1])
+
+
+def test_pareto_front():
+    # objectives: robustness (higher), over-refusal (lower)
+    points = {"a": (0.9, 0.5), "b": (0.7, 0.1), "c": (0.6, 0.2), "d": (0.9, 0.6), "e": (0.7, 0.1), "f": (None, 0.0)}
+    assert pareto_front(points, [True, False]) == {"a", "b", "e"}  # c is worse than b on both; d than a on one
+    assert pareto_front({"x": (1, 1)}, [True, True]) == {"x"}
+    assert pareto_front(points, [False, True]) == {"c", "d"}

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .stats import Rate, Spread
+from .stats import Rate, Spread, pareto_front
 from .storage import atomic_path, write_text
 
 __all__ = ["write_report", "PlotsUnavailableError"]
@@ -319,6 +319,24 @@ class _Plotter:
         from matplotlib.ticker import MaxNLocator
         return MaxNLocator(integer=True)
 
+    def tradeoff(self, name: str, points: dict[str, tuple], front: set[str], caption: str, xlabel: str,
+                 ylabel: str) -> list[_Figure]:
+        """Over-refusal (x) against robustness (y), in percent, each model labelled; the front drawn as a line."""
+        pts = {k: (100 * x, 100 * y) for k, (x, y) in points.items() if x is not None and y is not None}
+        if self.Figure is None or not pts:
+            return []
+        fig = self.Figure(figsize=(5.6, 4.4))
+        ax = fig.add_subplot()
+        for k, (x, y) in pts.items():
+            ax.scatter([x], [y], s=24, color="tab:red" if k in front else "tab:grey")
+            ax.annotate(k, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        line = sorted(v for k, v in pts.items() if k in front)
+        if len(line) > 1:
+            ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:red", lw=0.8, alpha=0.6)
+        ax.set_xlabel(f"{xlabel} refusal (%)")
+        ax.set_ylabel(f"{ylabel} (%)")
+        return [self._save(fig, name, caption)]
+
     def scatter(self, name: str, coords: list, labels: list[str], caption: str, explained: list) -> list[_Figure]:
         if self.Figure is None or not coords:
             return []
@@ -483,6 +501,44 @@ def _paired_section(tables: Path) -> list[_Section]:
          "seed-averaged outcome per item minus the base's, so its interval is over items, given these seeds)."),
         _Table(["defense", *cols], diffs) if diffs else _Missing("No model besides the base model."),
     ]
+    return [sec]
+
+
+def _point(x) -> float | None:
+    """A cell's point estimate (a rate's value, a spread's mean, a plain number)."""
+    c = _cell(x)
+    return c.mean if isinstance(c, Spread) else c.value if isinstance(c, Rate) else c
+
+
+def _tradeoff_section(tables: Path, plot: _Plotter) -> list[_Section]:
+    """Robustness against over-refusal (paired.json): which models no other beats on every measure at once
+    (refusal under the worst-case RFA and utility higher, each over-refusal set lower). A defense with several
+    seeds is shown by its seed mean."""
+    data, _ = _read_json(tables / "paired.json", tables)
+    if not isinstance(data, dict) or len(data) < 2 or _nested(data, 2, "paired.json", "") is not None:
+        return []
+    cols = _columns(data)
+    robust = [c for c in cols if c.endswith(" refusal")]  # refusal under an attack (report.stages.rfa_measure)
+    over = [c for c in cols if c not in robust and c != "utility"]
+    if not robust or not over:
+        return []
+    averaged = {k.rsplit(" (", 1)[0] for k in data if k.endswith(" seeds)")}
+    models = [k for k in data if k.split("@seed")[0] not in averaged or k.endswith(" seeds)")]
+    measures = [robust[0], *over, *(["utility"] if "utility" in cols else [])]
+    points = {m: [_point(data[m].get(c)) for c in measures] for m in models}
+    front = pareto_front(points, [c not in over for c in measures])  # over-refusal lower, the rest higher
+    sec = _Section("Robustness against over-refusal")
+    sec.blocks += [
+        (f"Each model's refusal under the attack ({robust[0]}, higher is better) beside its refusal of benign "
+         "prompts (lower is better) and utility (higher is better), point estimates with their intervals as above; "
+         "**not dominated**: no other model is at least as good on every one of these and better on one."),
+        _Table(["model", *measures, "not dominated"],
+               [[m, *(_pct(data[m].get(c)) for c in measures), "yes" if m in front else ""] for m in models]),
+    ]
+    for c in over:
+        sec.blocks += plot.tradeoff(f"tradeoff {c}", {m: (points[m][measures.index(c)], points[m][0]) for m in models},
+                                    front, f"Refusal under {robust[0].removesuffix(' refusal')} against refusal of "
+                                           f"{c} prompts; the models not dominated are joined.", c, robust[0])
     return [sec]
 
 
@@ -654,6 +710,7 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> tuple[Path, Path
                         "Refusal rate on benign prompts that look harmful (lower is better); [low, high]: 95 % "
                         "Wilson interval over the n prompts."),
         *_paired_section(tables),
+        *_tradeoff_section(tables, plot),
         _compute_section(run_dir, tables),
         _training_section(run_dir, plot),
         *_analysis_sections(run_dir, plot),

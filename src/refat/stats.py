@@ -175,3 +175,13 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     if len(a) < 2 or len(set(ra)) < 2 or len(set(rb)) < 2:
         return 0.0
     return statistics.correlation(ra, rb)
+
+
+def pareto_front(points: Mapping[str, Sequence[float]], maximize: Sequence[bool]) -> set[str]:
+    """The names whose point no other point dominates (at least as good on every objective, better on one);
+    ``maximize[i]`` says whether objective i is better high. Points with a missing (None) objective are left out."""
+    sign = [1.0 if m else -1.0 for m in maximize]
+    pts = {k: [s * v for s, v in zip(sign, p)] for k, p in points.items() if all(v is not None for v in p)}
+    return {k for k, p in pts.items()
+            if not any(all(b >= a for a, b in zip(p, q)) and any(b > a for a, b in zip(p, q))
+                       for j, q in pts.items() if j != k)}

@@ -42,7 +42,8 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
     out, results = tmp_path / "runs", tmp_path / "defenses.json"
     defenses.main(["--config", str(path), "--parts", str(tmp_path / "parts"), "--results", str(results),
                    "--out", str(out)])
-    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["base.json", "rt.json", "rt@seed1.json"]
+    assert sorted(p.name for p in (tmp_path / "parts").glob("*.json")) == ["base.json", "rt.json", "rt@seed1.json"]
+    assert "## Attack success rate" in (tmp_path / "parts/report/report.md").read_text()
     validation = [r["prompt"] for r in read_jsonl(out / "tiny/data/validation.jsonl")]
     assert validation == VALIDATION  # the attacker's set, none of it attacked
     choice = read_json(out / "tiny/attacks/rt@seed1/templates/choice.json")  # the last part's run

@@ -57,6 +57,12 @@ def test_parts_reuse_the_run_and_rebuild_its_tables(full_run, tmp_path, monkeypa
     assert parts.asr(cfg, loaded)["refusal-strings:default"] == json.loads(json.dumps(
         {k: judged[k] for k in ("rates", "n", "ci")}))
 
+    md = parts.write_report(cfg, loaded, tmp_path / "results" / "report")  # the report from the part files alone
+    text = md.read_text()
+    assert "## Difference from the base model" in text and "## Robustness against over-refusal" in text
+    assert read_json(md.parent / "asr.json")["refat"]["rfa"]["refusal-strings:default"]["n"] == 4
+    assert {x["defense"] for x in read_json(md.parent / "samples.json")["samples"]} == {"base", "rt", "refat"}
+
     # a later sitting without the run folder: every model is measured already, nothing runs
     shutil.rmtree(out)
     monkeypatch.setattr(parts, "run_experiment", lambda *a, **k: pytest.fail("ran a measured part again"))

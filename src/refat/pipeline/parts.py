@@ -31,7 +31,7 @@ from .runner import read_marker
 from .stages.judges import rate_tables
 from .stages.report import outcomes, paired_table
 
-__all__ = ["asr", "experiment_main", "load_parts", "measure", "paired", "part_id", "run_parts"]
+__all__ = ["asr", "experiment_main", "load_parts", "measure", "paired", "part_id", "run_parts", "write_report"]
 
 log = logging.getLogger("refat.pipeline")
 FORMAT = 1  # the part file's schema
@@ -134,6 +134,37 @@ def asr(cfg: ExperimentConfig, parts: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def write_report(cfg: ExperimentConfig, parts: dict[str, dict], folder: str | Path) -> Path:
+    """The report (refat.report: report.md, report.html, plots) of the models measured so far, from their part
+    files: each judge's ASR with n and interval, the differences from the base model with the robustness and
+    over-refusal trade-off, and sample completions to read. Returns report.md."""
+    from ..report import write_report as render
+    from .stages.report import SAMPLES_PER_VERDICT, samples
+
+    folder = Path(folder)
+    tables = asr(cfg, parts)
+    cells: dict[str, dict] = {}
+    for j, t in tables.items():
+        for key, row in t["rates"].items():
+            for col, value in row.items():
+                cells.setdefault(key, {}).setdefault(col, {})[j] = {"value": value, "n": t["n"][key][col],
+                                                                    "ci": t["ci"][key][col]}
+    verdicts = {j: [{"defense": key, **r, **p["completions"][f"{r['attack']}/{r['behaviour_id']}"]}
+                    for key, p in parts.items() for r in p["verdicts"].get(j, [])] for j in cfg.judges}
+    write_json(folder / "run.json", {"experiment": cfg.name, "models measured": ", ".join(parts),
+                                     "judges": ", ".join(cfg.judges)})
+    write_json(folder / "asr.json", cells)
+    write_json(folder / "paired.json", paired(cfg, parts))
+    if any(verdicts.values()):
+        write_json(folder / "samples.json", samples(verdicts, SAMPLES_PER_VERDICT))
+    try:
+        import matplotlib  # noqa: F401
+        plots = True
+    except ImportError:
+        plots = False
+    return render(folder, plots=plots)[0]
+
+
 def experiment_main(argv: Sequence[str] | None, *, description: str, config: Path, parts_dir: Path, results: Path,
                     summarize: Callable[[ExperimentConfig, Path], dict]) -> None:
     """The command line of an experiment script (``experiments/*.py``): measure the models not yet in
@@ -157,4 +188,5 @@ def experiment_main(argv: Sequence[str] | None, *, description: str, config: Pat
         if key is not None:
             run_parts(cfg, args.parts, args.out, keys=[key])
         write_json(args.results, summarize(cfg, args.parts))
-        print(f"written: {args.results}", flush=True)
+        report = write_report(cfg, load_parts(cfg, args.parts), args.parts / "report")
+        print(f"written: {args.results}, {report}", flush=True)

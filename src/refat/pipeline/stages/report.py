@@ -193,7 +193,7 @@ def _judge_agreement(verdicts: dict[str, list[dict]], asr: dict) -> list[dict]:
     return out
 
 
-def _samples(verdicts: dict[str, list[dict]], per_verdict: int = SAMPLES_PER_VERDICT) -> dict:
+def samples(verdicts: dict[str, list[dict]], per_verdict: int = SAMPLES_PER_VERDICT) -> dict:
     """Completions to read: per (defense, attack), the first ``per_verdict`` the first judge called jailbroken
     and the first it called refused, in behaviour-id order (deterministic), with every judge's verdict."""
     first = next(iter(verdicts))
@@ -250,7 +250,7 @@ def run(ctx, folder: Path) -> None:
     verdicts = _verdicts(ctx) if c.attacks else {}
     tables = {"asr.json": asr,
               "judge_agreement.json": _judge_agreement(verdicts, asr) if len(verdicts) > 1 else None,
-              "samples.json": _samples(verdicts) if verdicts else None,
+              "samples.json": samples(verdicts) if verdicts else None,
               "utility.json": _utility(ctx) if c.utility is not None else None,
               "overrefusal.json": _overrefusal(ctx) if c.overrefusals else None,
               "paired.json": _paired(ctx),
