@@ -27,6 +27,7 @@ from refat.training import AdversarialConfig, Pair, RefatConfig, TrainConfig, Tr
 from refat.training import trainer as trainer_mod
 from refat.training.data import collate, encode, response_loss
 from refat.training.perturbations import AdversarialPerturbation, RefatPerturbation
+from refat.training.presets import preset_config
 
 HARMFUL = [f"harmful request number {i}" + " please" * (i % 3) for i in range(8)]
 HARMLESS = [f"harmless question {i}" + " thanks" * (i % 2) for i in range(8)]
@@ -587,7 +588,14 @@ def _free_port() -> int:
 # label -> (method, TrainConfig changes): each ReFAT ablation, every harmful row ablated at its own drawn sites
 DP_RUNS = {"refat": ("refat", {}), "rt": ("rt", {}),
            "refat-one-direction": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="one-direction")}),
-           "refat-random": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="random")})}
+           "refat-random": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="random")}),
+           # the authors' CAT and LAT (balls in fixed units): each shard's attack averages over the global batch's
+           # tokens; the objective's terms over the global batch, floors and the KL's normaliser decided on global
+           # values (cat-paper: one harmful row in four, so rank 1 holds none: no attack and no away term there).
+           # The default CAT/LAT are left out: their ball is measured on each shard's own prompt tokens
+           "cat-paper": ("cat", {"harmful_share": 0.25, "adversarial": preset_config("cat-paper", adversarial={
+               "steps": 2}).adversarial}),
+           "lat-paper": ("lat", {"adversarial": preset_config("lat-paper", adversarial={"steps": 2}).adversarial})}
 
 
 def _dp_worker(rank: int, port: int, out: str) -> None:
@@ -864,10 +872,16 @@ def test_new_options_keep_earlier_checkpoints_resumable():
 
     cfg = make_cfg().resolved(torch.device("cpu"))
     assert cfg.mixed_precision == "no"
-    old = {k: v for k, v in dataclasses.asdict(cfg).items()
-           if k not in ("steps", "checkpoint_every", "merge", "mixed_precision", "gradient_checkpointing", "report_to")}
+    later = {"harmful_share"}  # configs.added fields, left out at their defaults
+    skipped = later | {"steps", "checkpoint_every", "merge", "mixed_precision", "gradient_checkpointing", "report_to"}
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skipped}
+    old["adversarial"] = {k: old["adversarial"][k] for k in ("layers", "epsilon", "steps", "step_size", "away_weight")}
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.fingerprint() == "87441ab926633917"  # computed before the CAT/LAT paper options existed (edfe63e)
     assert dataclasses.replace(cfg, mixed_precision="bf16").fingerprint() != cfg.fingerprint()
+    assert dataclasses.replace(cfg, harmful_share=0.125).fingerprint() != cfg.fingerprint()
+    adv = dataclasses.replace(cfg.adversarial, scale="absolute")
+    assert dataclasses.replace(cfg, adversarial=adv).fingerprint() != cfg.fingerprint()
 
 
 def test_mixed_precision_auto_resolves_per_device(monkeypatch):

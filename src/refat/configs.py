@@ -18,7 +18,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from .errors import RefatError
 
-__all__ = ["ConfigError", "FieldError", "add_arguments", "at_least", "from_arguments", "from_dict", "require"]
+__all__ = ["ConfigError", "FieldError", "add_arguments", "added", "at_least", "fingerprint_data", "from_arguments",
+           "from_dict", "require"]
 
 T = TypeVar("T")
 
@@ -48,6 +49,36 @@ def at_least(config: Any, low: float, *fields: str, strict: bool = False) -> Non
         value = getattr(config, name)
         require(value is None or (value > low if strict else value >= low), name,
                 f"must be {'>' if strict else '>='} {low}, got {value}")
+
+
+_OMIT_DEFAULT = "omit-default"
+
+
+def added(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field added after stage fingerprints and checkpoint keys were frozen: :func:`fingerprint_data`
+    leaves it out while it holds its default, so every config written before it keeps its keys (a cache
+    key changes only when the new option is used)."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"fingerprint": _OMIT_DEFAULT})
+
+
+def fingerprint_data(config: Any) -> dict[str, Any]:
+    """``asdict(config)`` without the :func:`added` fields (at any depth) that hold their default: what a
+    fingerprint hashes."""
+    data = dataclasses.asdict(config)
+    _drop_added(config, data)
+    return data
+
+
+def _drop_added(config: Any, data: dict[str, Any]) -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("fingerprint") == _OMIT_DEFAULT:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if value == default:
+                del data[f.name]
+                continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _drop_added(value, data[f.name])
 
 
 def _check(value: Any, hint: Any, where: str) -> Any:

@@ -8,12 +8,16 @@ size α is √d·α long), so a caller states them in one unit, usually relative
 measures itself: the batch's median prompt-token norm (training), each prompt's own (analysis), the
 median token-embedding norm (embedding attack). That reference differs between callers on purpose and
 stays with them.
+
+Sheshadri et al.'s latent adversarial training moves δ by AdamW steps instead (``optimizer="adamw"``); each
+step is then followed by the same projection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -51,14 +55,29 @@ def signed_step(delta: Tensor, grad: Tensor, ball: Ball) -> None:
     constrain(delta, ball)
 
 
-def pgd(loss: Callable[[], Tensor], deltas: Sequence[Tensor], balls: Sequence[Ball], steps: int) -> None:
-    """``steps`` signed steps on every δ (leaf tensors that require grad, one ball each), in place.
+def pgd(loss: Callable[[], Tensor], deltas: Sequence[Tensor], balls: Sequence[Ball], steps: int, *,
+        optimizer: Literal["sign", "adamw"] = "sign") -> None:
+    """``steps`` steps on every δ (leaf tensors that require grad, one ball each), in place.
 
     ``loss()`` runs the forward under the perturbations (e.g. inside ``hooks.perturb``) and returns the
-    scalar to minimise.
+    scalar to minimise. ``optimizer``: signed steps of ``ball.step``, or AdamW steps (torch's defaults
+    otherwise, as Sheshadri et al.'s adversary) whose learning rate is the sign step's coordinate size,
+    ``ball.step / sqrt(d)`` (Adam moves each coordinate about lr a step), each followed by :func:`constrain`.
     """
+    opt = None
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW([{"params": [d], "lr": float(b.step) / d.shape[-1] ** 0.5}
+                                 for d, b in zip(deltas, balls, strict=True)])
     for _ in range(steps):
         grads = torch.autograd.grad(loss(), list(deltas))
         with torch.no_grad():
             for delta, grad, ball in zip(deltas, grads, balls, strict=True):
-                signed_step(delta, grad, ball)
+                if opt is None:
+                    signed_step(delta, grad, ball)
+                else:
+                    delta.grad = grad
+            if opt is not None:
+                opt.step()
+                for delta, ball in zip(deltas, balls):
+                    delta.grad = None
+                    constrain(delta, ball)

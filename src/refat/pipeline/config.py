@@ -25,6 +25,9 @@ from ..models import dtype_name, is_hub_id
 from ..storage import digest
 from ..training import METHODS, PairsConfig, TrainConfig
 from ..training.data import HarmlessTargets
+from ..training.presets import PRESETS
+from ..training.presets import merge as _merge
+from ..training.presets import preset as _preset
 
 __all__ = ["DEFENSES", "HARMLESS_TEST", "NO_ATTACK", "AttackSpec", "AnalysisConfig", "Defense", "ExperimentConfig",
            "OverRefusalSpec", "Subject", "load_config", "apply_overrides"]
@@ -83,14 +86,21 @@ class Defense:
     method: str  # base, or a training method (refat.training.METHODS)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields changed from the run's `train`
     pairs: dict[str, Any] = field(default_factory=dict)  # PairsConfig fields changed from the run's pair options
+    preset: str | None = None  # a refat.training.presets name (cat-paper, lat-paper): written over the run's `train`,
+    #                            under this defense's own `train`
 
     def __post_init__(self):
         require(bool(_NAME.fullmatch(self.name)), "name", f"{self.name!r} is not a simple folder name "
                 "(letters, digits, . _ -)")
         require(self.method in DEFENSES, "method", f"unknown method {self.method!r}; choose from {', '.join(DEFENSES)}")
         require(self.name != "base" or self.method == "base", "name", "'base' names the base model (method: base)")
-        require(self.method != "base" or not (self.train or self.pairs), "method",
-                "base is the model as loaded: it takes no train or pairs settings")
+        require(self.method != "base" or not (self.train or self.pairs or self.preset), "method",
+                "base is the model as loaded: it takes no train or pairs settings, nor a preset")
+        require(self.preset is None or self.preset in PRESETS, "preset",
+                f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.preset is not None:
+            method = PRESETS[self.preset]["method"]
+            require(method == self.method, "preset", f"{self.preset} is a preset of method {method}, not {self.method}")
 
 
 @dataclass
@@ -388,7 +398,8 @@ class ExperimentConfig:
         where = self._where[d.name][0]
         if "seed" in d.train:
             raise ConfigError(f"{where}.seed: training seeds are the top-level `seeds` list; remove this key")
-        merged = _merge(asdict(self.train), d.train) | {"method": d.method,
+        shared = asdict(self.train) if d.preset is None else _merge(asdict(self.train), _preset(d.preset))
+        merged = _merge(shared, d.train) | {"method": d.method,
                                                         "seed": self.seeds[0] if seed is None else seed}
         return from_dict(TrainConfig, merged, where)
 
@@ -414,13 +425,6 @@ class ExperimentConfig:
 
     def hash(self) -> str:
         return digest(self.resolved())
-
-
-def _merge(a: dict, b: Mapping) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
-    return out
 
 
 def apply_overrides(data: dict, overrides: Sequence[str], where: str = "override") -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from functools import partial
 
+from ..configs import fingerprint_data
 from ..evals.overrefusal import DEFAULT_JUDGE, OverRefusalConfig
 from ..evals.utility import UtilityConfig
 from .config import ExperimentConfig, Subject
@@ -46,7 +47,8 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
     stages += [Stage(name(at.pairs(key)), partial(training.pairs, pairs=pairs, key=key), base_model | asdict(pairs),
                      (name(at.data),)) for key, pairs in pair_sets.items()]
     stages += [Stage(name(at.train(s.key)), partial(training.train, subject=s),
-                     {"train": asdict(cfg.train_config(s.defense, s.seed))}, (name(at.pairs(cfg.pairs_key(s.defense))),))
+                     {"train": fingerprint_data(cfg.train_config(s.defense, s.seed))},  # later options: when set
+                     (name(at.pairs(cfg.pairs_key(s.defense))),))
                for s in cfg.trained]
     for s in cfg.subjects:
         model, trained = uses(s)

@@ -39,7 +39,7 @@ from .distributed import main_process_first
 
 __all__ = ["Pair", "PairKind", "PAIR_KINDS", "PairsConfig", "Batch", "NATURAL_REFUSALS", "COMPLIANCE_MARKERS",
            "refuses_outright", "build_pairs", "load_or_build_pairs", "training_pairs", "encode", "collate",
-           "response_loss"]
+           "response_logits", "response_loss"]
 
 NATURAL_REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -266,12 +266,15 @@ class Batch:
     affirm: "Batch | None" = None  # harmful rows with their affirmative targets (CAT/LAT)
     rows: torch.Tensor | None = None  # [B] indices of these rows in the global batch (data parallel shards)
     global_size: int | None = None
+    # a shard's: the global batch's labelled tokens of its harmful rows and of their affirmative targets, so an
+    # attack on the shard averages over them as a single process would (CAT/LAT)
+    global_scored: tuple[int, int] | None = None
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.harmful),
                      move(self.prompt_lengths), self.prompts, self.affirm.to(device) if self.affirm else None,
-                     self.rows, self.global_size)
+                     self.rows, self.global_size, self.global_scored)
 
     def select(self, rows: torch.Tensor) -> "Batch":
         """The sub-batch of ``rows`` (a data-parallel shard); it remembers where its rows came from."""
@@ -282,9 +285,13 @@ class Batch:
             keep = rows[self.harmful[rows]]
             if len(keep):
                 affirm = self.affirm.select(harmful_rank[keep])
+        scored = self.global_scored
+        if scored is None and self.affirm is not None:
+            scored = (int(self.labels[self.harmful][:, 1:].ne(-100).sum()),
+                      int(self.affirm.labels[:, 1:].ne(-100).sum()))
         return Batch(take(self.input_ids), take(self.attention_mask), take(self.labels), take(self.harmful),
                      take(self.prompt_lengths), [self.prompts[i] for i in rows.tolist()], affirm,
-                     rows if self.rows is None else self.rows[rows], self.global_size or len(self.harmful))
+                     rows if self.rows is None else self.rows[rows], self.global_size or len(self.harmful), scored)
 
     @property
     def n_tokens(self) -> int:
@@ -310,10 +317,10 @@ def collate(model: Model, pairs: Sequence[Pair], max_length: int, *, with_affirm
                  torch.tensor([n for _, n in encoded]), [p.prompt for p in pairs], affirm)
 
 
-def response_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                  forward=None, reduction: Literal["mean", "sum"] = "sum") -> torch.Tensor:
-    """Next-token cross-entropy of the labelled (response) tokens; ``forward``: the model's forward if not
-    ``model.hf`` (its DDP wrapper).
+def response_logits(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                    forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict the labelled (response) tokens, [n_labelled, V] in row-major order, and those
+    tokens [n_labelled]; ``forward``: the model's forward if not ``model.hf`` (its DDP wrapper).
 
     The vocabulary projection sees only the positions that predict a labelled token (a pre-hook on the
     output layer selects them): on a 150k-token vocabulary the full logits, their log-softmax and their
@@ -327,4 +334,12 @@ def response_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.T
 
     with hooks.hooked(pre=[(model.hf.get_output_embeddings(), select)]):
         logits = (forward or model.hf)(input_ids=input_ids, attention_mask=attention_mask).logits
-    return target_cross_entropy(logits[0], targets[targets != -100], reduction)
+    return logits[0], targets[targets != -100]
+
+
+def response_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                  forward=None, reduction: Literal["mean", "sum"] = "sum") -> torch.Tensor:
+    """Next-token cross-entropy of the labelled (response) tokens (:func:`response_logits`); ``forward``: the
+    model's forward if not ``model.hf`` (its DDP wrapper)."""
+    return target_cross_entropy(*response_logits(model, input_ids, attention_mask, labels, forward=forward),
+                                reduction)

@@ -13,6 +13,12 @@ answers for harmless ones); they differ only in the context the training forward
   by signed-gradient steps toward an affirmative target (Xhonneux et al. 2024).
 - ``lat``: the same attack in the residual stream at middle layers, toward the affirmative target
   and away from the refusal (Sheshadri et al. 2024).
+
+``AdversarialConfig``'s defaults are this toolkit's cheap versions of CAT and LAT (a few sign steps in a ball
+measured in the batch's own token norms, and the shared loss). Its other fields express the authors' own
+definitions: the ball's unit, AdamW steps, LAT's embedding-plus-layers placement and completion positions,
+unlikelihood "away" terms, and the per-term training objective (:mod:`refat.training.objective`);
+:mod:`refat.training.presets` sets them to the published values (docs/baselines.md).
 """
 
 from __future__ import annotations
@@ -27,21 +33,29 @@ import torch
 from torch import Tensor
 
 from .. import hooks
-from ..configs import at_least, require
+from ..configs import added, at_least, require
 from ..directions import extract
+from ..losses import floored, target_cross_entropy, unlikelihood
 from ..memory import release_freed_memory
 from ..models import Model
 from ..pgd import Ball, default_step, pgd
 from ..prefix_cache import Work
-from .data import Batch, response_loss
+from .data import Batch, response_logits, response_loss
 
-__all__ = ["RefatConfig", "ABLATIONS", "AdversarialConfig", "Perturbation", "RefatPerturbation",
-           "AdversarialPerturbation", "make_perturbation", "METHODS", "Method", "Cost"]
+__all__ = ["RefatConfig", "ABLATIONS", "AdversarialConfig", "SCALES", "AWAY_LOSSES", "ATTACK_OPTIMIZERS",
+           "Perturbation", "RefatPerturbation", "AdversarialPerturbation", "make_perturbation", "METHODS", "Method",
+           "Cost"]
 
 Method = Literal["rt", "refat", "cat", "lat"]
 METHODS: tuple[str, ...] = get_args(Method)
 Ablation = Literal["per-layer", "one-direction", "random"]
 ABLATIONS: tuple[str, ...] = get_args(Ablation)
+Scale = Literal["prompt-median", "embedding-mean", "absolute"]
+SCALES: tuple[str, ...] = get_args(Scale)
+AwayLoss = Literal["negative-ce", "unlikelihood"]
+AWAY_LOSSES: tuple[str, ...] = get_args(AwayLoss)
+AttackOptimizer = Literal["sign", "adamw"]
+ATTACK_OPTIMIZERS: tuple[str, ...] = get_args(AttackOptimizer)
 
 
 @dataclass
@@ -79,21 +93,81 @@ class RefatConfig:
 
 @dataclass
 class AdversarialConfig:
-    layers: list[int] | None = None  # cat: [0] (the embeddings); lat: default [L/4, L/2, 3L/4]
-    epsilon: float = 0.1  # per-token L2 budget, relative to the median prompt-token norm at that layer
-    steps: int = 4  # signed-gradient steps of the inner attack
-    step_size: float | None = None  # per-token L2 length of a step, relative like epsilon; default 2.5 epsilon / steps
+    """CAT's and LAT's inner attack and, optionally, their authors' training objective. Every field after
+    ``away_weight`` is off by default (today's cheap CAT/LAT); :mod:`refat.training.presets` sets them to the
+    authors' published values (``cat-paper``, ``lat-paper``; sources in docs/baselines.md)."""
+
+    # the attack: PGD on the prompt tokens of the harmful rows toward their affirmative target
+    layers: list[int] | None = None  # block inputs perturbed (0: the embeddings); cat: [0]; lat: [L/4, L/2, 3L/4]
+    epsilon: float = 0.1  # per-token L2 budget, in `scale` units
+    steps: int = 4  # steps of the inner attack
+    step_size: float | None = None  # per-token L2 length of a sign step, in `scale` units; default 2.5 epsilon / steps
     away_weight: float | None = None  # weight of "away from the refusal" in the attack loss (cat: 0, lat: 1)
+    # the unit of epsilon and step_size: the batch's median prompt-token norm at each perturbed layer (ours); the
+    # mean norm of the token-embedding matrix's rows (CAT's: Xhonneux et al. scale eps by it; layer 0 only); or
+    # absolute (LAT's: Sheshadri et al.'s epsilon is a plain L2 norm at every layer)
+    scale: Scale = added("prompt-median")
+    optimizer: AttackOptimizer = added("sign")  # sign steps (CAT's SignSGD), or AdamW (LAT's adversary)
+    lr: float | None = added(None)  # absolute step per coordinate instead of step_size (sign: each step moves each
+    #                                 coordinate by lr, CAT's 1e-4; adamw: its learning rate, LAT's 1e-3); None:
+    #                                 step_size (adamw: lr = step_size / sqrt(d), the sign step's coordinate size)
+    layers_depth: int | None = added(None)  # the model depth `layers` were written for: on another depth each
+    #                                         layer l becomes round(l * n_layers / layers_depth); None: as given
+    attack_completions: bool = added(False)  # also perturb the response positions of both continuations (LAT's
+    #                                          add_completions_pgd); False: the prompt tokens only
+    away_loss: AwayLoss = added("negative-ce")  # every "away" term (the attack's and the training one): negative
+    #                                             cross-entropy (CAT), or unlikelihood -log(1 - p) (LAT, HarmBench)
+    away_cutoff: float | None = added(None)  # negative-ce: its floor (CAT: -5); unlikelihood: tokens whose log p is
+    #                                          below it drop out (LAT: -5); None: neither
+    # the training objective; None/0 throughout: the one cross-entropy over every response token that all methods
+    # share. Any of these set: separately weighted terms, each a mean over its own tokens (refat.training.objective):
+    # toward = refusals of harmful rows under the attack, utility = answers of the other rows, away = the
+    # affirmative target under the attack, kl = KL to the base model on the answers; an unset weight is then 1
+    # (toward, utility) or 0 (away, kl).
+    toward_weight: float | None = added(None)
+    toward_cutoff: float | None = added(None)  # floor of the toward term (CAT: 0.5); None: none
+    utility_weight: float | None = added(None)
+    train_away_weight: float = added(0.0)
+    kl_weight: float = added(0.0)  # divided by its own value as LAT does (a relative step); LoRA only
 
     def __post_init__(self):
-        at_least(self, 0, "epsilon", "step_size", strict=True)
-        at_least(self, 1, "steps")
-        at_least(self, 0, "away_weight")
+        at_least(self, 0, "epsilon", "step_size", "lr", strict=True)
+        at_least(self, 1, "steps", "layers_depth")
+        at_least(self, 0, "away_weight", "toward_weight", "utility_weight", "train_away_weight", "kl_weight")
+        for name, choices in (("scale", SCALES), ("optimizer", ATTACK_OPTIMIZERS), ("away_loss", AWAY_LOSSES)):
+            require(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}, "
+                    f"got {getattr(self, name)!r}")
+        require(self.lr is None or self.step_size is None, "step_size", "set lr or step_size, not both")
         _check_layers(self.layers)
+        if self.layers_depth is not None:
+            require(all(l < self.layers_depth for l in self.layers or ()), "layers",
+                    f"{self.layers} out of range for layers_depth {self.layers_depth}")
 
-    def validate(self, n_layers: int) -> None:
-        """The checks that need the model."""
-        _check_layers(self.layers, n_layers)
+    @property
+    def weighted(self) -> bool:
+        """Whether training uses the per-term objective (:mod:`refat.training.objective`)."""
+        return (self.toward_weight is not None or self.utility_weight is not None or self.toward_cutoff is not None
+                or bool(self.train_away_weight) or bool(self.kl_weight))
+
+    def resolved_layers(self, n_layers: int, method: str) -> list[int]:
+        """The block inputs perturbed on a model of ``n_layers``: ``layers`` (rescaled from ``layers_depth``), or
+        the method's default."""
+        if self.layers is None:
+            layers = [0] if method == "cat" else [n_layers // 4, n_layers // 2, 3 * n_layers // 4]
+        elif self.layers_depth is None:
+            layers = list(self.layers)
+        else:
+            layers = [min(n_layers - 1, round(l * n_layers / self.layers_depth)) for l in self.layers]
+        layers = sorted(set(layers))  # a set: a shallow model repeats
+        _check_layers(layers, n_layers)
+        require(self.scale != "embedding-mean" or layers == [0], "scale", f"embedding-mean measures the token "
+                f"embeddings: it suits layer 0 only, got layers {layers}")
+        return layers
+
+    def validate(self, n_layers: int, method: str | None = None) -> None:
+        """The checks that need the model (and, for the default layers, the method)."""
+        if self.layers is not None or method is not None:
+            self.resolved_layers(n_layers, method or "lat")
 
 
 def _check_layers(layers: list[int] | None, n_layers: int | None = None) -> None:
@@ -256,12 +330,33 @@ class AdversarialPerturbation(Perturbation):
 
     def __init__(self, model: Model, cfg: AdversarialConfig, method: str, seed: int = 0):
         super().__init__(model, seed)
-        cfg.validate(model.n_layers)
         self.name, self.cfg = method, cfg
-        n = model.n_layers
-        default = [0] if method == "cat" else sorted({n // 4, n // 2, 3 * n // 4})  # a set: a shallow model repeats
-        self.layers = cfg.layers if cfg.layers is not None else default
+        self.layers = cfg.resolved_layers(model.n_layers, method)
         self.away = cfg.away_weight if cfg.away_weight is not None else (0.0 if method == "cat" else 1.0)
+        self.deltas: dict[int, Tensor] | None = None  # the last attack's [n_harmful, P, d] (the objective's away term)
+
+    def _scales(self, batch: Batch, width: int, prompt_mask: Tensor) -> tuple[dict[int, float], int]:
+        """The unit of epsilon and step_size at each perturbed layer, and the forwards it took to measure."""
+        if self.cfg.scale == "absolute":
+            return {l: 1.0 for l in self.layers}, 0
+        if self.cfg.scale == "embedding-mean":  # Xhonneux et al.: the mean L2 norm of the embedding matrix's rows
+            norm = self.model.hf.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
+            return {l: norm for l in self.layers}, 0
+        affirm = batch.affirm
+        with hooks.capture(self.model, self.layers, positions=slice(0, width)) as acts, torch.no_grad():
+            self.model.hf(input_ids=affirm.input_ids, attention_mask=affirm.attention_mask)
+        # typical norm of the real prompt tokens: padding left out, and the median because the first
+        # token's activation is often orders of magnitude larger than the rest (an attention sink)
+        return {l: acts[l][0].norm(dim=-1)[prompt_mask.squeeze(-1)].median().item() for l in self.layers}, 1
+
+    def _away_term(self, logits: Tensor, targets: Tensor, n: int | None) -> Tensor:
+        """The attack's "away from the refusal" term: a mean over the refusal tokens (``n`` of them in the global
+        batch when this is a data-parallel shard)."""
+        if self.cfg.away_loss == "unlikelihood":
+            return unlikelihood(logits, targets, self.cfg.away_cutoff, "mean" if n is None else "sum") / (n or 1)
+        ce = target_cross_entropy(logits, targets, "mean") if n is None else target_cross_entropy(logits, targets,
+                                                                                                   "sum") / n
+        return floored(-ce, self.cfg.away_cutoff)  # a shard floors its own share (no preset floors the attack)
 
     def _attack(self, batch: Batch) -> dict[int, Tensor]:
         """Per-layer perturbations [n_harmful, P, d] that push harmful prompts toward compliance."""
@@ -273,42 +368,64 @@ class AdversarialPerturbation(Perturbation):
         width = int(batch.prompt_lengths[harmful_idx].max())
         prompt_mask = (torch.arange(width, device=affirm.input_ids.device)[None] <
                        batch.prompt_lengths[harmful_idx][:, None].to(affirm.input_ids.device)).unsqueeze(-1)
-        with hooks.capture(self.model, self.layers, positions=slice(0, width)) as acts, torch.no_grad():
-            self.model.hf(input_ids=affirm.input_ids, attention_mask=affirm.attention_mask)
-        # typical norm of the real prompt tokens: padding left out, and the median because the first
-        # token's activation is often orders of magnitude larger than the rest (an attention sink)
-        scale = {l: acts[l][0].norm(dim=-1)[prompt_mask.squeeze(-1)].median().item() for l in self.layers}
-        step = self.cfg.step_size if self.cfg.step_size is not None else default_step(self.cfg.epsilon, self.cfg.steps)
-        balls = [Ball(step=step * scale[l], radius=self.cfg.epsilon * scale[l], mask=prompt_mask) for l in self.layers]
-        deltas = {l: torch.zeros(len(harmful_idx), width, self.model.d_model, device=affirm.input_ids.device,
+        scale, measured = self._scales(batch, width, prompt_mask)
+        mask = prompt_mask
+        if self.cfg.attack_completions:  # every position either continuation fills (Sheshadri et al.)
+            width = max(affirm.input_ids.shape[1], refusal_ids.shape[1])
+            fill = lambda m: torch.nn.functional.pad(m, (0, width - m.shape[1])).bool()  # noqa: E731
+            mask = (fill(affirm.attention_mask) | fill(refusal_mask.to(affirm.input_ids.device))).unsqueeze(-1)
+        cfg, dim = self.cfg, self.model.d_model
+        rel = cfg.step_size if cfg.step_size is not None else default_step(cfg.epsilon, cfg.steps)
+        balls = [Ball(step=cfg.lr * dim ** 0.5 if cfg.lr is not None else rel * scale[l],
+                      radius=cfg.epsilon * scale[l], mask=mask) for l in self.layers]
+        deltas = {l: torch.zeros(len(harmful_idx), width, dim, device=affirm.input_ids.device,
                                  dtype=self.model.dtype, requires_grad=True) for l in self.layers}
 
+        # means over the global batch's tokens: a data-parallel shard's rows get the gradients a single process
+        # would give them (AdamW is not blind to their scale, nor a sum of toward and away terms to their ratio)
+        n_refusal, n_affirm = batch.global_scored or (None, None)
+
         def loss() -> Tensor:
-            with hooks.perturb(self.model, deltas):
+            with hooks.perturb(self.model, _fit(deltas, affirm.input_ids.shape[1])):
                 out = response_loss(self.model, affirm.input_ids, affirm.attention_mask, affirm.labels,
-                                    reduction="mean")
-                if self.away:
-                    out = out - self.away * response_loss(self.model, refusal_ids, refusal_mask, refusal_labels,
-                                                          reduction="mean")
+                                    reduction="mean" if n_affirm is None else "sum") / (n_affirm or 1)
+            if self.away:
+                with hooks.perturb(self.model, _fit(deltas, refusal_ids.shape[1])):
+                    away = self._away_term(*response_logits(self.model, refusal_ids, refusal_mask, refusal_labels),
+                                           n_refusal)
+                out = out + self.away * away
             return out
 
-        pgd(loss, list(deltas.values()), balls, self.cfg.steps)
-        fwd = self.cfg.steps * (2 if self.away else 1)
+        pgd(loss, list(deltas.values()), balls, cfg.steps, optimizer=cfg.optimizer)
+        fwd = cfg.steps * (2 if self.away else 1)
         release_freed_memory()  # the attack's buffers, before the training forward
-        self.cost.add(Cost(forward=fwd + 1, backward=self.cfg.steps, tokens=(fwd + 1) * affirm.n_tokens,
+        self.cost.add(Cost(forward=fwd + measured, backward=cfg.steps, tokens=(fwd + measured) * affirm.n_tokens,
                            seconds=time.perf_counter() - t0))
         return {l: d.detach() for l, d in deltas.items()}
 
     def context(self, batch: Batch, draw: int):
         if batch.affirm is None:
+            self.deltas = None
             return nullcontext()
-        small = self._attack(batch)
+        small = self.deltas = self._attack(batch)
         harmful_idx = batch.harmful.nonzero().flatten()
         full = {}
-        for l, d in small.items():
+        for l, d in _fit(small, batch.input_ids.shape[1]).items():
             full[l] = torch.zeros(len(batch.harmful), d.shape[1], d.shape[2], dtype=d.dtype, device=d.device)
             full[l][harmful_idx.to(d.device)] = d
         return hooks.perturb(self.model, full, rows=batch.harmful.to(batch.input_ids.device))
+
+    def affirm_context(self, batch: Batch):
+        """The last attack applied to ``batch.affirm`` (the harmful rows with their affirmative targets, in the
+        same order): the training objective's away term runs under it."""
+        if self.deltas is None or batch.affirm is None:
+            return nullcontext()
+        return hooks.perturb(self.model, _fit(self.deltas, batch.affirm.input_ids.shape[1]))
+
+
+def _fit(deltas: dict[int, Tensor], width: int) -> dict[int, Tensor]:
+    """Perturbations cut to a sequence of ``width`` positions (those covering the responses may be longer)."""
+    return {l: d[:, :width] for l, d in deltas.items()}
 
 
 @contextmanager

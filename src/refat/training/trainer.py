@@ -1,6 +1,8 @@
 """One trainer for every method: LoRA (or full) fine-tuning on refusal/answer pairs, with the
 method's perturbation around the harmful rows' forward pass, resumable checkpoints, compute
 accounting and optional data parallelism (``torchrun``/``accelerate launch``, gloo or nccl).
+The loss is one cross-entropy over every response token, or, for CAT and LAT configured so, their
+authors' weighted terms (:mod:`refat.training.objective`).
 
 The loop runs through ``accelerate.Accelerator``: one device per process, DDP when launched data
 parallel, FSDP2 for sharded full fine-tuning (``fsdp.py``), mixed precision (bf16 on GPUs, none on CPU),
@@ -26,7 +28,7 @@ from typing import Literal, get_args
 import torch
 from tqdm.auto import tqdm
 
-from ..configs import ConfigError, FieldError, at_least, require
+from ..configs import ConfigError, FieldError, added, at_least, fingerprint_data, require
 from ..errors import InputError, RunError
 from ..memory import release_freed_memory
 from ..models import Model, check_resumable, describe_identity, files_sha256, identity, model_files, wrap
@@ -34,6 +36,7 @@ from ..storage import FinishedRunError, atomic_dir, digest, read_jsonl, replacin
 from . import fsdp
 from .data import Pair, collate, response_loss
 from .distributed import rank_and_world
+from .objective import objective_loss, term_tokens
 from .perturbations import METHODS, AdversarialConfig, Cost, Method, RefatConfig, make_perturbation, step_generator
 
 __all__ = ["LoraSettings", "TrainConfig", "TrainResult", "train", "TrainingDivergedError"]
@@ -71,7 +74,7 @@ class LoraSettings:
 class TrainConfig:
     method: Method = "refat"
     steps: int = 60
-    batch_size: int = 4  # global batch: half harmful, half harmless rows
+    batch_size: int = 4  # global batch: harmful_share harmful rows (rounded up), the rest harmless/borderline rows
     grad_accum: int = 1
     lr: float = 2e-4
     warmup_steps: int = 4
@@ -89,6 +92,7 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "auto"  # auto: bf16 on a GPU that has it, fp16 on older GPUs, no on CPU
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard, wandb, ...
+    harmful_share: float = added(0.5)  # share of each batch's rows that are harmful (CAT's mix: 0.125)
 
     def __post_init__(self):
         self.report_to = [t for t in self.report_to if t != "none"]
@@ -104,20 +108,26 @@ class TrainConfig:
                 f"got {self.batch_size}")
         at_least(self, 0, "warmup_steps", "weight_decay")
         at_least(self, 0, "lr", "max_grad_norm", strict=True)
+        require(0.0 < self.harmful_share < 1.0, "harmful_share", f"must be in (0, 1), got {self.harmful_share}")
+        require(not (self.full_finetune and self.adversarial.kl_weight), "adversarial.kl_weight",
+                "the KL term compares with the base model, which LoRA keeps (adapters off); full fine-tuning has none")
 
     def validate(self, n_layers: int) -> None:
         """The checks that need the model (layer indices), named as ``refat.layers`` / ``adversarial.layers``."""
         for name in ("refat", "adversarial"):
             try:
-                getattr(self, name).validate(n_layers)
+                if name == "adversarial":
+                    self.adversarial.validate(n_layers, self.method if self.method in ("cat", "lat") else None)
+                else:
+                    self.refat.validate(n_layers)
             except FieldError as e:
                 raise FieldError(f"{name}.{e.field}", e.message) from e
 
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed (the step count may grow; logging and activation
         recomputation change no number). No mixed precision is left out, as checkpoints from before the
-        option were written without it."""
-        d = asdict(self)
+        option were written without it, and so is every later option at its default (``configs.added``)."""
+        d = fingerprint_data(self)
         for key in ("steps", "checkpoint_every", "merge", "report_to", "gradient_checkpointing"):
             d.pop(key)
         if d["mixed_precision"] == "no":
@@ -153,15 +163,17 @@ def _lr_lambda(cfg: TrainConfig):
 
 
 class _Sampler:
-    """Batch for (step, micro): each half drawn from its own per-epoch permutation of (seed, epoch)."""
+    """Batch for (step, micro): the harmful and the other rows (``harmful_share`` of the batch, rounded up, and
+    the rest) each drawn from its own per-epoch permutation of (seed, epoch)."""
 
     def __init__(self, pairs: list[Pair], cfg: TrainConfig):
         self.harmful = [p for p in pairs if p.harmful]
         self.harmless = [p for p in pairs if not p.harmful]
         if not self.harmful or not self.harmless:
             raise InputError("training needs both harmful (refusal) and harmless (answer) pairs")
-        self.n_harmful = (cfg.batch_size + 1) // 2
-        self.n_harmless = cfg.batch_size // 2
+        # harmful_share 0.5: (batch_size + 1) // 2, as before the option existed
+        self.n_harmful = min(cfg.batch_size - 1, max(1, math.ceil(cfg.harmful_share * cfg.batch_size - 1e-9)))
+        self.n_harmless = cfg.batch_size - self.n_harmful
         self.cfg = cfg
 
     def _take(self, pool: list[Pair], start: int, n: int, salt: int) -> list[Pair]:
@@ -343,13 +355,14 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
         write_jsonl(metrics_path, kept)
     if cfg.report_to:
         acc.init_trackers(cfg.method, config=_flat(asdict(cfg)))
+    weighted = cfg.method in ("cat", "lat") and cfg.adversarial.weighted
     bar = tqdm(total=cfg.steps, initial=start, desc=f"training ({cfg.method})", disable=not progress or rank != 0)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         with acc.autocast():  # the perturbation's own forwards run in the training forward's precision
             perturbation.before_step(step)
         release_freed_memory()  # e.g. the feature recomputation's buffers, before the step's peak
-        loss_value = 0.0
+        loss_value, parts = 0.0, {}
         for micro in range(cfg.grad_accum):
             draw = step * cfg.grad_accum + micro
             full = collate(model, sampler.pairs(draw), cfg.max_length, with_affirmative=cfg.method in ("cat", "lat"))
@@ -357,11 +370,21 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
             batch = full.select(torch.arange(rank, len(full.harmful), world)) if world > 1 else full
             batch = batch.to(model.device)
             with acc.accumulate(forward_model):  # DDP syncs gradients on the last micro-batch only
-                with acc.autocast(), perturbation.context(batch, draw):
-                    token_loss = response_loss(model, batch.input_ids, batch.attention_mask, batch.labels,
-                                               forward=forward_model)
-                # accelerate divides by grad_accum in backward; DDP averages over ranks: undo it
-                loss = token_loss.float() / n_target * world
+                if weighted:  # CAT's / LAT's own objective: weighted terms, each a mean over its tokens
+                    loss, value, micro_parts, extra = objective_loss(
+                        model, forward_model, batch, perturbation, cfg.adversarial, term_tokens(full), world,
+                        draw, acc.autocast)
+                    for k, v in micro_parts.items():
+                        parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+                    compute["train_forward"] += extra["forward"]
+                    compute["train_tokens"] += extra["tokens"]
+                    compute["train_target_tokens"] = compute.get("train_target_tokens", 0) + extra["target_tokens"]
+                else:
+                    with acc.autocast(), perturbation.context(batch, draw):
+                        token_loss = response_loss(model, batch.input_ids, batch.attention_mask, batch.labels,
+                                                   forward=forward_model)
+                    # accelerate divides by grad_accum in backward; DDP averages over ranks: undo it
+                    loss = token_loss.float() / n_target * world
                 finite = torch.tensor([float(torch.isfinite(loss))])
                 if world > 1:  # every rank stops together (a rank raising alone would leave the others hanging)
                     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -371,7 +394,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
                         f"non-finite loss ({loss.item()} on this rank) at step {step}; stopped without saving. "
                         f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
                 acc.backward(loss)
-            loss_value += loss.item() / world / cfg.grad_accum
+            loss_value += (value if weighted else loss.item()) / world / cfg.grad_accum
             compute["train_forward"] += 1
             compute["train_backward"] += 1
             compute["train_tokens"] += batch.n_tokens
@@ -388,7 +411,7 @@ def train(model: Model, pairs: list[Pair], cfg: TrainConfig, out_dir: str | Path
         dt = time.perf_counter() - t0
         compute["seconds"] += dt
         row = {"step": step, "loss": loss_value, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
-               "seconds": round(dt, 3)} | _drift(perturbation, step)
+               "seconds": round(dt, 3)} | _drift(perturbation, step) | parts
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
