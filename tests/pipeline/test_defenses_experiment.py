@@ -9,7 +9,7 @@ from pathlib import Path
 
 from test_pipeline import config, files, tiny_utility_data, write  # noqa: F401 (fixtures)
 
-from refat.pipeline import load_config, stage_names
+from refat.pipeline import load_config, resolve_inputs, stage_names
 from refat.storage import read_json, read_jsonl
 
 ROOT = Path(__file__).parents[2]
@@ -78,3 +78,14 @@ def test_shipped_defenses_config():
     gcg = next(a for a in cfg.attacks if a.name == "gcg")
     assert gcg.seeds == [0] and gcg.n_behaviours >= 10
     assert all(a.parsed().max_new_tokens >= 128 for a in cfg.attacks)
+
+
+def test_shipped_defenses_configs_resolve_offline():
+    """HarmBench test behaviours less near duplicates leave enough to attack; the attacker's set is HarmBench val."""
+    for name, n in (("defenses.yaml", 100), ("defenses-1.5b.yaml", 50)):
+        cfg = load_config(ROOT / "configs" / name)
+        inputs = resolve_inputs(cfg, base_model=False)
+        assert len(inputs.behaviours) >= n and all(a.n_behaviours <= n for a in cfg.attacks)
+        assert len(inputs.validation) == 41 and not {b.goal for b in inputs.behaviours} & set(inputs.validation)
+    small = load_config(ROOT / "configs" / "defenses-1.5b.yaml")
+    assert small.model == "qwen2.5-coder-1.5b" and small.seeds == [0] and {a.name for a in small.attacks} == {"rfa", "prefill"}
