@@ -51,6 +51,7 @@ def test_parts_reuse_the_run_and_rebuild_its_tables(full_run, tmp_path, monkeypa
     assert set(refat["outcomes"]) == {"utility", "benign.csv", "rfa refusal"}
     assert {r["attack"] for r in refat["verdicts"]["refusal-strings:default"]} == {"none", "rfa"}
     assert all(c["completion"] is not None for c in refat["completions"].values())
+    assert {r["prompt"] for r in refat["overrefusal"]["benign.csv"]} == set(refat["outcomes"]["benign.csv"])
     # the tables from the part files alone equal the full run's report
     assert parts.paired(cfg, loaded) == read_json(run_dir / "report/paired.json")
     judged = read_json(run_dir / "judges/refusal-strings_default/rates.json")

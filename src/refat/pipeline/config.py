@@ -399,8 +399,7 @@ class ExperimentConfig:
         if "seed" in d.train:
             raise ConfigError(f"{where}.seed: training seeds are the top-level `seeds` list; remove this key")
         shared = asdict(self.train) if d.preset is None else _merge(asdict(self.train), _preset(d.preset))
-        merged = _merge(shared, d.train) | {"method": d.method,
-                                                        "seed": self.seeds[0] if seed is None else seed}
+        merged = _merge(shared, d.train) | {"method": d.method, "seed": self.seeds[0] if seed is None else seed}
         return from_dict(TrainConfig, merged, where)
 
     def only(self, key: str) -> ExperimentConfig:

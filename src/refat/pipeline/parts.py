@@ -4,10 +4,11 @@ An experiment of several defenses × seeds takes many CPU hours: more than one s
 (gigabytes of adapters and caches, never committed) may not survive to the next. :func:`run_parts` runs the
 config narrowed to the base model and one model (:meth:`ExperimentConfig.only`, same folder, same stages) and,
 as soon as that model is measured, writes ``<results>/<key>.json``: its per-item outcomes, every judge's
-verdicts, the completions judged, each attack's summary (and the attacker's choices), its training config and the
-stages' seconds (tens of kB, meant to be committed). A rerun skips
-each model whose file is there; the tables (:func:`paired`, :func:`asr`) are computed from the files alone.
-A file measured under another config is an error, never overwritten.
+verdicts, the completions judged and the over-refusal answers, each attack's summary (and the attacker's
+choices), its training config, the stages' seconds and the provenance (a few hundred kB at most, meant to be
+committed). A rerun skips each model whose file is there; the tables (:func:`paired`, :func:`asr`) and the
+report (:func:`write_report`) are computed from the files alone. A file measured under another config is an
+error, never overwritten.
 """
 
 from __future__ import annotations
@@ -52,14 +53,19 @@ def measure(cfg: ExperimentConfig, layout: Layout, s: Subject, model: Model | No
     verdicts, completions = {}, {}
     for j in cfg.judges:
         rows = [r for r in read_jsonl(layout.judge(j) / "verdicts.jsonl") if r["defense"] == s.key]
-        verdicts[j] = [{k: r[k] for k in ("attack", "behaviour_id", "behaviour", "score", "jailbroken")} for r in rows]
+        verdicts[j] = [{k: r[k] for k in ("attack", "behaviour_id", "behaviour", "score", "jailbroken")}
+                       for r in rows]
         for r in rows:
-            completions.setdefault(f"{r['attack']}/{r['behaviour_id']}", {"goal": r["goal"], "completion": r["completion"]})
+            completions.setdefault(f"{r['attack']}/{r['behaviour_id']}",
+                                   {"goal": r["goal"], "completion": r["completion"]})
     attacks = {}
     for a in cfg.attacks_on(s):  # the attacker's choices (the sweep's member, the chosen template) and summaries
         folder = layout.attack(s.key, a.label)
         attacks[a.label] = {f.stem: read_json(f) for f in (folder / "summary.json", folder / "choice.json")
                             if f.is_file()}
+    overrefusal = {o.column: [{k: r[k] for k in ("prompt", "completion", "refused")} for r in
+                              read_jsonl(layout.overrefusal(s.key, o.label) / "overrefusal_records.jsonl")]
+                   for o in cfg.overrefusals}  # the benign prompts' answers, to read beside the rates
     seconds = {}
     for marker in sorted(layout.root.glob("*/**/stage.json")):
         rel = marker.parent.relative_to(layout.root)
@@ -70,7 +76,7 @@ def measure(cfg: ExperimentConfig, layout: Layout, s: Subject, model: Model | No
             "changes": {"pairs": s.defense.pairs, "train": s.defense.train}, "part": part_id(cfg, s.key, model),
             "train": None if s.seed is None else asdict(cfg.train_config(s.defense, s.seed)),
             "outcomes": outcomes(cfg, layout, s), "verdicts": verdicts, "attacks": attacks, "completions": completions,
-            "seconds": seconds, "provenance": {k: prov.get(k) for k in ("git", "versions", "platform", "data_hashes")}}
+            "overrefusal": overrefusal, "seconds": seconds, "provenance": {k: prov.get(k) for k in ("git", "versions", "platform", "data_hashes")}}
 
 
 def _check(path: Path, cfg: ExperimentConfig, key: str, model: Model | None = None) -> dict:
