@@ -118,6 +118,8 @@ def rfa_measure(label: str) -> str:
 
 def _paired(ctx) -> dict | None:
     c = ctx.cfg
+    if len(c.subjects) < 2:  # nothing to compare with the base model
+        return None
     return paired_table(c, {s.key: outcomes(c, ctx.layout, s) for s in c.subjects})
 
 
@@ -126,10 +128,9 @@ def paired_table(cfg, outcomes: dict[str, dict[str, dict[str, float]]]) -> dict 
     ``vs_base``, the difference from the base model on the same items and its 95 % paired-bootstrap interval. A
     defense with several seeds in ``outcomes`` also gets a ``<name> (<n> seeds)`` row: the mean ± sd over its seeds,
     and the difference of its seed-averaged outcome per item from the base's (an interval over items, given these
-    seeds). Models missing from ``outcomes`` are left out. None without a base model, another model to compare with
-    it, or a measure."""
+    seeds). Models missing from ``outcomes`` are left out. None without a measured base model or a measure."""
     base = cfg.base_subject
-    if base is None or base.key not in outcomes or len(outcomes) < 2 or not outcomes[base.key]:
+    if base is None or base.key not in outcomes or not outcomes[base.key]:
         return None
 
     def cell(items: dict[str, float], key: str, measure: str) -> dict:
