@@ -65,6 +65,8 @@ def test_judge_variant_steps_put_every_variant_in_the_pools(judge_variants):
     pools = {s["step"]: s["pool"] for s in steps}
     assert pools["llm:m#comply (threshold fitted in the folds)"] == ["llm:m#comply"]
     assert pools[f"{judge_variants.ANCHOR} + llm:m#content"] == [judge_variants.ANCHOR, "llm:m#content"]
+    assert pools["llm:m, its prompt chosen in the folds"] == ["llm:m#comply", "llm:m#content"]
+    assert "llm:qwen2.5-coder-0.5b" in pools["llm:qwen2.5-coder-0.5b, its prompt chosen in the folds"]
     everything = steps[-1]["pool"]
     assert {"llm:m#comply", "llm:m#content", *judge_variants.STRINGS} <= set(everything)
     assert len(everything) == len(set(everything))
