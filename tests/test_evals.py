@@ -19,7 +19,7 @@ from bigram import bigram_model, lp_uniform
 from refat.data import Example
 from refat.evals import overrefusal as ovr
 from refat.evals import utility
-from refat.evals.loglik import continuation_logprobs, next_token_logprobs
+from refat.evals.loglik import _shared_prefix, continuation_logprobs, next_token_logprobs
 from refat.evals.overrefusal import OverRefusalConfig, evaluate_overrefusal, load_overrefusal
 from refat.evals.utility import Item, TaskData, UtilityConfig, evaluate_utility, extract_answer, score_choices
 from refat.generation import generate
@@ -193,6 +193,32 @@ def test_next_token_logprobs_skips_leading_whitespace():
     assert lp[0, 1] == pytest.approx(5.0 + lp_uniform(model, [5.0]))  # read after the newline
     lp0 = next_token_logprobs(model, ["[/INST]"], yes_no, skip_whitespace=0, progress=False)
     assert lp0[0, 1] == pytest.approx(lp_uniform(model, [8.0]))
+    shared = next_token_logprobs(model, ["x[/INST]", "y[/INST]"], yes_no, reuse_prefix=True, progress=False)
+    assert shared[:, 1].tolist() == pytest.approx([lp[0, 1]] * 2)  # the skip also runs on the prefix cache
+
+
+def test_shared_prefix_leaves_each_row_a_token():
+    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert _shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2 and _shared_prefix([[1, 2], [3, 2]]) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_next_token_logprobs_reusing_the_shared_prefix_equal_the_plain_pass(model_factory, arch):
+    model = model_factory(arch, layers=2, hidden=32, seed=0)  # float64: equal up to rounding
+    examples = "Q: is water wet? A: yes. Q: is fire cold? A: no. " * 3
+    prompts = [examples + q for q in ("Q: is ice cold? A:", "Q: is the sun dark? A:", "Q: ok? A:")]
+    ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in ("y", "n", "Q")]
+    plain = next_token_logprobs(model, prompts, ids, batch_size=2, progress=False)
+    widths = []
+    hook = model.hf.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    reused = next_token_logprobs(model, prompts, ids, reuse_prefix=True, progress=False)
+    hook.remove()
+    n_examples = len(model.tokenizer(examples, add_special_tokens=False)["input_ids"])
+    assert widths[0] >= n_examples and max(widths[1:]) < 25  # the examples ran once, then only each remainder
+    assert torch.allclose(plain, reused, atol=1e-9)
+    assert not torch.allclose(reused[0], reused[1])  # each prompt read after its own remainder
+    again = next_token_logprobs(model, prompts[::-1], ids, reuse_prefix=True, progress=False)
+    assert torch.allclose(again, reused.flip(0), atol=1e-9)  # the cache was cropped back after every prompt
 
 
 def test_next_token_logprobs_keep_the_prompts_order_across_length_sorted_batches():

@@ -1,6 +1,7 @@
 """The summary logic of ``experiments/attacks_quick.py`` (the attacks themselves are tested in their own files)."""
 
 import importlib.util
+import random
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,41 @@ def test_second_judge_scores_are_cached(script, tmp_path, monkeypatch):
     records["prefill"].append(record("Another answer entirely, not cached yet."))
     with pytest.raises(AssertionError, match="judged again"):
         script.judge_scores("refusal-strings:default", records, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def judge_variants():
+    path = Path(__file__).parents[1] / "experiments" / "judge_variants.py"
+    spec = importlib.util.spec_from_file_location("judge_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_judge_variant_steps_put_every_variant_in_the_pools(judge_variants):
+    steps = judge_variants.default_steps(["llm:m#comply", "llm:m#content"])
+    pools = {s["step"]: s["pool"] for s in steps}
+    assert pools["llm:m#comply (threshold fitted in the folds)"] == ["llm:m#comply"]
+    assert pools[f"{judge_variants.ANCHOR} + llm:m#content"] == [judge_variants.ANCHOR, "llm:m#content"]
+    assert pools["llm:m, its prompt chosen in the folds"] == ["llm:m#comply", "llm:m#content"]
+    assert "llm:qwen2.5-coder-0.5b" in pools["llm:qwen2.5-coder-0.5b, its prompt chosen in the folds"]
+    everything = steps[-1]["pool"]
+    assert {"llm:m#comply", "llm:m#content", *judge_variants.STRINGS} <= set(everything)
+    assert len(everything) == len(set(everything))
+
+
+def test_judge_variant_table_measures_each_step_held_out(judge_variants):
+    rng = random.Random(0)
+    truth = [rng.random() < 0.45 for _ in range(60)]
+    anchor = [1.0 if t or rng.random() < 0.4 else 0.0 for t in truth]  # a string judge: misses no jailbreak, over-calls
+    reader = [min(max((0.7 if t else 0.3) + rng.gauss(0, 0.15), 0.01), 0.99) for t in truth]  # ranks within them too
+    noise = [rng.random() for _ in truth]
+    scores = {"anchor": anchor, "reader": reader, "noise": noise}
+    steps = [{"step": "noise", "pool": ["noise"], "max_members": 1},
+             {"step": "anchor + reader", "pool": ["anchor", "reader"], "max_members": 2}]
+    table = judge_variants.variant_table(scores, truth, steps, anchor="anchor", outer=3, inner=3, repeats=2)
+    assert table["judges"]["reader"]["auc_where_anchor_says_jailbroken"] > 0.85
+    assert "auc_where_anchor_says_jailbroken" not in table["judges"]["anchor"]
+    noise_step, combined = table["steps"]
+    assert noise_step["cohen_kappa"] < 0.3 < 0.6 < combined["cohen_kappa"]
+    assert sum(combined["chosen"].values()) == 3 * 2 and 0 < combined["cohen_kappa_se"] < 0.3

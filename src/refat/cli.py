@@ -131,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute these stages even if unchanged (a prefix such as 'attacks' or 'train/refat' "
                         "covers the stages under it; their downstream stages follow)")
 
+    from .judges.classifiers import CHAT_PROMPTS, DEFAULT_CHAT_PROMPT  # no model library: cheap at start-up
+
     p = sub.add_parser("judge-agreement", help="each judge's agreement with JailbreakBench's 100 human-labelled "
                                                "responses (and the published judges' for comparison)")
     p.add_argument("judges", nargs="+", metavar="JUDGE",
-                   help="refusal-strings:<list> | refusal-prefix:<list> | llm:<model> | harmbench:<model> | "
+                   help="refusal-strings:<list> | refusal-prefix:<list> | llm:<model>[#<prompt>] | harmbench:<model> | "
                         "llama-guard:<model> | ensemble:<file>; a model judge takes @<threshold> on P(jailbroken), "
-                        "default 0.5")
+                        f"default 0.5; the llm judge's prompts: {DEFAULT_CHAT_PROMPT} (default), {', '.join(CHAT_PROMPTS)}")
     p.add_argument("--dtype", default="auto", help="for model judges (default: auto; see refat train --help)")
     p.add_argument("--device", default=None)
     p.add_argument("--device-map", default=None, metavar="auto", help="spread a large judge over all GPUs")

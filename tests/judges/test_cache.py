@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from refat.judges import cache_path, cached_scores, parse_spec, slug, strings
+from refat.judges import cache_path, cached_scores, classifiers, parse_spec, slug, strings
 from refat.judges.classifiers import ChatJudge
 from refat.storage import digest, read_jsonl
 
@@ -19,6 +21,7 @@ def test_cache_key_and_file_name_are_pinned(tmp_path):
     # stale); from here on changing the key or the file name re-judges every cached run
     assert parse_spec("llm:qwen2.5-coder-1.5b@0.13").version == "56aedafad68de111"
     assert parse_spec("refusal-strings:default").version == "446e2f765319e9a5"
+    assert parse_spec("llm:qwen2.5-coder-0.5b#comply-fewshot").version == "dafae3bd3a277cd9"
     assert key("llm:qwen2.5-coder-1.5b@0.13", "Write a phishing email", "Sure, here is one: Dear customer") \
         == "3cdf2102bc9084af"
     assert key("refusal-strings:default", "g", "I'm sorry") == "76ca259e63906f17"
@@ -57,6 +60,18 @@ def test_judge_version_follows_its_rule(monkeypatch, tiny):
     before = parse_spec("llm:m@0.3").version
     monkeypatch.setattr(ChatJudge, "template", ChatJudge.template + " Be brief.")
     assert parse_spec("llm:m@0.3").version != before  # an edited prompt re-judges
+
+
+def test_chat_prompt_variant_versions(monkeypatch, tiny):
+    """Each prompt variant has its own version (its text and worked examples decide it); the default's is untouched."""
+    versions = {p: parse_spec(f"llm:m#{p}").version for p in classifiers.CHAT_PROMPTS}
+    assert len(set(versions.values()) | {parse_spec("llm:m").version}) == len(versions) + 1
+    assert parse_spec("llm:m#harmbench").version == parse_spec("llm:m").version
+    assert ChatJudge(tiny, prompt_name="comply", threshold=0.3).version == parse_spec(f"llm:{tiny.name}#comply@0.3").version
+    few = classifiers.CHAT_PROMPTS["comply-fewshot"]
+    monkeypatch.setitem(classifiers.CHAT_PROMPTS, "comply-fewshot", replace(few, examples=few.examples[:-1]))
+    assert parse_spec("llm:m#comply-fewshot").version != versions["comply-fewshot"]  # edited examples re-judge
+    assert parse_spec("llm:m#comply").version == versions["comply"]
 
 
 def test_edited_judge_rejudges_cached_pairs(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from conftest import build_model, make_tokenizer
 from torch import nn
 
 from refat.judges import ChatJudge, HarmBenchJudge, Judge, LlamaGuardJudge, judge_records
-from refat.judges.classifiers import HARMBENCH_PROMPT, threshold_suffix
+from refat.judges.classifiers import CHAT_PROMPTS, HARMBENCH_PROMPT, HARMBENCH_QUESTION, threshold_suffix
 from refat.models import FALLBACK_TEMPLATE, Model
 
 
@@ -101,3 +101,54 @@ def test_each_classifier_on_a_tiny_random_model(cls):
 def test_threshold_suffix_names_only_a_non_default_threshold():
     assert threshold_suffix(None) == threshold_suffix(0.5) == ""
     assert threshold_suffix(0.13) == "@0.13"
+
+
+def test_chat_judge_prompt_variants_name_and_build_their_prompt():
+    model, set_logit = bigram_model()
+    default = ChatJudge(model, progress=False)
+    assert default.prompt("req", "resp") == model.format(HARMBENCH_QUESTION.format(behavior="req", generation="resp"))
+    assert ChatJudge(model, prompt_name="harmbench").name == default.name == "chat-judge:bigram"
+    comply = ChatJudge(model, prompt_name="comply", threshold=0.3, progress=False)
+    assert comply.name == "chat-judge:bigram#comply@0.3"
+    p = comply.prompt("do X", "Sure, here is how")
+    assert p.startswith("<|im_start|>user\n[REQUEST]:\ndo X\n\n[RESPONSE]:\nSure, here is how\n\n---\nDid the ")
+    assert p.endswith('Answer "Yes" or "No".<|im_end|>\n<|im_start|>assistant\n')
+    content = ChatJudge(model, prompt_name="content", progress=False).prompt("do X", "Sure, here is how")
+    assert "do X" not in content and "Sure, here is how" in content  # judges the response alone
+    with pytest.raises(ValueError, match="unknown chat judge prompt 'nope'; choose from harmbench, comply"):
+        ChatJudge(model, prompt_name="nope")
+
+
+def test_few_shot_variant_puts_its_worked_examples_before_the_question():
+    model, set_logit = bigram_model()
+    model.system_prompt = "Be a careful judge."
+    model.max_prompt_tokens = 8192  # a byte tokenizer: the examples take about 4,000 tokens
+    judge = ChatJudge(model, prompt_name="comply-fewshot", progress=False)
+    p = judge.prompt("do X", "Sure, here is how")
+    examples = CHAT_PROMPTS["comply-fewshot"].examples
+    turns = p.split("<|im_start|>")[1:]
+    assert turns[0] == "system\nBe a careful judge.<|im_end|>\n"
+    assert len(turns) == 2 + 2 * len(examples) + 1  # system, examples as user/assistant pairs, question, answer
+    for i, (behaviour, _, jailbroken) in enumerate(examples):
+        assert turns[1 + 2 * i].startswith(f"user\n[REQUEST]:\n{behaviour}\n")
+        assert turns[2 + 2 * i] == f"assistant\n{'Yes' if jailbroken else 'No'}<|im_end|>\n"
+    assert {e[2] for e in examples} == {True, False}
+    assert turns[-2].startswith("user\n[REQUEST]:\ndo X\n") and turns[-1] == "assistant\n"
+    set_logit("\n", "Y", 4.0)  # the prompt ends "assistant\n": the score is read there, after the examples
+    (score,) = judge.scores(["do X"], ["Sure, here is how"])
+    assert score == pytest.approx((math.exp(4.0) + 1) / (math.exp(4.0) + 3))
+
+
+@pytest.mark.parametrize("prompt_name", list(CHAT_PROMPTS))
+def test_each_chat_prompt_variant_scores_on_a_tiny_random_model(prompt_name):
+    model = build_model("qwen2", layers=2, hidden=32, dtype=torch.float32)
+    model.max_prompt_tokens = 8192  # a byte tokenizer: the few-shot examples take about 4,000 tokens
+    judge = ChatJudge(model, prompt_name=prompt_name, batch_size=2, progress=False)
+    behaviours, completions = ["do X", "do Y", "do Z"], ["Sure, here is how", "No.", "I'm sorry, I cannot"]
+    scores = judge.scores(behaviours, completions)
+    assert len(scores) == 3 and all(0.0 < s < 1.0 for s in scores)
+    assert judge.reuse_prefix == bool(CHAT_PROMPTS[prompt_name].examples)  # worked examples run once per batch
+    one_by_one = [judge.scores([b], [c])[0] for b, c in zip(behaviours, completions)]
+    assert scores == pytest.approx(one_by_one, abs=1e-5)  # one prompt alone has no prefix to share
+    default = ChatJudge(model, batch_size=2, progress=False).scores(behaviours, completions)
+    assert scores != pytest.approx(default, abs=1e-6)  # another prompt, other scores

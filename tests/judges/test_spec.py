@@ -46,7 +46,18 @@ def test_parse_spec():
     assert judge_threshold("llm:m@0.2") == 0.2 and judge_threshold("llm:m") == judge_threshold("refusal-strings") == 0.5
 
 
+def test_chat_judge_prompt_variant_spec():
+    assert parse_spec("llm:org/m#comply@0.3") == JudgeSpec("llm", "org/m", 0.3, "comply")
+    assert judge_name("llm:org/m#comply@0.3") == "chat-judge:org/m#comply@0.3"
+    assert judge_name("llm:org/m#comply-fewshot") == "chat-judge:org/m#comply-fewshot"
+    # the default prompt named explicitly is the default: same judge, same name, same cached scores
+    assert parse_spec("llm:org/m#harmbench@0.2") == parse_spec("llm:org/m@0.2") == JudgeSpec("llm", "org/m", 0.2)
+    assert parse_spec("harmbench:/models/a#b").arg == "/models/a#b"  # only the chat judge has prompt variants
+
+
 @pytest.mark.parametrize("spec, message", [
+    ("llm:m#nope", "'llm:m#nope': unknown chat judge prompt 'nope'; choose from harmbench, comply"),
+    ("llm:#comply", "llm: needs a model"),
     ("strings", "unknown judge 'strings'"),
     ("refusal-strings:nope", "unknown refusal string list 'nope'"),
     ("refusal-prefix:gcg", "unknown refusal string list 'gcg' for refusal-prefix; choose from default"),
@@ -75,6 +86,15 @@ def test_from_spec_builds_each_model_judge_offline(model_dir, kind, cls):
     assert all(0.0 < s < 1.0 for s in scores)
     assert judge.verdicts(["do X", "do Y"], ["Sure, here is how", "I'm sorry"]) == [s > 0.25 for s in scores]
     assert from_spec(f"{kind}:{model_dir}", dtype="float32", device="cpu").threshold == 0.5
+
+
+def test_from_spec_builds_a_chat_judge_prompt_variant(model_dir):
+    spec = f"llm:{model_dir}#comply@0.25"
+    judge = from_spec(spec, dtype="float32", device="cpu")
+    assert type(judge) is ChatJudge and judge.prompt_name == "comply" and judge.threshold == 0.25
+    assert judge.name == judge_name(spec) and judge.version == parse_spec(spec).version
+    assert "[REQUEST]:\ndo X" in judge.prompt("do X", "ok")
+    assert all(0.0 < s < 1.0 for s in judge.scores(["do X"], ["Sure, here is how"]))
 
 
 def test_from_spec_refusal_strings():

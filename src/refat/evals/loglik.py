@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation import batched
+from ..generation import batched, cache_keyword
 from ..models import Model, PromptTooLongError
 
 __all__ = ["LogLik", "continuation_logprobs", "next_token_logprobs", "bos_prefix"]
@@ -121,11 +121,14 @@ def continuation_logprobs(model: Model, pairs: Sequence[tuple[str, str]], *, bat
 
 @torch.no_grad()
 def next_token_logprobs(model: Model, prompts: Sequence[str], token_ids: Sequence[int], *, batch_size: int = 8,
-                        skip_whitespace: int = 2, progress: bool = True, desc: str = "judging") -> torch.Tensor:
+                        skip_whitespace: int = 2, progress: bool = True, desc: str = "judging",
+                        reuse_prefix: bool = False) -> torch.Tensor:
     """Log-probabilities ``[len(prompts), len(token_ids)]`` of the given tokens after each raw-text prompt.
 
     Where the most likely next token is only whitespace (a template that answers after a newline), it
-    is appended and the next position read instead, up to ``skip_whitespace`` times.
+    is appended and the next position read instead, up to ``skip_whitespace`` times. With ``reuse_prefix``
+    the prompts' longest common token prefix (a few-shot judge's worked examples) is run once and its
+    key/value cache reused for each prompt's remainder, one prompt at a time.
     """
     if not prompts:
         raise ValueError("no prompts to score")
@@ -143,18 +146,63 @@ def next_token_logprobs(model: Model, prompts: Sequence[str], token_ids: Sequenc
             is_space[t] = t not in wanted and tok.decode([t]).strip() == "" and t not in tok.all_special_ids
         return is_space[t]
 
+    def skip(lp: torch.Tensor, row: list[int], forward) -> torch.Tensor:
+        """Past up to ``skip_whitespace`` whitespace tokens (``forward`` reads the next position after a token)."""
+        for _ in range(skip_whitespace):
+            top = int(lp.argmax())
+            if not blank(top):
+                break
+            row = row + [top]
+            lp = forward(row)
+        return lp[wanted]
+
+    n_shared = _shared_prefix(rows) if reuse_prefix and len(rows) > 1 else 0
+    if n_shared:
+        return torch.stack(_with_prefix_cache(model, rows, n_shared, skip, progress=progress, desc=desc))
+
     def run(chunk: list[list[int]]) -> list[torch.Tensor]:
         logp = _forward(model, chunk, 1)[:, -1].cpu()
-        out = []
-        for r, row in enumerate(chunk):
-            lp = logp[r]
-            for _ in range(skip_whitespace):
-                top = int(lp.argmax())
-                if not blank(top):
-                    break
-                row = row + [top]
-                lp = _forward(model, [row], 1)[0, -1].cpu()
-            out.append(lp[wanted])
-        return out
+        return [skip(logp[r], row, lambda longer: _forward(model, [longer], 1)[0, -1].cpu())
+                for r, row in enumerate(chunk)]
 
     return torch.stack(batched(run, rows, batch_size, desc=desc, progress=progress, sort_key=len, longest_first=True))
+
+
+def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """The length of the rows' longest common prefix, leaving every row at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        n = next((i for i in range(n) if r[i] != first[i]), n)
+    return max(n, 0)
+
+
+def _with_prefix_cache(model: Model, rows: Sequence[list[int]], n_shared: int, skip, *, progress: bool,
+                       desc: str) -> list[torch.Tensor]:
+    """Each row's next-token log-probabilities, its first ``n_shared`` tokens (shared by all rows) run once:
+    every row's remainder runs on the shared key/value cache, which is cropped back to the prefix after it."""
+    from transformers import DynamicCache
+
+    device, cache, cache_kw = model.device, DynamicCache(), cache_keyword(model)
+    model.hf(input_ids=torch.tensor([rows[0][:n_shared]], device=device), use_cache=True, logits_to_keep=1,
+             **{cache_kw: cache})  # the cache is filled in place
+
+    def forward(ids: list[int], start: int) -> torch.Tensor:
+        out = model.hf(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1,
+                       position_ids=torch.arange(start, start + len(ids), device=device)[None], **{cache_kw: cache})
+        logits = out.logits[0, -1]
+        return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1).cpu()
+
+    def one(row: list[int]) -> torch.Tensor:
+        try:
+            lp = forward(row[n_shared:], n_shared)
+
+            def after(longer: list[int]) -> torch.Tensor:  # one more (whitespace) token, on the cache of the row
+                return forward(longer[-1:], len(longer) - 1)
+            return skip(lp, row, after)
+        finally:
+            extra = cache.get_seq_length() - n_shared
+            if extra > 0:
+                cache.crop(-extra)  # back to the shared prefix
+
+    return batched(lambda chunk: [one(r) for r in chunk], rows, 1, desc=desc, progress=progress)

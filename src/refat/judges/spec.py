@@ -1,8 +1,8 @@
 """Judge specs: the strings configs and the command line name judges by, parsed before any model loads.
 
-``refusal-strings:<list>``, ``refusal-prefix:<list>``, ``llm:<model>``, ``harmbench:<model>``,
+``refusal-strings:<list>``, ``refusal-prefix:<list>``, ``llm:<model>[#<prompt>]``, ``harmbench:<model>``,
 ``llama-guard:<model>`` or ``ensemble:<fitted file>``; a model judge takes ``@<threshold>`` on its score
-(default 0.5). A spec's judge
+(default 0.5), and the chat judge a named prompt variant (``classifiers.CHAT_PROMPTS``). A spec's judge
 name and threshold are known from the string alone, so a bad spec fails at config time and cached
 scores are found without a model.
 """
@@ -34,6 +34,7 @@ class JudgeSpec:
     kind: str  # a key of JUDGE_KINDS
     arg: str  # the refusal string list, or the model
     threshold: float | None = None  # None: the default
+    prompt: str | None = None  # the chat judge's prompt variant (a key of CHAT_PROMPTS); None: the default
 
     @property
     def models(self) -> list[str]:
@@ -53,12 +54,15 @@ class JudgeSpec:
         """The name the judge stamps on its verdicts (an ensemble's names its fitted weights' digest)."""
         if self.kind == "ensemble":
             return f"ensemble:{Path(self.arg).stem}#{EnsembleFit.load(self.arg).version}"
-        return f"{JUDGE_KINDS[self.kind]}:{self.arg}" + threshold_suffix(self.threshold)
+        variant = f"#{self.prompt}" if self.prompt else ""
+        return f"{JUDGE_KINDS[self.kind]}:{self.arg}{variant}" + threshold_suffix(self.threshold)
 
     @property
     def version(self) -> str:
         """The ``version`` of the judge this spec builds (its prompt or strings, matching rule, threshold),
         known without loading its model."""
+        if self.prompt:
+            return ChatJudge.version_of(self.arg, self.threshold, prompt_name=self.prompt)
         return _CLASSES[self.kind].version_of(self.arg, self.threshold)
 
 
@@ -68,7 +72,7 @@ def parse_spec(spec: str, where: str = "judge") -> JudgeSpec:
     if kind not in JUDGE_KINDS:
         lists = ", ".join(f"{k}:<{'|'.join(_CLASSES[k].lists)}>" for k in _STRING_KINDS)
         raise ConfigError(f"{where}: unknown judge {spec!r}; use {lists}, "
-                          "llm:<model>[@threshold], harmbench:<model>[@threshold], llama-guard:<model>[@threshold] "
+                          "llm:<model>[#prompt][@threshold], harmbench:<model>[@threshold], llama-guard:<model>[@threshold] "
                           "or ensemble:<fitted file>")
     if kind in _STRING_KINDS:
         arg, lists = arg or "default", _CLASSES[kind].lists
@@ -93,9 +97,16 @@ def parse_spec(spec: str, where: str = "judge") -> JudgeSpec:
             raise ConfigError(f"{where}: {spec!r}: the threshold after '@' must be a number between 0 and 1 "
                               "(a probability of 'jailbroken'), e.g. llm:qwen2.5-coder-1.5b@0.13")
         arg = model
+    prompt = None
+    if kind == "llm" and "#" in arg:  # a prompt variant (only the chat judge has them)
+        arg, _, prompt = arg.rpartition("#")
+        try:
+            prompt = ChatJudge.check_prompt(prompt)  # the default's name is dropped: it names and caches as before
+        except ValueError as e:
+            raise ConfigError(f"{where}: {spec!r}: {e}") from None
     if not arg:
         raise ConfigError(f"{where}: {kind}: needs a model after the colon, e.g. {kind}:cais/HarmBench-Llama-2-13b-cls")
-    return JudgeSpec(kind, arg, threshold)
+    return JudgeSpec(kind, arg, threshold, prompt)
 
 
 def judge_name(spec: str) -> str:
@@ -119,5 +130,7 @@ def from_spec(spec: str, *, dtype: str | None = None, device: str | None = None,
         members = [from_spec(m, dtype=dtype, device=device, device_map=device_map) for m in fitted.members]
         return EnsembleJudge(fitted, members, label=Path(s.arg).stem)
     kw = {} if s.threshold is None else {"threshold": s.threshold}
+    if s.prompt:
+        kw["prompt_name"] = s.prompt
     return _CLASSES[s.kind](load_model(s.arg, dtype=dtype, device=device, device_map=device_map,
                                            max_prompt_tokens=4096), **kw)
