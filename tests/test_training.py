@@ -617,17 +617,17 @@ def _dp_worker(rank: int, port: int, out: str) -> None:
         raise
 
 
-def test_data_parallel_matches_single_process(tmp_path):
-    out = tmp_path / "dp"
+def _run_ranks(worker, out: Path, timeout: float) -> None:
+    """``worker(rank, port, out)`` in 2 forked processes; fails with the ranks' tracebacks (error-rank*.txt)."""
     out.mkdir()
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
-    procs = [ctx.Process(target=_dp_worker, args=(rank, port, str(out))) for rank in range(2)]
+    procs = [ctx.Process(target=worker, args=(rank, port, str(out))) for rank in range(2)]
     for p in procs:
         p.start()
     try:
         for p in procs:
-            p.join(timeout=120)
+            p.join(timeout=timeout)
     finally:
         for p in procs:
             if p.is_alive():
@@ -635,6 +635,11 @@ def test_data_parallel_matches_single_process(tmp_path):
                 p.join()
     errors = "\n".join(e.read_text() for e in sorted(out.glob("error-rank*.txt")))
     assert [p.exitcode for p in procs] == [0, 0], errors or "a rank hung or was killed"
+
+
+def test_data_parallel_matches_single_process(tmp_path):
+    out = tmp_path / "dp"
+    _run_ranks(_dp_worker, out, timeout=120)
 
     for method, (name, kw) in DP_RUNS.items():
         w0 = load_file(str(out / f"{method}-rank0.safetensors"))
@@ -733,22 +738,7 @@ def test_fsdp_full_finetune_matches_single_process_and_resumes(tmp_path):
     and gradient norm and the saved model equal one unsharded process's, checkpoints are written as
     shards, and a run resumed from them equals an uninterrupted one."""
     out = tmp_path / "fsdp"
-    out.mkdir()
-    ctx = multiprocessing.get_context("fork")
-    port = _free_port()
-    procs = [ctx.Process(target=_fsdp_worker, args=(rank, port, str(out))) for rank in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=300)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    errors = "\n".join(e.read_text() for e in sorted(out.glob("error-rank*.txt")))
-    assert [p.exitcode for p in procs] == [0, 0], errors or "a rank hung or was killed"
+    _run_ranks(_fsdp_worker, out, timeout=300)
 
     base = {n: p.detach() for n, p in fresh().hf.state_dict().items()}
     singles = {}
