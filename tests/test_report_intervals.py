@@ -63,14 +63,14 @@ def test_samples_are_the_first_jailbroken_and_refused_in_behaviour_order():
     flags = {"b3": True, "b1": False, "b5": True, "b2": True, "b4": False, "b0": False}
     strings = [_row("rt", "gcg", b, f, completion=f"c{b}") for b, f in flags.items()] + [_row("rt", "none", "b9", False)]
     llm = [dict(r, jailbroken=not r["jailbroken"]) for r in strings]
-    out = report_stage._samples({"strings": strings, "llm": llm})
+    out = report_stage.samples({"strings": strings, "llm": llm})
     assert out["judge"] == "strings"
     gcg = [s for s in out["samples"] if s["attack"] == "gcg"]
     assert [s["behaviour_id"] for s in gcg] == ["b2", "b3", "b0", "b1"]
     assert gcg[0] == {"defense": "rt", "attack": "gcg", "behaviour_id": "b2", "goal": "goal b2", "completion": "cb2",
                       "verdicts": {"strings": True, "llm": False}}
     assert [s["behaviour_id"] for s in out["samples"] if s["attack"] == "none"] == ["b9"]  # fewer than asked: all
-    assert len(report_stage._samples({"strings": strings}, per_verdict=1)["samples"]) == 3
+    assert len(report_stage.samples({"strings": strings}, per_verdict=1)["samples"]) == 3
 
 
 def test_judge_agreement_per_cell():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from test_pipeline import config, files, tiny_utility_data, write  # noqa: F401 (fixtures)
 
-from refat.pipeline import load_config, resolve_inputs, stage_names
+from refat.pipeline import load_config, plan, resolve_inputs, stage_names
 from refat.storage import read_json, read_jsonl
 
 ROOT = Path(__file__).parents[2]
@@ -89,3 +89,20 @@ def test_shipped_defenses_configs_resolve_offline():
         assert len(inputs.validation) == 41 and not {b.goal for b in inputs.behaviours} & set(inputs.validation)
     small = load_config(ROOT / "configs" / "defenses-1.5b.yaml")
     assert small.model == "qwen2.5-coder-1.5b" and small.seeds == [0] and {a.name for a in small.attacks} == {"rfa", "prefill"}
+
+
+def test_options_added_for_the_table_keep_earlier_fingerprints(files):  # noqa: F811
+    """An attack's `seeds` and the templates' `choose*` options stay out of the attack stage's fingerprint at their
+    defaults (runs made before them keep their stages); set, `choose` is part of it and `seeds` still is not."""
+    def reads(**templates_config):
+        cfg = load_config(write(files / "fp.yaml", config(files, defenses=["base", "rt"], train_overrides={},
+                                                          seeds=[0, 1], attacks=[
+            {"name": "templates", "config": {"source": str(files / "templates.yaml"), **templates_config},
+             "seeds": [0]}])))
+        stages = {s.name: s for s in plan(cfg)}
+        assert "attacks/rt/templates" in stages and "attacks/rt@seed1/templates" not in stages
+        return stages["attacks/base/templates"].config["attack"]
+
+    default = reads()
+    assert "seeds" not in default and not {"choose", "choose_prompts", "choose_tokens"} & set(default["config"])
+    assert reads(choose=1)["config"]["choose"] == 1

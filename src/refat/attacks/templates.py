@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .. import catalog
-from ..configs import at_least
+from ..configs import added, at_least
 from ..data import PackageFile, affirmative_target, read_package_file
 from ..errors import RefatError
 from ..judges import RefusalStringJudge
@@ -343,9 +343,9 @@ class TemplatesConfig:
     # the attacker's choice: attack with the `choose` templates that broke the most harmful validation prompts
     # (context.validation, never an attacked behaviour) on the attacked model itself, each tried on the first
     # `choose_prompts` of them for `choose_tokens` new tokens; choice.json scores every template. None: all
-    choose: int | None = None
-    choose_prompts: int = 8
-    choose_tokens: int = 32
+    choose: int | None = added(None)
+    choose_prompts: int = added(8)
+    choose_tokens: int = added(32)
 
     def __post_init__(self):
         at_least(self, 1, "n", "max_new_tokens", "batch_size", "choose", "choose_prompts", "choose_tokens")

@@ -85,8 +85,9 @@ def plan(cfg: ExperimentConfig, model_id: dict | None = None) -> list[Stage]:
 
 
 def _attack_reads(spec) -> dict:
-    """The attack as its stage reads it: ``seeds`` only decides which models it runs on, not what it computes."""
-    out = asdict(spec)
+    """The attack as its stage reads it: its config without the options added later at their defaults
+    (:func:`refat.configs.added`), and without ``seeds``, which only decides which models it runs on."""
+    out = asdict(spec) | {"config": fingerprint_data(spec.parsed())}
     del out["seeds"]
     return out
 
