@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_training import PAIRS, fresh, metrics
+from test_training import PAIRS, _single_process, fresh, metrics  # noqa: F401 (an autouse fixture)
 
 from refat import hooks
 from refat.configs import ConfigError, fingerprint_data
@@ -36,12 +36,6 @@ LAT = preset_config("lat-paper").adversarial
 def model():
     """A shared tiny model for tests that never change its weights."""
     return fresh()
-
-
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch):
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def batch_of(model, pairs=BATCH):
