@@ -8,8 +8,8 @@
   training config and stage seconds;
 - ``rows``: one per model × attack column: ``method``, ``setting`` (the defense's name), ``seed``, ``attack``,
   ``n`` (behaviours), ``asr`` and ``ci`` (judge → rate in [0, 1], and its 95 % interval over behaviours),
-  ``disagreement`` (the share of completions the judges call differently) and ``choice`` (the attacker's choice
-  on validation prompts: the worst-case RFA member, the chosen template);
+  ``disagreement`` (the share of completions the first two judges call differently) and ``choice`` (the
+  attacker's choice on validation prompts: the worst-case RFA member, the chosen template);
 - ``means``: per defense × attack with several seeds, each judge's mean ± sd over seeds.
 
     python experiments/defenses.py                     # every model not yet in results/defenses/
@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from refat.pipeline import ExperimentConfig, parts
+from refat.pipeline.stages.report import judge_agreement
 from refat.stats import spread
 
 ROOT = Path(__file__).parents[1]
@@ -42,16 +43,13 @@ def _choice(part: dict, attack: str) -> dict | None:
     return None
 
 
-def _disagreement(part: dict, judges: list[str], attack: str) -> float | None:
-    verdicts = [[r["jailbroken"] for r in part["verdicts"][j] if r["attack"] == attack] for j in judges]
-    if len(verdicts) < 2 or not verdicts[0]:
-        return None
-    return sum(len(set(v)) > 1 for v in zip(*verdicts)) / len(verdicts[0])
-
-
 def summarize(cfg: ExperimentConfig, parts_dir: str | Path = PARTS) -> dict:
     measured = parts.load_parts(cfg, parts_dir)
     tables, judges = parts.asr(cfg, measured), cfg.judges
+    judged = parts.verdicts(cfg, measured)
+    disagree = {} if len(judged) < 2 else {  # the first two judges, as the report's judge agreement shows them
+        (c["defense"], c["attack"]): c["disagree"]["value"]
+        for c in judge_agreement(judged, parts.asr_cells(cfg, measured))[0]["cells"]}
     rows, by_setting = [], defaultdict(lambda: defaultdict(list))
     for s in cfg.subjects:
         if s.key not in measured:
@@ -62,7 +60,7 @@ def summarize(cfg: ExperimentConfig, parts_dir: str | Path = PARTS) -> dict:
                    "n": first["n"][s.key][attack],
                    "asr": {j: tables[j]["rates"][s.key][attack] for j in judges},
                    "ci": {j: tables[j]["ci"][s.key][attack] for j in judges},
-                   "disagreement": _disagreement(p, judges, attack), "choice": _choice(p, attack)}
+                   "disagreement": disagree.get((s.key, attack)), "choice": _choice(p, attack)}
             rows.append(row)
             if s.seed is not None:
                 by_setting[p["defense"], attack][s.seed] = row

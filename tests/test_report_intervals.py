@@ -54,9 +54,9 @@ def _row(d, a, b, jailbroken, completion="text"):
 
 def test_rate_cell_reads_old_and_new_rates_files():
     new = {"judge": "s", "rates": {"rt": {"gcg": 0.5}}, "n": {"rt": {"gcg": 4}}, "ci": {"rt": {"gcg": [0.25, 0.75]}}}
-    assert report_stage._rate_cell(new, "rt", "gcg") == {"value": 0.5, "n": 4, "ci": [0.25, 0.75]}
+    assert report_stage.rate_cell(new, "rt", "gcg") == {"value": 0.5, "n": 4, "ci": [0.25, 0.75]}
     old = {"judge": "s", "rates": {"rt": {"gcg": 0.5}}}  # a judges stage from before intervals
-    assert report_stage._rate_cell(old, "rt", "gcg") == 0.5
+    assert report_stage.rate_cell(old, "rt", "gcg") == 0.5
 
 
 def test_samples_are_the_first_jailbroken_and_refused_in_behaviour_order():
@@ -77,7 +77,7 @@ def test_judge_agreement_per_cell():
     a = [_row("rt", "gcg", f"b{i}", f) for i, f in enumerate([True, True, False, False, True])]
     b = [dict(r, jailbroken=f) for r, f in zip(a, [True, False, False, False, False])]
     asr = {"rt": {"gcg": {"A": {"value": 0.6, "n": 5, "ci": [0.2, 1.0]}, "B": 0.2}}}
-    [pair] = report_stage._judge_agreement({"A": a, "B": b}, asr)
+    [pair] = report_stage.judge_agreement({"A": a, "B": b}, asr)
     assert pair["judges"] == ["A", "B"]
     [cell] = pair["cells"]
     assert cell["asr"] == {"A": asr["rt"]["gcg"]["A"], "B": 0.2}

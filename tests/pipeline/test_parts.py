@@ -56,7 +56,7 @@ def test_parts_reuse_the_run_and_rebuild_its_tables(full_run, tmp_path, monkeypa
     assert parts.paired(cfg, loaded) == read_json(run_dir / "report/paired.json")
     judged = read_json(run_dir / "judges/refusal-strings_default/rates.json")
     assert parts.asr(cfg, loaded)["refusal-strings:default"] == json.loads(json.dumps(
-        {k: judged[k] for k in ("rates", "n", "ci")}))
+        {k: judged[k] for k in ("judge", "rates", "n", "ci")}))
 
     md = parts.write_report(cfg, loaded, tmp_path / "results" / "report")  # the report from the part files alone
     text = md.read_text()

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import RunError
+from ..judges import judge_name
 from ..models import Model
 from ..storage import digest, read_json, read_jsonl, write_json
 from .config import ExperimentConfig, Subject, load_config
@@ -30,9 +31,10 @@ from .provenance import model_id
 from .run import run_experiment
 from .runner import read_marker
 from .stages.judges import rate_tables
-from .stages.report import outcomes, paired_table
+from .stages.report import judge_agreement, outcomes, paired_table, rate_cell, samples
 
-__all__ = ["asr", "experiment_main", "load_parts", "measure", "paired", "part_id", "run_parts", "write_report"]
+__all__ = ["asr", "asr_cells", "experiment_main", "load_parts", "measure", "paired", "part_id", "run_parts", "verdicts",
+           "write_report"]
 
 log = logging.getLogger("refat.pipeline")
 FORMAT = 1  # the part file's schema
@@ -136,33 +138,42 @@ def asr(cfg: ExperimentConfig, parts: dict[str, dict]) -> dict[str, dict]:
         for key, p in parts.items():
             for r in p["verdicts"].get(j, []):
                 hits[key, r["attack"]].append((r["behaviour"], r["jailbroken"]))
-        out[j] = rate_tables(hits)
+        out[j] = {"judge": judge_name(j), **rate_tables(hits)}
     return out
+
+
+def asr_cells(cfg: ExperimentConfig, parts: dict[str, dict]) -> dict[str, dict]:
+    """{model: {attack: {judge: {"value", "n", "ci"}}}}, the report's asr.json, from part files."""
+    cells: dict[str, dict] = {}
+    for t in asr(cfg, parts).values():
+        for key, row in t["rates"].items():
+            for col in row:
+                cells.setdefault(key, {}).setdefault(col, {})[t["judge"]] = rate_cell(t, key, col)
+    return cells
+
+
+def verdicts(cfg: ExperimentConfig, parts: dict[str, dict]) -> dict[str, list[dict]]:
+    """Each judge's verdict rows with their completions, as the judges stages write them (by judge name)."""
+    return {judge_name(j): [{"defense": key, **r, **p["completions"][f"{r['attack']}/{r['behaviour_id']}"]}
+                            for key, p in parts.items() for r in p["verdicts"].get(j, [])] for j in cfg.judges}
 
 
 def write_report(cfg: ExperimentConfig, parts: dict[str, dict], folder: str | Path) -> Path:
     """The report (refat.report: report.md, report.html, plots) of the models measured so far, from their part
-    files: each judge's ASR with n and interval, the differences from the base model with the robustness and
-    over-refusal trade-off, and sample completions to read. Returns report.md."""
+    files: each judge's ASR with n and interval, the judges' agreement, the differences from the base model with
+    the robustness and over-refusal trade-off, and sample completions to read. Returns report.md."""
     from ..report import write_report as render
-    from .stages.report import SAMPLES_PER_VERDICT, samples
 
     folder = Path(folder)
-    tables = asr(cfg, parts)
-    cells: dict[str, dict] = {}
-    for j, t in tables.items():
-        for key, row in t["rates"].items():
-            for col, value in row.items():
-                cells.setdefault(key, {}).setdefault(col, {})[j] = {"value": value, "n": t["n"][key][col],
-                                                                    "ci": t["ci"][key][col]}
-    verdicts = {j: [{"defense": key, **r, **p["completions"][f"{r['attack']}/{r['behaviour_id']}"]}
-                    for key, p in parts.items() for r in p["verdicts"].get(j, [])] for j in cfg.judges}
+    cells, judged = asr_cells(cfg, parts), verdicts(cfg, parts)
     write_json(folder / "run.json", {"experiment": cfg.name, "models measured": ", ".join(parts),
                                      "judges": ", ".join(cfg.judges)})
     write_json(folder / "asr.json", cells)
     write_json(folder / "paired.json", paired(cfg, parts))
-    if any(verdicts.values()):
-        write_json(folder / "samples.json", samples(verdicts, SAMPLES_PER_VERDICT))
+    if len(judged) > 1:
+        write_json(folder / "judge_agreement.json", judge_agreement(judged, cells))
+    if any(judged.values()):
+        write_json(folder / "samples.json", samples(judged))
     try:
         import matplotlib  # noqa: F401
         plots = True

@@ -50,11 +50,11 @@ def _asr(ctx) -> dict:
         for d, row in asr.items():
             for col in columns:
                 if col in rates["rates"].get(d, {}):
-                    row.setdefault(col, {})[rates["judge"]] = _rate_cell(rates, d, col)
+                    row.setdefault(col, {})[rates["judge"]] = rate_cell(rates, d, col)
     return _with_seed_means(ctx, asr)
 
 
-def _rate_cell(rates: dict, d: str, col: str) -> dict | float:
+def rate_cell(rates: dict, d: str, col: str) -> dict | float:
     """A judge's cell from its rates.json; one written before intervals were kept gives the plain rate."""
     n, ci = rates.get("n", {}).get(d, {}).get(col), rates.get("ci", {}).get(d, {}).get(col)
     value = rates["rates"][d][col]
@@ -178,7 +178,7 @@ def _cells(rows: list[dict]) -> dict[tuple[str, str], list[int]]:
     return cells
 
 
-def _judge_agreement(verdicts: dict[str, list[dict]], asr: dict) -> list[dict]:
+def judge_agreement(verdicts: dict[str, list[dict]], asr: dict) -> list[dict]:
     """For each pair of judges and each (defense, attack): both ASRs, the share of completions they disagree
     on (Wilson interval over completions) and Cohen's kappa (null when both judges gave one class only)."""
     out = []
@@ -250,7 +250,7 @@ def run(ctx, folder: Path) -> None:
     asr = _asr(ctx) if c.attacks else None
     verdicts = _verdicts(ctx) if c.attacks else {}
     tables = {"asr.json": asr,
-              "judge_agreement.json": _judge_agreement(verdicts, asr) if len(verdicts) > 1 else None,
+              "judge_agreement.json": judge_agreement(verdicts, asr) if len(verdicts) > 1 else None,
               "samples.json": samples(verdicts) if verdicts else None,
               "utility.json": _utility(ctx) if c.utility is not None else None,
               "overrefusal.json": _overrefusal(ctx) if c.overrefusals else None,
