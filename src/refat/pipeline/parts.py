@@ -162,6 +162,7 @@ def write_report(cfg: ExperimentConfig, parts: dict[str, dict], folder: str | Pa
     """The report (refat.report: report.md, report.html, plots) of the models measured so far, from their part
     files: each judge's ASR with n and interval, the judges' agreement, the differences from the base model with
     the robustness and over-refusal trade-off, and sample completions to read. Returns report.md."""
+    from ..report import PlotsUnavailableError
     from ..report import write_report as render
 
     folder = Path(folder)
@@ -175,11 +176,10 @@ def write_report(cfg: ExperimentConfig, parts: dict[str, dict], folder: str | Pa
     if any(judged.values()):
         write_json(folder / "samples.json", samples(judged))
     try:
-        import matplotlib  # noqa: F401
-        plots = True
-    except ImportError:
-        plots = False
-    return render(folder, plots=plots)[0]
+        return render(folder)[0]
+    except PlotsUnavailableError as e:  # as the report stage: the tables without plots
+        log.warning("report without plots: %s", e)
+        return render(folder, plots=False)[0]
 
 
 def experiment_main(argv: Sequence[str] | None, *, description: str, config: Path, parts_dir: Path, results: Path,
