@@ -87,3 +87,25 @@ def test_judge_variant_table_measures_each_step_held_out(judge_variants):
     noise_step, combined = table["steps"]
     assert noise_step["cohen_kappa"] < 0.3 < 0.6 < combined["cohen_kappa"]
     assert sum(combined["chosen"].values()) == 3 * 2 and 0 < combined["cohen_kappa_se"] < 0.3
+
+
+def test_feature_window_comparison_is_exact_at_window_1_and_measures_the_window(tmp_path):
+    import torch
+    from conftest import build_model
+
+    from refat.training import Pair
+
+    path = Path(__file__).parents[1] / "experiments" / "feature_window.py"
+    spec = importlib.util.spec_from_file_location("feature_window", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pairs = ([Pair(f"harmful request {i}" + " now" * (i % 3), "I'm sorry, I can't.", True, "template") for i in range(8)]
+             + [Pair(f"harmless question {i}", f"Answer {i}.", False, "dataset") for i in range(8)])
+    model = lambda: build_model("llama", layers=4, hidden=32, dtype=torch.float32)  # noqa: E731
+    one = module.measure(model(), pairs, window=1, steps=8)
+    assert [r["step"] for r in one["recomputations"]] == [0, 4]
+    assert all(r["cosine_min"] > 1 - 1e-6 for r in one["recomputations"])  # window 1 is the fresh computation
+    assert one["recomputations"][1]["fresh_drift_since_previous_min"] < 1 - 1e-4  # the model moved in 4 steps
+    two = module.measure(model(), pairs, window=2, steps=12)
+    assert two["turned_over"]["from_step"] == 8 and two["recomputations"][0]["cosine_min"] > 1 - 1e-6
+    assert two["turned_over"]["cosine_min"] < 1 - 1e-4  # step 4's means, in the window at step 8, are stale

@@ -336,6 +336,49 @@ def test_refat_recomputes_directions_every_k_steps(tmp_path):
     assert [m["step"] for m in metrics(tmp_path / "run")] == list(range(6))
 
 
+
+def test_feature_window_averages_the_last_recomputations_means():
+    """window 2: the first recomputation runs all n prompts and fills the window; each later one runs n / 2 newly
+    drawn prompts of each kind and replaces the oldest means, so the features are the mean of the two."""
+    from refat.directions import extract
+    from refat.training.perturbations import step_generator
+
+    model = fresh()  # its weights move below
+
+    def means(step, count):  # the prompts recompute(step) draws: harmful first, then harmless, from one generator
+        g = step_generator(0, step, 1)
+        harmful, harmless = ([xs[i] for i in torch.randperm(len(xs), generator=g)[:count].tolist()]
+                             for xs in (HARMFUL, HARMLESS))
+        d = extract(model, harmful, harmless, positions=[-1], progress=False)
+        return d.harmful_mean[0], d.harmless_mean[0], harmful
+
+    pert = RefatPerturbation(model, RefatConfig(n=4, k=2, window=2), HARMFUL, HARMLESS, seed=0)
+    whole = RefatPerturbation(model, RefatConfig(n=4, k=2), HARMFUL, HARMLESS, seed=0)
+    pert.recompute(0), whole.recompute(0)
+    assert torch.equal(pert.directions, whole.directions)  # the first: all n, as window 1
+    h0, b0, _ = means(0, 4)
+    first_tokens = pert.cost.tokens
+    history = []
+    for step in (2, 4):
+        with torch.no_grad():  # the model moves between recomputations, as in training
+            for w in model.hf.parameters():
+                w.add_(0.05 * torch.randn_like(w))
+        pert.recompute(step)
+        history.append(means(step, 2))
+    assert 0 < (pert.cost.tokens - first_tokens) / 2 < first_tokens  # each: n / 2 prompts of each kind, not n
+    (h2, b2, drawn2), (h4, b4, drawn4) = history
+    assert drawn2 != drawn4  # the steps draw different prompts
+    # step 4: the means of steps 2 and 4 (step 0's left the window), each at the model as it was then
+    assert (pert.directions - ((h2 + h4) / 2 - (b2 + b4) / 2).float()).abs().max().item() < 1e-5
+    assert (pert.harmless_mean - ((b2 + b4) / 2).float()).abs().max().item() < 1e-5
+    stale = ((h0 + h4) / 2 - (b0 + b4) / 2).float()
+    assert (pert.directions - stale).abs().max().item() > 1e-3  # the window moved on
+
+    again = RefatPerturbation(model, RefatConfig(n=4, k=2, window=2), HARMFUL, HARMLESS, seed=0)
+    again.load_state(pert.state())  # a checkpoint carries the window: the next recomputation is the same
+    pert.recompute(6), again.recompute(6)
+    assert torch.equal(pert.directions, again.directions)
+
 # ---------------------------------------------------------------------------------------------
 # 4. Resume
 
@@ -380,11 +423,12 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["refat", "rt"])
-def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method, window", [("refat", 1), ("refat", 2), ("rt", 1)])
+def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch, method, window):
     a, b = tmp_path / "a", tmp_path / "b"
     # k=3: features computed at steps 0 and 3, so the run resumed at step 2 must use the checkpoint's features
-    kw = {"checkpoint_every": 2, "lr": 2e-2, "refat": RefatConfig(n=4, k=3)}
+    # (and, window 2, the checkpoint's window of means)
+    kw = {"checkpoint_every": 2, "lr": 2e-2, "refat": RefatConfig(n=4, k=3, window=window)}
     ra = run(method, a, **kw)
 
     real_pairs = trainer_mod._Sampler.pairs
@@ -478,6 +522,7 @@ def test_exploding_lr_raises_diverged(tmp_path):
     ({"refat": partial(RefatConfig, layers=[-1])}, r"out of range"),
     ({"refat": partial(RefatConfig, p=1.5)}, r"\[0, 1\]"),
     ({"refat": partial(RefatConfig, p=-0.1)}, r"\[0, 1\]"),
+    ({"refat": partial(RefatConfig, n=4, window=3)}, r"window.*divide n"),
     ({"method": "lat", "adversarial": partial(AdversarialConfig, layers=[7])}, r"out of range"),
     ({"method": "cat", "adversarial": partial(AdversarialConfig, step_size=0.0)}, r"step_size"),
     ({"batch_size": 1}, r"batch_size"),
@@ -587,7 +632,7 @@ def _free_port() -> int:
 
 # label -> (method, TrainConfig changes): each ReFAT ablation, every harmful row ablated at its own drawn sites
 DP_RUNS = {"refat": ("refat", {}), "rt": ("rt", {}),
-           "refat-one-direction": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="one-direction")}),
+           "refat-one-direction": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="one-direction", window=2)}),
            "refat-random": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="random")}),
            # the authors' CAT and LAT (balls in fixed units): each shard's attack averages over the global batch's
            # tokens; the objective's terms over the global batch, floors and the KL's normaliser decided on global

@@ -63,6 +63,11 @@ class RefatConfig:
     p: float = 0.5  # probability that a harmful example is trained under RFA
     k: int = 4  # recompute the refusal features every k steps
     n: int = 32  # from n harmful and n harmless prompts
+    # the features average the means of the last `window` recomputations, each over n / window newly drawn prompts
+    # of each kind (the first runs all n): 1 / window of the recomputation's forwards, with activations up to
+    # (window - 1) * k steps old (an approximation: BENCHMARKS.md measures its features and the recipe its
+    # robustness). 1: every recomputation runs all n afresh (Yu et al.)
+    window: int = added(1)
     layers: list[int] | None = None  # default: from 25 % depth to the last layer
     mode: hooks.AblationMode = "project"
     position: int = -1  # post-instruction position the features are read at (an offset from the end)
@@ -80,7 +85,8 @@ class RefatConfig:
         require(self.ablation in ABLATIONS, "ablation", f"must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
         for name in ("layer_prob", "position_prob"):
             require(0.0 < getattr(self, name) <= 1.0, name, f"must be in (0, 1], got {getattr(self, name)}")
-        at_least(self, 1, "k", "n")
+        at_least(self, 1, "k", "n", "window")
+        require(self.n % self.window == 0, "window", f"must divide n ({self.n}), got {self.window}")
         require(self.mode in hooks.ABLATION_MODES, "mode", f"must be one of {', '.join(hooks.ABLATION_MODES)}, "
                 f"got {self.mode!r}")
         require(self.position < 0, "position", f"must be a negative offset from the end, got {self.position}")
@@ -232,14 +238,17 @@ class RefatPerturbation(Perturbation):
         self.harmful, self.harmless = harmful, harmless
         self.directions: Tensor | None = None  # [n_layers, d]
         self.harmless_mean: Tensor | None = None
+        self.window: list[tuple[Tensor, Tensor]] = []  # (harmful, harmless) float64 means, oldest first
         self.history: list[dict] = []  # (step, per-layer norms, cosine to the previous features)
 
     @torch.no_grad()
     def recompute(self, step: int) -> None:
-        """Refusal features of the model as it is now (adapters active, dropout off)."""
+        """Refusal features of the model as it is now (adapters active, dropout off): the first time from n
+        prompts of each kind, which fill the window; then from n / window, which replace the oldest means."""
         t0 = time.perf_counter()
+        fresh = self.cfg.n // self.cfg.window if self.window else self.cfg.n
         g = step_generator(self.seed, step, 1)
-        pick = lambda xs: [xs[i] for i in torch.randperm(len(xs), generator=g)[:self.cfg.n].tolist()]  # noqa: E731
+        pick = lambda xs: [xs[i] for i in torch.randperm(len(xs), generator=g)[:fresh].tolist()]  # noqa: E731
         harmful, harmless = pick(self.harmful), pick(self.harmless)
         was_training = self.model.hf.training
         self.model.hf.eval()
@@ -251,11 +260,14 @@ class RefatPerturbation(Perturbation):
                         batch_size=16, share_prefix=True, work=work)
         finally:
             self.model.hf.train(was_training)
-        new = d.per_layer(self.cfg.position)
+        means = (d.harmful_mean[0], d.harmless_mean[0])  # float64 [n_layers, d]
+        self.window = (self.window or [means] * self.cfg.window)[1:] + [means]
+        harmful_mean, harmless_mean = (torch.stack(m).mean(0) for m in zip(*self.window))
+        new = (harmful_mean - harmless_mean).float()
         cos = None
         if self.directions is not None:
             cos = torch.nn.functional.cosine_similarity(new, self.directions, dim=-1)[self.layers].mean().item()
-        self.directions, self.harmless_mean = new, d.harmless(self.cfg.position)
+        self.directions, self.harmless_mean = new, harmless_mean.float()
         self.cost.add(Cost(forward=work.forwards, tokens=work.tokens, seconds=time.perf_counter() - t0))
         self.history.append({"step": step, "mean_norm": new[self.layers].norm(dim=-1).mean().item(),
                              "cosine_to_previous": cos})
@@ -318,11 +330,18 @@ class RefatPerturbation(Perturbation):
         return _all(parts)
 
     def state(self) -> dict[str, Tensor]:
-        return {} if self.directions is None else {"directions": self.directions, "harmless_mean": self.harmless_mean}
+        if self.directions is None:
+            return {}
+        state = {"directions": self.directions, "harmless_mean": self.harmless_mean}
+        if self.cfg.window > 1:
+            state["window"] = torch.stack([torch.stack(m) for m in self.window])  # [window, 2, n_layers, d]
+        return state
 
     def load_state(self, state: dict[str, Tensor]) -> None:
         if "directions" in state:
             self.directions, self.harmless_mean = state["directions"], state["harmless_mean"]
+        if "window" in state:
+            self.window = [(m[0], m[1]) for m in state["window"]]
 
 
 class AdversarialPerturbation(Perturbation):
