@@ -94,6 +94,21 @@ def test_generate_empty_raises(gen_model):
         generate(gen_model, [], progress=False)
 
 
+def test_generation_past_the_context_is_refused_by_name():
+    """GPT-2 has 256 positions: a prompt that fits but leaves no room for the new tokens is refused before the
+    model is called (it would index past its position embeddings), naming max_new_tokens."""
+    from refat.models import PromptTooLongError
+
+    model = build_model("gpt2", layers=2, hidden=32)
+    prompt = "word " * 40  # ~210 tokens with the byte tokenizer and the chat template
+    width = len(model.tokenizer(model.format(prompt), add_special_tokens=False)["input_ids"])
+    assert width < 256 - 8
+    assert len(generate(model, [prompt], max_new_tokens=256 - width, progress=False)) == 1  # exactly the context
+    with pytest.raises(PromptTooLongError, match=f"max_new_tokens={256 - width + 1} exceed the model's context "
+                                                 f"length 256"):
+        generate(model, [prompt], max_new_tokens=256 - width + 1, progress=False)
+
+
 def test_generation_stops_at_eos(gen_model):
     eos = gen_model.tokenizer.eos_token_id
     steps = []

@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from .models import Model
+from .models import Model, PromptTooLongError
 
 __all__ = ["generate", "batched", "forward_last_logits", "greedy_tokens", "new_cache"]
 
@@ -73,12 +73,15 @@ def forward_last_logits(model: Model, enc: dict[str, torch.Tensor]) -> torch.Ten
 @torch.no_grad()
 def greedy_tokens(model: Model, attention_mask: torch.Tensor, max_new_tokens: int, **inputs) -> list[list[int]]:
     """Greedy new tokens for a left-padded batch given as ``input_ids=`` or ``inputs_embeds=``, with a KV
-    cache; each row is cut before its first end-of-turn token."""
-    from transformers import DynamicCache
-
+    cache; each row is cut before its first end-of-turn token. Refuses a batch whose prompt and
+    ``max_new_tokens`` together exceed the model's context (positions past it are not the model's)."""
     mask = attention_mask
+    if model.context_length is not None and mask.shape[1] + max_new_tokens > model.context_length:
+        raise PromptTooLongError(f"the longest prompt of the batch ({mask.shape[1]} tokens) and max_new_tokens="
+                                 f"{max_new_tokens} exceed the model's context length {model.context_length}: lower "
+                                 f"max_new_tokens or shorten the prompts")
     eos = eos_ids(model)
-    cache = DynamicCache()
+    cache = new_cache(model)
     cache_kw = cache_keyword(model)
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
     new_tokens = []
