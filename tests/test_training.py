@@ -244,21 +244,33 @@ def _projection(acts: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     return acts @ hooks.unit(direction)
 
 
-def test_one_direction_ablation_removes_one_drawn_feature_from_the_whole_stream(model):
+@pytest.mark.parametrize("positions", [None, [-1, -2, -3]])
+def test_one_direction_ablation_removes_one_drawn_feature_from_the_whole_stream(model, positions):
+    """Per harmful row, one drawn layer's feature (with ``positions``: read at a drawn post-instruction position,
+    the worst-case RFA's candidates) is removed from every layer; harmless rows are untouched."""
     batch = collate(model, [PAIRS[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)], 96)
     harmful, mask = batch.harmful, batch.attention_mask.bool()
-    pert = _ready(model, p=1.0, ablation="one-direction")
-    draw = next(d for d in range(50) if len(set(pert.direction_layers(batch, d)[harmful].tolist())) >= 2)
-    drawn = pert.direction_layers(batch, draw)
-    assert set(drawn.tolist()) <= set(pert.layers)
+    pert = _ready(model, p=1.0, ablation="one-direction", positions=positions)
+
+    def sites(d):
+        at = pert.direction_positions(batch, d) if positions else torch.full((8,), -1)
+        return list(zip(pert.direction_layers(batch, d).tolist(), at.tolist()))
+
+    draw = next(d for d in range(50) if len({s for s, h in zip(sites(d), harmful) if h}) >= 3)
+    drawn = sites(draw)
+    assert {l for l, _ in drawn} <= set(pert.layers) and {q for _, q in drawn} <= set(positions or [-1])
+    if positions:
+        assert len({q for (_, q), h in zip(drawn, harmful) if h}) >= 2  # several positions drawn
+        assert torch.equal(pert.candidates[pert.positions.index(-1)], pert.directions)
+        assert (pert.candidates[pert.positions.index(-2)] - pert.directions).abs().max() > 1e-3
     base, base_logits = _forward_capture(model, batch)
     abl, abl_logits = _forward_capture(model, batch, pert.context(batch, draw))
     for i in harmful.nonzero().flatten().tolist():
-        own = pert.directions[drawn[i]]
+        own = pert.feature(*drawn[i])[0]
         for l in range(model.n_layers):  # every layer, also those before 25 % depth: the attack's form
             after = _projection(abl[l][i], own)[mask[i]]
             assert after.abs().max() <= 1e-5 * (1 + abl[l][i].norm(dim=-1).max()), (i, l)
-        other = next(l for l in pert.layers if l != drawn[i])  # not each layer's own feature at that layer
+        other = next(l for l in pert.layers if l != drawn[i][0])  # not each layer's own feature at that layer
         assert _projection(abl[other][i], pert.directions[other])[mask[i]].abs().max() > 1e-3
     assert torch.equal(abl_logits[~harmful], base_logits[~harmful])
     assert all(torch.equal(abl[l][~harmful], base[l][~harmful]) for l in base)
@@ -305,8 +317,11 @@ def test_new_ablations_in_every_mode_change_harmful_rows_only(model, ablation, m
 def test_new_ablations_depend_on_seed_and_step_only_and_shards_agree(model, ablation):
     batch = collate(model, [PAIRS[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)], 96)
     def sites(pert, b, d):
-        return (pert.direction_layers(b, d),) if ablation == "one-direction" else pert.random_sites(b, d)
-    pert, again, other = (_ready(model, seed=s, p=0.5, ablation=ablation) for s in (3, 3, 4))
+        if ablation == "one-direction":
+            return pert.direction_layers(b, d), pert.direction_positions(b, d)
+        return pert.random_sites(b, d)
+    extra = {"positions": [-1, -2, -3]} if ablation == "one-direction" else {}
+    pert, again, other = (_ready(model, seed=s, p=0.5, ablation=ablation, **extra) for s in (3, 3, 4))
     draws = [sites(pert, batch, d) for d in range(6)]
     assert all(all(torch.equal(x, y) for x, y in zip(sites(again, batch, d), draws[d])) for d in range(6))
     assert len({tuple(torch.cat([x.flatten().long() for x in d]).tolist()) for d in draws}) > 1  # vary with the step
@@ -423,12 +438,13 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("method, window", [("refat", 1), ("refat", 2), ("rt", 1)])
-def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch, method, window):
+@pytest.mark.parametrize("method, refat", [("refat", {}), ("refat", {"window": 2, "ablation": "one-direction",
+                                                                      "positions": [-1, -2]}), ("rt", {})])
+def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch, method, refat):
     a, b = tmp_path / "a", tmp_path / "b"
     # k=3: features computed at steps 0 and 3, so the run resumed at step 2 must use the checkpoint's features
-    # (and, window 2, the checkpoint's window of means)
-    kw = {"checkpoint_every": 2, "lr": 2e-2, "refat": RefatConfig(n=4, k=3, window=window)}
+    # (and the checkpoint's window of means, and the features at every drawn position)
+    kw = {"checkpoint_every": 2, "lr": 2e-2, "refat": RefatConfig(n=4, k=3, **refat)}
     ra = run(method, a, **kw)
 
     real_pairs = trainer_mod._Sampler.pairs
@@ -523,6 +539,8 @@ def test_exploding_lr_raises_diverged(tmp_path):
     ({"refat": partial(RefatConfig, p=1.5)}, r"\[0, 1\]"),
     ({"refat": partial(RefatConfig, p=-0.1)}, r"\[0, 1\]"),
     ({"refat": partial(RefatConfig, n=4, window=3)}, r"window.*divide n"),
+    ({"refat": partial(RefatConfig, positions=[-2])}, r"positions.*one-direction"),
+    ({"refat": partial(RefatConfig, ablation="one-direction", positions=[0])}, r"positions.*negative"),
     ({"method": "lat", "adversarial": partial(AdversarialConfig, layers=[7])}, r"out of range"),
     ({"method": "cat", "adversarial": partial(AdversarialConfig, step_size=0.0)}, r"step_size"),
     ({"batch_size": 1}, r"batch_size"),
@@ -632,7 +650,8 @@ def _free_port() -> int:
 
 # label -> (method, TrainConfig changes): each ReFAT ablation, every harmful row ablated at its own drawn sites
 DP_RUNS = {"refat": ("refat", {}), "rt": ("rt", {}),
-           "refat-one-direction": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="one-direction", window=2)}),
+           "refat-one-direction": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="one-direction", window=2,
+                                                                  positions=[-1, -2])}),
            "refat-random": ("refat", {"refat": RefatConfig(n=4, k=2, p=1.0, ablation="random")}),
            # the authors' CAT and LAT (balls in fixed units): each shard's attack averages over the global batch's
            # tokens; the objective's terms over the global batch, floors and the KL's normaliser decided on global

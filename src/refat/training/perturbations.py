@@ -7,8 +7,10 @@ answers for harmless ones); they differ only in the context the training forward
 - ``refat``: refusal feature ablation of harmful rows with probability p, the per-layer features
   recomputed from the model being trained every k steps (Yu et al. 2025). Which ablation
   (``RefatConfig.ablation``): each layer's own feature at that layer (the paper's); one layer's feature
-  removed from the whole stream (the RFA attack's form); or each layer's own feature at random layers and
-  token positions (DeepRefusal, Xie et al. 2025).
+  removed from the whole stream (the RFA attack's form; with ``positions``, read at a drawn post-instruction
+  position, the worst-case attack's candidates); or each layer's own feature at random layers and token
+  positions (DeepRefusal, Xie et al. 2025). ``window`` trades the features' freshness for a cheaper
+  recomputation.
 - ``cat``: an embedding-space attack (a perturbation of block 0's input, i.e. the embeddings) found
   by signed-gradient steps toward an affirmative target (Xhonneux et al. 2024).
 - ``lat``: the same attack in the residual stream at middle layers, toward the affirmative target
@@ -77,6 +79,9 @@ class RefatConfig:
     # random: each layer of `layers` with probability layer_prob and each token position with probability
     # position_prob, drawn per row, lose that layer's own feature (DeepRefusal's probabilistic ablation).
     ablation: Ablation = "per-layer"
+    # one-direction: the post-instruction positions (negative offsets) the removed feature is drawn from, per row
+    # with its layer: the worst-case RFA's own candidates (every layer x position). None: `position` only
+    positions: list[int] | None = added(None)
     layer_prob: float = 0.5  # random: probability that a layer of `layers` is ablated
     position_prob: float = 0.5  # random: probability that a token position is ablated
 
@@ -90,6 +95,11 @@ class RefatConfig:
         require(self.mode in hooks.ABLATION_MODES, "mode", f"must be one of {', '.join(hooks.ABLATION_MODES)}, "
                 f"got {self.mode!r}")
         require(self.position < 0, "position", f"must be a negative offset from the end, got {self.position}")
+        if self.positions is not None:
+            require(bool(self.positions) and all(q < 0 for q in self.positions), "positions",
+                    f"must be negative offsets from the end, got {self.positions}")
+            require(self.ablation == "one-direction", "positions", f"draws the feature's position for the "
+                    f"one-direction ablation; ablation is {self.ablation!r}")
         _check_layers(self.layers)
 
     def validate(self, n_layers: int) -> None:
@@ -236,9 +246,15 @@ class RefatPerturbation(Perturbation):
         self.cfg = cfg
         self.layers = cfg.layers if cfg.layers is not None else list(range(model.n_layers // 4, model.n_layers))
         self.harmful, self.harmless = harmful, harmless
-        self.directions: Tensor | None = None  # [n_layers, d]
+        # the positions features are read at: `position` first, then the one-direction draw's others
+        self.positions = list(dict.fromkeys([cfg.position, *(cfg.positions or [])]))
+        self.drawn_positions = cfg.positions or [cfg.position]
+        self.directions: Tensor | None = None  # [n_layers, d] at `position`
+        # positions set only: [len(self.positions), n_layers, d] features and harmless means
+        self.candidates: Tensor | None = None
+        self.candidate_harmless: Tensor | None = None
         self.harmless_mean: Tensor | None = None
-        self.window: list[tuple[Tensor, Tensor]] = []  # (harmful, harmless) float64 means, oldest first
+        self.window: list[tuple[Tensor, Tensor]] = []  # (harmful, harmless) float64 [positions, n_layers, d] means
         self.history: list[dict] = []  # (step, per-layer norms, cosine to the previous features)
 
     @torch.no_grad()
@@ -256,18 +272,21 @@ class RefatPerturbation(Perturbation):
         try:  # the chat template's shared prefix runs once (refat.prefix_cache): same features, fewer tokens;
             # batches of 16 prompts of similar length pad less than one of 32 (Qwen2.5, N = 32: 45 % of the
             # whole prompts' tokens instead of 57 %)
-            d = extract(self.model, harmful, harmless, positions=[self.cfg.position], progress=False,
+            d = extract(self.model, harmful, harmless, positions=self.positions, progress=False,
                         batch_size=16, share_prefix=True, work=work)
         finally:
             self.model.hf.train(was_training)
-        means = (d.harmful_mean[0], d.harmless_mean[0])  # float64 [n_layers, d]
+        means = (d.harmful_mean, d.harmless_mean)
         self.window = (self.window or [means] * self.cfg.window)[1:] + [means]
         harmful_mean, harmless_mean = (torch.stack(m).mean(0) for m in zip(*self.window))
-        new = (harmful_mean - harmless_mean).float()
+        diff = (harmful_mean - harmless_mean).float()
+        new = diff[0]
         cos = None
         if self.directions is not None:
             cos = torch.nn.functional.cosine_similarity(new, self.directions, dim=-1)[self.layers].mean().item()
-        self.directions, self.harmless_mean = new, harmless_mean.float()
+        self.directions, self.harmless_mean = new, harmless_mean[0].float()
+        if self.cfg.positions is not None:
+            self.candidates, self.candidate_harmless = diff, harmless_mean.float()
         self.cost.add(Cost(forward=work.forwards, tokens=work.tokens, seconds=time.perf_counter() - t0))
         self.history.append({"step": step, "mean_norm": new[self.layers].norm(dim=-1).mean().item(),
                              "cosine_to_previous": cos})
@@ -296,6 +315,20 @@ class RefatPerturbation(Perturbation):
         pick = (self._coins(batch, draw, 3) * len(self.layers)).long().clamp(max=len(self.layers) - 1)
         return torch.tensor(self.layers)[pick]
 
+    def direction_positions(self, batch: Batch, draw: int) -> Tensor:
+        """one-direction: per row, the post-instruction position its feature is read at (``positions``)."""
+        n = len(self.drawn_positions)
+        pick = (self._coins(batch, draw, 6) * n).long().clamp(max=n - 1)
+        return torch.tensor(self.drawn_positions)[pick]
+
+    def feature(self, layer: int, position: int) -> tuple[Tensor, Tensor]:
+        """The feature of ``layer`` read at ``position``, and every layer's harmless mean there ([n_layers, d],
+        for the ``mean`` mode)."""
+        if position == self.cfg.position:
+            return self.directions[layer], self.harmless_mean
+        i = self.positions.index(position)
+        return self.candidates[i, layer], self.candidate_harmless[i]
+
     def random_sites(self, batch: Batch, draw: int) -> tuple[Tensor, Tensor]:
         """random: per row, which of ``self.layers`` ([rows, len(layers)] bool) and which token positions
         ([rows, seq] bool) are ablated."""
@@ -315,10 +348,14 @@ class RefatPerturbation(Perturbation):
         parts = []
         if self.cfg.ablation == "one-direction":
             drawn = self.direction_layers(batch, draw)
-            for layer in sorted(set(drawn[rows].tolist())):
+            at = self.direction_positions(batch, draw) if self.cfg.positions else torch.full_like(drawn,
+                                                                                                  self.cfg.position)
+            for layer, position in sorted(set(zip(drawn[rows].tolist(), at[rows].tolist()))):
                 where = None if self.cfg.mode != "subtract" else [layer]  # as the RFA attack does
-                parts.append(hooks.ablate(self.model, self.directions[layer], mode=self.cfg.mode, layers=where,
-                                          rows=(rows & (drawn == layer)).to(device), harmless_mean=mean))
+                feature, harmless = self.feature(layer, position)
+                parts.append(hooks.ablate(self.model, feature, mode=self.cfg.mode, layers=where,
+                                          rows=(rows & (drawn == layer) & (at == position)).to(device),
+                                          harmless_mean=harmless if self.cfg.mode == "mean" else None))
         else:
             layers, positions = self.random_sites(batch, draw)
             for i in rows.nonzero().flatten().tolist():
@@ -333,6 +370,8 @@ class RefatPerturbation(Perturbation):
         if self.directions is None:
             return {}
         state = {"directions": self.directions, "harmless_mean": self.harmless_mean}
+        if self.candidates is not None:
+            state["candidates"], state["candidate_harmless"] = self.candidates, self.candidate_harmless
         if self.cfg.window > 1:
             state["window"] = torch.stack([torch.stack(m) for m in self.window])  # [window, 2, n_layers, d]
         return state
@@ -342,6 +381,7 @@ class RefatPerturbation(Perturbation):
             self.directions, self.harmless_mean = state["directions"], state["harmless_mean"]
         if "window" in state:
             self.window = [(m[0], m[1]) for m in state["window"]]
+        self.candidates, self.candidate_harmless = state.get("candidates"), state.get("candidate_harmless")
 
 
 class AdversarialPerturbation(Perturbation):
