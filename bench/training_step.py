@@ -86,6 +86,7 @@ def run(model: Model, repeats: int = MIN_ROUNDS, steps: int = 8, batch_size: int
     whole = whole_prompt_tokens(model, harmful) + whole_prompt_tokens(model, harmless)
     rows.append(row("training: refat recomputation tokens, shared prefix / whole prompts", shared / whole))
     return rows, {"seconds_per_step": per_step, "seconds_per_step_later": later, "median": med,
-                  "refat_rt_per_round": ratios, "refat_window_rt_per_round": windowed, "window": WINDOW, "rounds": rounds,
+                  "refat_rt_per_round": ratios, "refat_window_rt_per_round": windowed, "window": WINDOW,
+                  "rounds": rounds,
                   "compute": compute, "steps": steps, "batch_size": batch_size,
                   "recompute_tokens": {"shared_prefix": shared, "whole_prompts": whole}}

@@ -373,7 +373,7 @@ class RefatPerturbation(Perturbation):
         if self.candidates is not None:
             state["candidates"], state["candidate_harmless"] = self.candidates, self.candidate_harmless
         if self.cfg.window > 1:
-            state["window"] = torch.stack([torch.stack(m) for m in self.window])  # [window, 2, n_layers, d]
+            state["window"] = torch.stack([torch.stack(m) for m in self.window])  # [window, 2, pos, layers, d]
         return state
 
     def load_state(self, state: dict[str, Tensor]) -> None:
