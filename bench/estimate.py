@@ -15,9 +15,10 @@ FORWARD_S_PER_PROMPT = 5.72 / 16  # forward_last_logits, batch 16, 45 tokens (re
 BATCHED_S_PER_TOKEN = 28.3 / (16 * 32)  # greedy generate at batch 16, per prompt and new token
 ONE_BY_ONE_S_PER_TOKEN = 107.5 / (16 * 32)  # the same prompts one at a time
 # real AdvBench/Alpaca pairs, k=4 for refat (bench/results.json, 2026-11-26)
-REFAT_RECOMPUTE_S = 32.7  # refusal features from 32 + 32 prompts
-# refat-window (not timed when these were): RT's step, its recomputation from a quarter of the prompts every 4 steps
-STEP_S_BATCH4 = {"rt": 15.6, "refat": 25.3, "refat-window": 15.6 + REFAT_RECOMPUTE_S / 16, "cat": 30.7, "lat": 51.8}
+REFAT_RECOMPUTE_S = 32.7  # refusal features from 32 + 32 prompts (a fresh process: the memory case)
+# medians of the last training case (bench/results.json: `--only training gcg`); refat-window (not timed yet): RT's
+# step plus a quarter of ReFAT's extra cost
+STEP_S_BATCH4 = {"rt": 7.8, "refat": 10.9, "refat-window": 8.6, "cat": 13.7, "lat": 24.8}
 GCG_S_PER_STEP = {"refat": 41.0, "nanogcg": 64.4}  # width 128 (bench/results-gcg.json, 2026-11-26)
 GCG_SETUP_S = 50.0  # both implementations: load, vocabulary scan, first evaluation
 LOAD_S = 8.0
@@ -46,9 +47,10 @@ def case_seconds(plan: Plan, case: str) -> float:
         return 3 * (r + 2) * bs * fwd
     if case == "generation":  # 3 variants (hf.generate costs what ours does); the warm-up is tiny
         return r * bs * plan.max_new_tokens * (2 * BATCHED_S_PER_TOKEN + ONE_BY_ONE_S_PER_TOKEN)
-    if case == "training":  # >= 3 rounds of RT and the window run at twice the steps, ReFAT at the steps; CAT and
-        s = STEP_S_BATCH4   # LAT: half the steps, one round (training_step.run)
-        return (max(3, r) * plan.train_steps * (2 * s["rt"] + s["refat"] + 2 * s["refat-window"])
+    if case == "training":  # >= 3 rounds of RT and ReFAT-with-window at k + steps (its first k steps plain ReFAT's);
+        s, k = STEP_S_BATCH4, 4  # CAT and LAT: half the steps, one round (training_step.run)
+        window_run = k * s["refat"] + plan.train_steps * s["refat-window"]
+        return (max(3, r) * ((k + plan.train_steps) * s["rt"] + window_run)
                 + max(1, plan.train_steps // 2) * (s["cat"] + s["lat"]))
     if case == "probe":  # 1.5B target (about 3x the 0.5B's cost per step), 0.5B draft; plain and probe-sampled
         return 2 * GCG_SETUP_S * 3 + plan.gcg_steps * GCG_S_PER_STEP["refat"] * plan.gcg_search_width / 128 * 3 * 1.5

@@ -125,11 +125,10 @@ def test_training_rounds_and_probe_case_on_tiny_model(tmp_path, monkeypatch):
     assert rows["training: refat/rt, lowest round"] <= median <= rows["training: refat/rt, highest round"]
     window = next(v for k, v in rows.items() if k.startswith("training: refat window 4/rt seconds per step"))
     assert rows["training: refat window 4/rt, lowest round"] <= window <= rows["training: refat window 4/rt, highest round"]
-    assert len(train["refat_window_rt_per_round"]) == train["rounds"] == len(train["seconds_per_step_later"]["rt"])
-    # the window run recomputed twice (steps 0 and 4): all n prompts, then a quarter of them
-    assert train["compute"]["refat"]["perturbation"]["forward"] < train["compute"]["refat-window"]["perturbation"][
-        "forward"] < 2 * train["compute"]["refat"]["perturbation"]["forward"]
-    assert 0 < rows["training: refat recomputation tokens, shared prefix / whole prompts"] < 1
+    assert len(train["refat_window_rt_per_round"]) == train["rounds"] == len(train["seconds_per_step_steady"]["rt"])
+    # the window run recomputed at steps 0 (all n prompts of each kind) and 4 (a quarter of them: 8 + 8)
+    assert [h["prompts"] for h in train["recompute_history"]] == [64, 16]
+    assert 0 < rows["training: refat window 4 recomputation tokens, steady state / all n"] < 0.5
     probe = data["details"]["probe"]
     assert probe["nanogcg"].startswith("not run") and len(probe["runs"]["probe"][0]["probe_agreement"]) == 2
     assert 0 < rows["probe: candidates the target scores per step, probe sampling / plain"] < 1

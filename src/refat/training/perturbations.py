@@ -289,7 +289,8 @@ class RefatPerturbation(Perturbation):
             self.candidates, self.candidate_harmless = diff, harmless_mean.float()
         self.cost.add(Cost(forward=work.forwards, tokens=work.tokens, seconds=time.perf_counter() - t0))
         self.history.append({"step": step, "mean_norm": new[self.layers].norm(dim=-1).mean().item(),
-                             "cosine_to_previous": cos})
+                             "cosine_to_previous": cos, "prompts": len(harmful) + len(harmless),
+                             "tokens": work.tokens})
 
     def before_step(self, step: int) -> None:
         if step % self.cfg.k == 0 or self.directions is None:
