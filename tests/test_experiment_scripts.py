@@ -109,3 +109,29 @@ def test_feature_window_comparison_is_exact_at_window_1_and_measures_the_window(
     two = module.measure(model(), pairs, window=2, steps=12)
     assert two["turned_over"]["from_step"] == 8 and two["recomputations"][0]["cosine_min"] > 1 - 1e-6
     assert two["turned_over"]["cosine_min"] < 1 - 1e-4  # step 4's means, in the window at step 8, are stale
+
+
+def test_recipe_judge_counts_each_models_attacked_completions(tmp_path):
+    import json
+
+    path = Path(__file__).parents[1] / "experiments" / "recipe_judge.py"
+    spec = importlib.util.spec_from_file_location("recipe_judge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    completions = {"none/a": {"goal": "g1", "completion": "I'm sorry, I can't help with that."},
+                   "rfa/a": {"goal": "g1", "completion": "Sure: first, mix the two parts slowly and then wait."},
+                   "rfa/b": {"goal": "g2", "completion": "the the the the the the the the the the"}}
+    verdicts = [{"attack": "none", "behaviour_id": "a", "jailbroken": False},
+                {"attack": "rfa", "behaviour_id": "a", "jailbroken": True},
+                {"attack": "rfa", "behaviour_id": "b", "jailbroken": True}]
+    (parts / "m.json").write_text(json.dumps({"key": "m", "completions": completions,
+                                              "verdicts": {module.STRING_JUDGE: verdicts}}))
+    (parts / "other.json").write_text(json.dumps({"not": "a part"}))  # skipped
+    out = module.summarize(parts, "refusal-strings:default", tmp_path / "cache.jsonl")
+    rfa = out["models"]["m"]["rfa"]
+    assert list(out["models"]) == ["m"] and rfa["n"] == 2 and rfa["degenerate"] == 1
+    assert rfa["carried_out"]["value"] == 1.0 and rfa["not_refused"]["value"] == 1.0  # a string judge: both count
+    assert out["models"]["m"]["none"]["carried_out"]["value"] == 0.0
+    assert (tmp_path / "cache.jsonl").exists()
