@@ -112,6 +112,9 @@ def test_the_coherence_guard_rejects_members_that_answer_nothing(model, monkeypa
     # without the guard the empty answers win
     assert key(sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=3, top_k=0,
                                                                        max_degenerate_increase=None)).chosen) == B
+    # ...unless the attacker counts a broken answer as a failure, as one wanting usable answers does
+    assert key(sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=3, top_k=0, max_degenerate_increase=None,
+                                                                       objective="usable")).chosen) == C
     # the two best-screened babble: the sweep walks on down the screened list to the first coherent member...
     script = Scripted(monkeypatch, SCREEN, REFUSAL, degenerate_members=[A, B])
     assert key(sweep(model, random_directions(2, 32), VAL, SweepConfig(top_m=1, top_k=0)).chosen) == C

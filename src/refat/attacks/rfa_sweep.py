@@ -18,7 +18,8 @@ layer pruning), on harmful *validation* prompts only (never the attacked behavio
 Screening ranks every member by the mean first-token refusal score (as selection computes it) on the first
 ``screen_prompts`` validation prompts; the ``top_m`` best are confirmed by greedy generation on every
 validation prompt, judged by the attack's own (refusal-string) judge, and the member with the lowest
-validation refusal rate is chosen (ties: the lower screening score).
+validation refusal rate is chosen (ties: the lower screening score; ``objective: usable`` adds the degenerate
+share to the refusal rate it minimises).
 
 Coherence guard: a string judge counts an empty answer or a word loop as "not refused", so a member that
 breaks the model would look like the strongest attack. A confirmed member is rejected when its share of
@@ -48,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import hooks
-from ..configs import at_least, require
+from ..configs import added, at_least, require
 from ..directions import Directions, mean_refusal_score, refusal_token_ids
 from ..errors import InputError, RunError
 from ..generation import generate
@@ -60,6 +61,8 @@ __all__ = ["SweepConfig", "Member", "Sweep", "sweep", "ablation", "degenerate", 
 
 SweepMode = Literal["project", "mean"]
 SWEEP_MODES = ("project", "mean")
+SweepObjective = Literal["refusal", "usable"]
+SWEEP_OBJECTIVES = ("refusal", "usable")
 MemberKind = Literal["single", "per-layer", "top-k"]
 
 
@@ -76,6 +79,10 @@ class SweepConfig:
     top_k: int = 3  # per mode, one member ablating the k best-screened singles together (0: none)
     modes: list[SweepMode] = field(default_factory=lambda: list(SWEEP_MODES))
     max_degenerate_increase: float | None = 0.25  # coherence guard (see the module docstring; None: off)
+    # what the chosen member minimises on the validation prompts, among those the guard passes: its refusal rate,
+    # or ``usable``: refusals plus degenerate answers (a broken answer is of no more use to an attacker than a
+    # refusal; under ``refusal`` a member that breaks a quarter of the answers can win by refusing none)
+    objective: SweepObjective = added("refusal")
 
     def __post_init__(self):
         at_least(self, 1, "screen_prompts", "top_m")
@@ -84,6 +91,8 @@ class SweepConfig:
         require(self.top_k == 0 or self.top_k >= 2, "top_k", f"must be 0 (no top-k member) or >= 2, got {self.top_k}")
         require(bool(self.modes) and len(set(self.modes)) == len(self.modes) and set(self.modes) <= set(SWEEP_MODES),
                 "modes", f"must be distinct values among {', '.join(SWEEP_MODES)}, got {self.modes}")
+        require(self.objective in SWEEP_OBJECTIVES, "objective", f"must be one of {', '.join(SWEEP_OBJECTIVES)}, "
+                f"got {self.objective!r}")
         require(self.max_degenerate_increase is None or 0 <= self.max_degenerate_increase <= 1,
                 "max_degenerate_increase", f"must be in [0, 1] or null, got {self.max_degenerate_increase}")
 
@@ -242,6 +251,7 @@ def sweep(model: Model, directions: Directions, validation: Sequence[str], confi
         raise RunError(f"every confirmed RFA member ({len(confirmed)}) was rejected by the coherence guard (degenerate "
                        f"share more than {config.max_degenerate_increase} above the unattacked {base_degenerate:.0%}); "
                        "raise max_confirm or max_degenerate_increase (null turns the guard off)")
-    chosen = min(passed, key=lambda m: (m.val_refusal_rate, m.screen_score))
+    usable = config.objective == "usable"
+    chosen = min(passed, key=lambda m: (m.val_refusal_rate + (m.degenerate_rate if usable else 0.0), m.screen_score))
     return Sweep(chosen, members, base_refusal, base_degenerate, len(validation), len(screen_set), judge.name,
                  asdict(config), round(time.perf_counter() - t0, 1))
