@@ -266,7 +266,7 @@ def test_one_direction_ablation_removes_one_drawn_feature_from_the_whole_stream(
     base, base_logits = _forward_capture(model, batch)
     abl, abl_logits = _forward_capture(model, batch, pert.context(batch, draw))
     for i in harmful.nonzero().flatten().tolist():
-        own = pert.feature(*drawn[i])[0]
+        own = pert.at_position(drawn[i][1])[0][drawn[i][0]]
         for l in range(model.n_layers):  # every layer, also those before 25 % depth: the attack's form
             after = _projection(abl[l][i], own)[mask[i]]
             assert after.abs().max() <= 1e-5 * (1 + abl[l][i].norm(dim=-1).max()), (i, l)
@@ -274,6 +274,23 @@ def test_one_direction_ablation_removes_one_drawn_feature_from_the_whole_stream(
         assert _projection(abl[other][i], pert.directions[other])[mask[i]].abs().max() > 1e-3
     assert torch.equal(abl_logits[~harmful], base_logits[~harmful])
     assert all(torch.equal(abl[l][~harmful], base[l][~harmful]) for l in base)
+
+
+def test_per_layer_ablation_at_drawn_positions_removes_each_layers_feature_read_there(model):
+    batch = collate(model, [PAIRS[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)], 96)
+    harmful, mask = batch.harmful, batch.attention_mask.bool()
+    pert = _ready(model, p=1.0, positions=[-1, -2, -3])
+    draw = next(d for d in range(50) if len(set(pert.direction_positions(batch, d)[harmful].tolist())) >= 2)
+    at = pert.direction_positions(batch, draw)
+    base, base_logits = _forward_capture(model, batch)
+    abl, abl_logits = _forward_capture(model, batch, pert.context(batch, draw))
+    for i in harmful.nonzero().flatten().tolist():
+        features = pert.at_position(at[i].item())[0]
+        for l in pert.layers:  # each layer's own feature, read at the row's drawn position, gone at that layer
+            after = _projection(abl[l][i], features[l])[mask[i]]
+            assert after.abs().max() <= 1e-5 * (1 + abl[l][i].norm(dim=-1).max()), (i, l)
+        assert torch.equal(abl[0][i], base[0][i])  # before 25 % depth: untouched
+    assert torch.equal(abl_logits[~harmful], base_logits[~harmful])
 
 
 def test_random_ablation_hits_only_the_drawn_layers_and_positions(model):
@@ -539,7 +556,7 @@ def test_exploding_lr_raises_diverged(tmp_path):
     ({"refat": partial(RefatConfig, p=1.5)}, r"\[0, 1\]"),
     ({"refat": partial(RefatConfig, p=-0.1)}, r"\[0, 1\]"),
     ({"refat": partial(RefatConfig, n=4, window=3)}, r"window.*divide n"),
-    ({"refat": partial(RefatConfig, positions=[-2])}, r"positions.*one-direction"),
+    ({"refat": partial(RefatConfig, ablation="random", positions=[-2])}, r"positions.*per-layer and one-direction"),
     ({"refat": partial(RefatConfig, ablation="one-direction", positions=[0])}, r"positions.*negative"),
     ({"method": "lat", "adversarial": partial(AdversarialConfig, layers=[7])}, r"out of range"),
     ({"method": "cat", "adversarial": partial(AdversarialConfig, step_size=0.0)}, r"step_size"),
@@ -930,12 +947,16 @@ def test_new_options_keep_earlier_checkpoints_resumable():
     skipped = later | {"steps", "checkpoint_every", "merge", "mixed_precision", "gradient_checkpointing", "report_to"}
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skipped}
     old["adversarial"] = {k: old["adversarial"][k] for k in ("layers", "epsilon", "steps", "step_size", "away_weight")}
+    old["refat"] = {k: v for k, v in old["refat"].items() if k not in ("window", "positions")}  # added later
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == "87441ab926633917"  # computed before the CAT/LAT paper options existed (edfe63e)
     assert dataclasses.replace(cfg, mixed_precision="bf16").fingerprint() != cfg.fingerprint()
     assert dataclasses.replace(cfg, harmful_share=0.125).fingerprint() != cfg.fingerprint()
     adv = dataclasses.replace(cfg.adversarial, scale="absolute")
     assert dataclasses.replace(cfg, adversarial=adv).fingerprint() != cfg.fingerprint()
+    for change in ({"window": 2}, {"positions": [-1, -2]}):
+        refat = dataclasses.replace(cfg.refat, **change)
+        assert dataclasses.replace(cfg, refat=refat).fingerprint() != cfg.fingerprint()
 
 
 def test_mixed_precision_auto_resolves_per_device(monkeypatch):

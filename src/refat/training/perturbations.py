@@ -7,10 +7,10 @@ answers for harmless ones); they differ only in the context the training forward
 - ``refat``: refusal feature ablation of harmful rows with probability p, the per-layer features
   recomputed from the model being trained every k steps (Yu et al. 2025). Which ablation
   (``RefatConfig.ablation``): each layer's own feature at that layer (the paper's); one layer's feature
-  removed from the whole stream (the RFA attack's form; with ``positions``, read at a drawn post-instruction
-  position, the worst-case attack's candidates); or each layer's own feature at random layers and token
-  positions (DeepRefusal, Xie et al. 2025). ``window`` trades the features' freshness for a cheaper
-  recomputation.
+  removed from the whole stream (the RFA attack's form); or each layer's own feature at random layers and token
+  positions (DeepRefusal, Xie et al. 2025). ``positions`` draws the post-instruction position the per-layer or
+  one-direction features are read at (the worst-case attack's candidates); ``window`` trades the features'
+  freshness for a cheaper recomputation.
 - ``cat``: an embedding-space attack (a perturbation of block 0's input, i.e. the embeddings) found
   by signed-gradient steps toward an affirmative target (Xhonneux et al. 2024).
 - ``lat``: the same attack in the residual stream at middle layers, toward the affirmative target
@@ -79,8 +79,9 @@ class RefatConfig:
     # random: each layer of `layers` with probability layer_prob and each token position with probability
     # position_prob, drawn per row, lose that layer's own feature (DeepRefusal's probabilistic ablation).
     ablation: Ablation = "per-layer"
-    # one-direction: the post-instruction positions (negative offsets) the removed feature is drawn from, per row
-    # with its layer: the worst-case RFA's own candidates (every layer x position). None: `position` only
+    # per-layer and one-direction: the post-instruction positions (negative offsets) the features are drawn from, one
+    # per row: the worst-case RFA's own candidates (every layer x position, per-layer at each position). None:
+    # `position` only
     positions: list[int] | None = added(None)
     layer_prob: float = 0.5  # random: probability that a layer of `layers` is ablated
     position_prob: float = 0.5  # random: probability that a token position is ablated
@@ -98,8 +99,8 @@ class RefatConfig:
         if self.positions is not None:
             require(bool(self.positions) and all(q < 0 for q in self.positions), "positions",
                     f"must be negative offsets from the end, got {self.positions}")
-            require(self.ablation == "one-direction", "positions", f"draws the feature's position for the "
-                    f"one-direction ablation; ablation is {self.ablation!r}")
+            require(self.ablation != "random", "positions", "draws the features' position for the per-layer and "
+                    "one-direction ablations; random ablates position -1's features at random token positions")
         _check_layers(self.layers)
 
     def validate(self, n_layers: int) -> None:
@@ -317,18 +318,17 @@ class RefatPerturbation(Perturbation):
         return torch.tensor(self.layers)[pick]
 
     def direction_positions(self, batch: Batch, draw: int) -> Tensor:
-        """one-direction: per row, the post-instruction position its feature is read at (``positions``)."""
+        """Per row, the post-instruction position its features are read at (``positions``)."""
         n = len(self.drawn_positions)
         pick = (self._coins(batch, draw, 6) * n).long().clamp(max=n - 1)
         return torch.tensor(self.drawn_positions)[pick]
 
-    def feature(self, layer: int, position: int) -> tuple[Tensor, Tensor]:
-        """The feature of ``layer`` read at ``position``, and every layer's harmless mean there ([n_layers, d],
-        for the ``mean`` mode)."""
+    def at_position(self, position: int) -> tuple[Tensor, Tensor]:
+        """Every layer's feature read at ``position`` and the harmless means there, [n_layers, d] each."""
         if position == self.cfg.position:
-            return self.directions[layer], self.harmless_mean
+            return self.directions, self.harmless_mean
         i = self.positions.index(position)
-        return self.candidates[i, layer], self.candidate_harmless[i]
+        return self.candidates[i], self.candidate_harmless[i]
 
     def random_sites(self, batch: Batch, draw: int) -> tuple[Tensor, Tensor]:
         """random: per row, which of ``self.layers`` ([rows, len(layers)] bool) and which token positions
@@ -343,18 +343,24 @@ class RefatPerturbation(Perturbation):
             return nullcontext()
         mean = self.harmless_mean if self.cfg.mode == "mean" else None
         device = batch.input_ids.device
-        if self.cfg.ablation == "per-layer":
+        if self.cfg.ablation == "per-layer" and not self.cfg.positions:
             return hooks.ablate(self.model, self.directions, mode=self.cfg.mode, layers=self.layers,
                                 rows=rows.to(device), harmless_mean=mean)
         parts = []
-        if self.cfg.ablation == "one-direction":
+        at = self.direction_positions(batch, draw) if self.cfg.positions else None
+        if self.cfg.ablation == "per-layer":
+            for position in sorted(set(at[rows].tolist())):
+                features, harmless = self.at_position(position)
+                parts.append(hooks.ablate(self.model, features, mode=self.cfg.mode, layers=self.layers,
+                                          rows=(rows & (at == position)).to(device),
+                                          harmless_mean=harmless if self.cfg.mode == "mean" else None))
+        elif self.cfg.ablation == "one-direction":
             drawn = self.direction_layers(batch, draw)
-            at = self.direction_positions(batch, draw) if self.cfg.positions else torch.full_like(drawn,
-                                                                                                  self.cfg.position)
+            at = at if at is not None else torch.full_like(drawn, self.cfg.position)
             for layer, position in sorted(set(zip(drawn[rows].tolist(), at[rows].tolist()))):
                 where = None if self.cfg.mode != "subtract" else [layer]  # as the RFA attack does
-                feature, harmless = self.feature(layer, position)
-                parts.append(hooks.ablate(self.model, feature, mode=self.cfg.mode, layers=where,
+                features, harmless = self.at_position(position)
+                parts.append(hooks.ablate(self.model, features[layer], mode=self.cfg.mode, layers=where,
                                           rows=(rows & (drawn == layer) & (at == position)).to(device),
                                           harmless_mean=harmless if self.cfg.mode == "mean" else None))
         else:
