@@ -19,7 +19,7 @@ from bigram import bigram_model, lp_uniform
 from refat.data import Example
 from refat.evals import overrefusal as ovr
 from refat.evals import utility
-from refat.evals.loglik import _shared_prefix, continuation_logprobs, next_token_logprobs
+from refat.evals.loglik import continuation_logprobs, next_token_logprobs
 from refat.evals.overrefusal import OverRefusalConfig, evaluate_overrefusal, load_overrefusal
 from refat.evals.utility import Item, TaskData, UtilityConfig, evaluate_utility, extract_answer, score_choices
 from refat.generation import generate
@@ -197,9 +197,12 @@ def test_next_token_logprobs_skips_leading_whitespace():
     assert shared[:, 1].tolist() == pytest.approx([lp[0, 1]] * 2)  # the skip also runs on the prefix cache
 
 
-def test_shared_prefix_leaves_each_row_a_token():
-    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
-    assert _shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2 and _shared_prefix([[1, 2], [3, 2]]) == 0
+def test_shared_prefix_leaves_each_row_a_token():  # what next_token_logprobs(reuse_prefix=True) runs once
+    from refat.prefix_cache import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]], keep=1) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]], keep=1) == 2
+    assert shared_prefix_length([[1, 2], [3, 2]], keep=1) == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation import batched, cache_keyword
+from ..generation import batched, cache_keyword, new_cache
 from ..models import Model, PromptTooLongError
+from ..prefix_cache import shared_prefix_length
 
 __all__ = ["LogLik", "continuation_logprobs", "next_token_logprobs", "bos_prefix"]
 
@@ -156,7 +157,7 @@ def next_token_logprobs(model: Model, prompts: Sequence[str], token_ids: Sequenc
             lp = forward(row)
         return lp[wanted]
 
-    n_shared = _shared_prefix(rows) if reuse_prefix and len(rows) > 1 else 0
+    n_shared = shared_prefix_length(rows, keep=1) if reuse_prefix and len(rows) > 1 else 0
     if n_shared:
         return torch.stack(_with_prefix_cache(model, rows, n_shared, skip, progress=progress, desc=desc))
 
@@ -168,22 +169,11 @@ def next_token_logprobs(model: Model, prompts: Sequence[str], token_ids: Sequenc
     return torch.stack(batched(run, rows, batch_size, desc=desc, progress=progress, sort_key=len, longest_first=True))
 
 
-def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
-    """The length of the rows' longest common prefix, leaving every row at least one token of its own."""
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for r in rows[1:]:
-        n = next((i for i in range(n) if r[i] != first[i]), n)
-    return max(n, 0)
-
-
 def _with_prefix_cache(model: Model, rows: Sequence[list[int]], n_shared: int, skip, *, progress: bool,
                        desc: str) -> list[torch.Tensor]:
     """Each row's next-token log-probabilities, its first ``n_shared`` tokens (shared by all rows) run once:
     every row's remainder runs on the shared key/value cache, which is cropped back to the prefix after it."""
-    from transformers import DynamicCache
-
-    device, cache, cache_kw = model.device, DynamicCache(), cache_keyword(model)
+    device, cache, cache_kw = model.device, new_cache(model), cache_keyword(model)
     model.hf(input_ids=torch.tensor([rows[0][:n_shared]], device=device), use_cache=True, logits_to_keep=1,
              **{cache_kw: cache})  # the cache is filled in place
 
