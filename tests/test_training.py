@@ -261,8 +261,8 @@ def test_one_direction_ablation_removes_one_drawn_feature_from_the_whole_stream(
     assert {l for l, _ in drawn} <= set(pert.layers) and {q for _, q in drawn} <= set(positions or [-1])
     if positions:
         assert len({q for (_, q), h in zip(drawn, harmful) if h}) >= 2  # several positions drawn
-        assert torch.equal(pert.candidates[pert.positions.index(-1)], pert.directions)
-        assert (pert.candidates[pert.positions.index(-2)] - pert.directions).abs().max() > 1e-3
+        assert torch.equal(pert.features[pert.positions.index(-1)], pert.directions)
+        assert (pert.features[pert.positions.index(-2)] - pert.directions).abs().max() > 1e-3
     base, base_logits = _forward_capture(model, batch)
     abl, abl_logits = _forward_capture(model, batch, pert.context(batch, draw))
     for i in harmful.nonzero().flatten().tolist():

@@ -250,13 +250,21 @@ class RefatPerturbation(Perturbation):
         # the positions features are read at: `position` first, then the one-direction draw's others
         self.positions = list(dict.fromkeys([cfg.position, *(cfg.positions or [])]))
         self.drawn_positions = cfg.positions or [cfg.position]
-        self.directions: Tensor | None = None  # [n_layers, d] at `position`
-        # positions set only: [len(self.positions), n_layers, d] features and harmless means
-        self.candidates: Tensor | None = None
-        self.candidate_harmless: Tensor | None = None
-        self.harmless_mean: Tensor | None = None
+        # [len(self.positions), n_layers, d]: every layer's feature and harmless mean at each position (float32)
+        self.features: Tensor | None = None
+        self.feature_harmless: Tensor | None = None
         self.window: list[tuple[Tensor, Tensor]] = []  # (harmful, harmless) float64 [positions, n_layers, d] means
         self.history: list[dict] = []  # (step, per-layer norms, cosine to the previous features)
+
+    @property
+    def directions(self) -> Tensor | None:
+        """[n_layers, d]: each layer's feature at ``position``."""
+        return None if self.features is None else self.features[0]
+
+    @property
+    def harmless_mean(self) -> Tensor | None:
+        """[n_layers, d]: each layer's harmless mean at ``position``."""
+        return None if self.feature_harmless is None else self.feature_harmless[0]
 
     @torch.no_grad()
     def recompute(self, step: int) -> None:
@@ -285,9 +293,7 @@ class RefatPerturbation(Perturbation):
         cos = None
         if self.directions is not None:
             cos = torch.nn.functional.cosine_similarity(new, self.directions, dim=-1)[self.layers].mean().item()
-        self.directions, self.harmless_mean = new, harmless_mean[0].float()
-        if self.cfg.positions is not None:
-            self.candidates, self.candidate_harmless = diff, harmless_mean.float()
+        self.features, self.feature_harmless = diff, harmless_mean.float()
         self.cost.add(Cost(forward=work.forwards, tokens=work.tokens, seconds=time.perf_counter() - t0))
         self.history.append({"step": step, "mean_norm": new[self.layers].norm(dim=-1).mean().item(),
                              "cosine_to_previous": cos, "prompts": len(harmful) + len(harmless),
@@ -325,10 +331,8 @@ class RefatPerturbation(Perturbation):
 
     def at_position(self, position: int) -> tuple[Tensor, Tensor]:
         """Every layer's feature read at ``position`` and the harmless means there, [n_layers, d] each."""
-        if position == self.cfg.position:
-            return self.directions, self.harmless_mean
         i = self.positions.index(position)
-        return self.candidates[i], self.candidate_harmless[i]
+        return self.features[i], self.feature_harmless[i]
 
     def random_sites(self, batch: Batch, draw: int) -> tuple[Tensor, Tensor]:
         """random: per row, which of ``self.layers`` ([rows, len(layers)] bool) and which token positions
@@ -377,18 +381,19 @@ class RefatPerturbation(Perturbation):
         if self.directions is None:
             return {}
         state = {"directions": self.directions, "harmless_mean": self.harmless_mean}
-        if self.candidates is not None:
-            state["candidates"], state["candidate_harmless"] = self.candidates, self.candidate_harmless
+        if len(self.positions) > 1:  # the other positions' (the checkpoint keys of `position`'s are as before)
+            state["candidates"], state["candidate_harmless"] = self.features, self.feature_harmless
         if self.cfg.window > 1:
             state["window"] = torch.stack([torch.stack(m) for m in self.window])  # [window, 2, pos, layers, d]
         return state
 
     def load_state(self, state: dict[str, Tensor]) -> None:
-        if "directions" in state:
-            self.directions, self.harmless_mean = state["directions"], state["harmless_mean"]
+        if "candidates" in state:
+            self.features, self.feature_harmless = state["candidates"], state["candidate_harmless"]
+        elif "directions" in state:
+            self.features, self.feature_harmless = state["directions"][None], state["harmless_mean"][None]
         if "window" in state:
             self.window = [(m[0], m[1]) for m in state["window"]]
-        self.candidates, self.candidate_harmless = state.get("candidates"), state.get("candidate_harmless")
 
 
 class AdversarialPerturbation(Perturbation):
