@@ -8,7 +8,8 @@
   training config and stage seconds;
 - ``rows``: one per model × attack column: ``method``, ``setting`` (the defense's name), ``seed``, ``attack``,
   ``n`` (behaviours), ``asr`` and ``ci`` (judge → rate in [0, 1], and its 95 % interval over behaviours),
-  ``disagreement`` (the share of completions the first two judges call differently) and ``choice`` (the
+  ``degenerate`` (the share of the column's completions that are degenerate, with its interval: a string judge
+  counts such nonsense as a success), ``disagreement`` (the share of completions the first two judges call differently) and ``choice`` (the
   attacker's choice on validation prompts: the worst-case RFA member, the chosen template);
 - ``means``: per defense × attack with several seeds, each judge's mean ± sd over seeds.
 
@@ -47,6 +48,7 @@ def summarize(cfg: ExperimentConfig, parts_dir: str | Path = PARTS) -> dict:
     measured = parts.load_parts(cfg, parts_dir)
     tables, judges = parts.asr(cfg, measured), cfg.judges
     judged = parts.verdicts(cfg, measured)
+    degenerate = parts.degenerate_cells(measured)
     disagree = {} if len(judged) < 2 else {  # the first two judges, as the report's judge agreement shows them
         (c["defense"], c["attack"]): c["disagree"]["value"]
         for c in judge_agreement(judged, parts.asr_cells(cfg, measured))[0]["cells"]}
@@ -60,6 +62,7 @@ def summarize(cfg: ExperimentConfig, parts_dir: str | Path = PARTS) -> dict:
                    "n": first["n"][s.key][attack],
                    "asr": {j: tables[j]["rates"][s.key][attack] for j in judges},
                    "ci": {j: tables[j]["ci"][s.key][attack] for j in judges},
+                   "degenerate": degenerate[s.key].get(attack),
                    "disagreement": disagree.get((s.key, attack)), "choice": _choice(p, attack)}
             rows.append(row)
             if s.seed is not None:

@@ -31,11 +31,13 @@ MEAN = "mean ± sd"  # the seed of a row averaged over training seeds
 
 def summarize(cfg: ExperimentConfig, parts_dir: str | Path = PARTS) -> dict:
     """``{"rows": [{"method", "setting", "seed", "changes", "harmless_refusal", "edgy_refusal", "rfa_refusal",
-    "utility", "train_seconds"}]}`` from the part files measured so far. ``setting`` is the variant's name,
-    ``changes`` its pair and training options that differ from the run's; a measure the config does not make is
-    null."""
+    "rfa_degenerate", "utility", "train_seconds"}]}`` from the part files measured so far. ``setting`` is the
+    variant's name, ``changes`` its pair and training options that differ from the run's; ``rfa_degenerate`` the
+    share of the attacked completions that are degenerate (a seed mean row has none); a measure the config does not
+    make is null."""
     measured = parts.load_parts(cfg, parts_dir)
     paired = parts.paired(cfg, measured) or {}
+    degenerate = parts.degenerate_cells(measured)
     rfa = cfg.worst_case_rfa
     measures = {"harmless_refusal": HARMLESS, "edgy_refusal": EDGY, "utility": "utility",
                 "rfa_refusal": rfa_measure(rfa.label) if rfa else None}
@@ -49,6 +51,7 @@ def summarize(cfg: ExperimentConfig, parts_dir: str | Path = PARTS) -> dict:
             train = measured[key]["seconds"].get(f"train/{key}") if key in measured else None
             rows.append({"method": d.method, "setting": d.name, "seed": seed,
                          "changes": {"pairs": d.pairs, "train": d.train}, "train_seconds": train,
+                         "rfa_degenerate": degenerate.get(key, {}).get(rfa.label) if rfa else None,
                          **{name: cells.get(m) if m else None for name, m in measures.items()}})
     return {"experiment": cfg.name, "parts": sorted(measured), "judge": cfg.judges[0] if cfg.judges else None,
             "rows": rows}

@@ -51,7 +51,7 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
 
     table = read_json(results)
     assert "validation.csv" in table["behaviours"] and table["judges"] == cfg.judges
-    keys = {"method", "setting", "seed", "attack", "n", "asr", "ci", "disagreement", "choice"}
+    keys = {"method", "setting", "seed", "attack", "n", "asr", "ci", "degenerate", "disagreement", "choice"}
     assert all(keys <= set(r) for r in table["rows"])
     cells = {(r["setting"], r["seed"], r["attack"]): r for r in table["rows"]}
     assert set(cells) == {(d, s, a) for d, s in (("base", None), ("rt", 0), ("rt", 1))
@@ -61,6 +61,7 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
         assert all(0 <= v <= 1 and lo <= v <= hi for v, (lo, hi) in ((r["asr"][j], r["ci"][j]) for j in cfg.judges))
         assert r["n"] == {"none": 4, "rfa": 4, "templates": 2, "gcg": 1}[r["attack"]]
         assert r["disagreement"] is None or 0 <= r["disagreement"] <= 1
+        assert r["degenerate"]["n"] == r["n"] and r["degenerate"]["ci"][0] <= r["degenerate"]["value"]
     assert cells["rt", 1, "rfa"]["choice"]["direction"] == "worst-case"
     assert cells["rt", 1, "templates"]["choice"]["templates"] == choice["chosen"]
     means = {(m["setting"], m["attack"]): m for m in table["means"]}

@@ -16,6 +16,7 @@ import yaml
 from conftest import build_model, save_model, write_prompts
 
 from refat import report, stats
+from refat.attacks.rfa_sweep import degenerate
 from refat.configs import ConfigError
 from refat.data import DataConfig
 from refat.evals import utility
@@ -374,6 +375,11 @@ def test_recipe_summary_of_a_finished_run(run, tmp_path):
     assert rt_b["harmless_refusal"] == paired["rt-b@seed1"]["harmless"]
     assert rt_b["edgy_refusal"] == paired["rt-b@seed1"]["edgy"] and rt_b["utility"] == paired["rt-b@seed1"]["utility"]
     assert rt_b["rfa_refusal"] == paired["rt-b@seed1"]["rfa refusal"]
+    part = read_json(measured / "rt-b@seed1.json")
+    attacked = [c["completion"] for k, c in part["completions"].items() if k.startswith("rfa/")]
+    assert rt_b["rfa_degenerate"]["n"] == len(attacked) == rt_b["rfa_refusal"]["n"]
+    assert rt_b["rfa_degenerate"]["value"] == pytest.approx(sum(map(degenerate, attacked)) / len(attacked))
+    assert rows[3]["rfa_degenerate"] is None  # a mean over seeds has no completions of its own
     assert set(rt_b["harmless_refusal"]) == {"value", "n", "ci", "vs_base"} and rt_b["harmless_refusal"]["vs_base"]
     assert rt_b["changes"]["pairs"]["borderline"] == 0.34
     assert rows[0]["harmless_refusal"]["vs_base"] is None

@@ -20,9 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from ..attacks.rfa_sweep import degenerate
 from ..errors import RunError
 from ..judges import judge_name
 from ..models import Model
+from ..stats import rate
 from ..storage import digest, read_json, read_jsonl, write_json
 from .config import ExperimentConfig, Subject, load_config
 from .layout import Layout
@@ -33,7 +35,7 @@ from .runner import read_marker
 from .stages.judges import rate_tables
 from .stages.report import judge_agreement, outcomes, paired_table, rate_cell, samples
 
-__all__ = ["asr", "asr_cells", "experiment_main", "load_parts", "measure", "paired", "part_id", "run_parts", "verdicts",
+__all__ = ["asr", "asr_cells", "degenerate_cells", "experiment_main", "load_parts", "measure", "paired", "part_id", "run_parts", "verdicts",
            "write_report"]
 
 log = logging.getLogger("refat.pipeline")
@@ -150,6 +152,19 @@ def asr_cells(cfg: ExperimentConfig, parts: dict[str, dict]) -> dict[str, dict]:
             for col in row:
                 cells.setdefault(key, {}).setdefault(col, {})[t["judge"]] = rate_cell(t, key, col)
     return cells
+
+
+def degenerate_cells(parts: dict[str, dict]) -> dict[str, dict]:
+    """{model: {attack: {"value", "n", "ci"}}}: the share of each attack's judged completions that are degenerate
+    (:func:`refat.attacks.rfa_sweep.degenerate`), to read beside its ASR: a string judge counts such nonsense as
+    compliance, so a success rate without it overstates what the attacker got."""
+    out: dict[str, dict] = {}
+    for key, p in parts.items():
+        by_attack: dict[str, list[bool]] = defaultdict(list)
+        for name, c in p["completions"].items():
+            by_attack[name.split("/", 1)[0]].append(degenerate(c["completion"]))
+        out[key] = {a: rate(flags).to_dict() for a, flags in by_attack.items()}
+    return out
 
 
 def verdicts(cfg: ExperimentConfig, parts: dict[str, dict]) -> dict[str, list[dict]]:
