@@ -688,9 +688,9 @@ def tables_dir(run_dir: str | Path) -> Path:
     return run_dir / "report" if (run_dir / "report" / "stage.json").is_file() else run_dir
 
 
-def write_report(run_dir: str | Path, *, plots: bool = True) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path, *, plots: bool = True, title: str | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` (and ``plots/*.png``) beside the tables of ``run_dir``
-    (:func:`tables_dir`); returns both paths.
+    (:func:`tables_dir`); returns both paths. The title names the run folder unless ``title`` is given.
 
     Stages that have not run yet get a "not run" line; unreadable files are named, never fatal.
     """
@@ -716,7 +716,7 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> tuple[Path, Path
         *_analysis_sections(run_dir, plot),
         *_samples_section(tables),
     ]
-    title = f"refat report: {run_dir.resolve().name}"
+    title = f"refat report: {title or run_dir.resolve().name}"
     md = write_text(tables / "report.md", _markdown(title, sections, tables))
     page = write_text(tables / "report.html", _html(title, sections))
     return md, page

@@ -61,6 +61,11 @@ def test_parts_reuse_the_run_and_rebuild_its_tables(full_run, tmp_path, monkeypa
     md = parts.write_report(cfg, loaded, tmp_path / "results" / "report")  # the report from the part files alone
     text = md.read_text()
     assert "## Difference from the base model" in text and "## Robustness against over-refusal" in text
+    assert text.startswith(f"# refat report: {cfg.name}\n") and "*Not run" not in text.split("## Difference")[0]
+    for name in ("overrefusal.json", "utility.json"):  # as the run's report has them (acc_norm aside)
+        full = {k: {t: c for t, c in row.items() if not t.endswith("(norm)")}
+                for k, row in read_json(run_dir / "report" / name).items()}
+        assert read_json(md.parent / name) == full
     assert read_json(md.parent / "asr.json")["refat"]["rfa"]["refusal-strings:default"]["n"] == 4
     assert {x["defense"] for x in read_json(md.parent / "samples.json")["samples"]} == {"base", "rt", "refat"}
 

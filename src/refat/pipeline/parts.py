@@ -33,7 +33,7 @@ from .provenance import model_id
 from .run import run_experiment
 from .runner import read_marker
 from .stages.judges import rate_tables
-from .stages.report import judge_agreement, outcomes, paired_table, rate_cell, samples
+from .stages.report import judge_agreement, outcomes, paired_table, rate_cell, samples, with_seed_means
 
 __all__ = ["asr", "asr_cells", "degenerate_cells", "experiment_main", "load_parts", "measure", "paired", "part_id", "run_parts", "verdicts",
            "write_report"]
@@ -186,15 +186,30 @@ def write_report(cfg: ExperimentConfig, parts: dict[str, dict], folder: str | Pa
                                      "judges": ", ".join(cfg.judges)})
     write_json(folder / "asr.json", cells)
     write_json(folder / "paired.json", paired(cfg, parts))
+    by_item = {k: p["outcomes"] for k, p in parts.items()}
+    if cfg.utility is not None:  # per task, from the items' correctness (lm-eval's acc_norm is not in a part)
+        write_json(folder / "utility.json", with_seed_means(cfg, {k: _by_task(o["utility"]) for k, o in by_item.items()}))
+    if cfg.overrefusals:
+        write_json(folder / "overrefusal.json", with_seed_means(cfg, {
+            k: {r.column: rate(list(o[r.column].values())).to_dict() for r in cfg.overrefusals}
+            for k, o in by_item.items()}))
     if len(judged) > 1:
         write_json(folder / "judge_agreement.json", judge_agreement(judged, cells))
     if any(judged.values()):
         write_json(folder / "samples.json", samples(judged))
     try:
-        return render(folder)[0]
+        return render(folder, title=cfg.name)[0]
     except PlotsUnavailableError as e:  # as the report stage: the tables without plots
         log.warning("report without plots: %s", e)
-        return render(folder, plots=False)[0]
+        return render(folder, plots=False, title=cfg.name)[0]
+
+
+def _by_task(correct: dict[str, float]) -> dict[str, dict]:
+    """{task: accuracy cell} from ``{"<task>/<id>": 0 or 1}``."""
+    tasks: dict[str, list[bool]] = defaultdict(list)
+    for item, c in correct.items():
+        tasks[item.split("/", 1)[0]].append(bool(c))
+    return {t: rate(flags).to_dict() for t, flags in tasks.items()}
 
 
 def experiment_main(argv: Sequence[str] | None, *, description: str, config: Path, parts_dir: Path, results: Path,

@@ -19,13 +19,13 @@ log = logging.getLogger("refat.pipeline")
 SAMPLES_PER_VERDICT = 2  # completions to read per cell: this many jailbroken and this many refused
 
 
-def _with_seed_means(ctx, table: dict) -> dict:
+def with_seed_means(cfg, table: dict) -> dict:
     """The table's rows (one per model under test, keyed by :attr:`Subject.key`) in the config's order, each
     defense trained at several seeds followed by a row ``<name> (<n> seeds)`` whose cells are the mean ± sd
     over its seeds' cells (:class:`refat.stats.Spread`); each seed's own row keeps its interval over items."""
     out = {}
-    for d in ctx.cfg.variants:
-        keys = [s.key for s in ctx.cfg.subjects if s.defense.name == d.name and s.key in table]
+    for d in cfg.variants:
+        keys = [s.key for s in cfg.subjects if s.defense.name == d.name and s.key in table]
         out |= {k: table[k] for k in keys}
         if len(keys) > 1:
             out[f"{d.name} ({len(keys)} seeds)"] = _spread_cells([table[k] for k in keys])
@@ -51,7 +51,7 @@ def _asr(ctx) -> dict:
             for col in columns:
                 if col in rates["rates"].get(d, {}):
                     row.setdefault(col, {})[rates["judge"]] = rate_cell(rates, d, col)
-    return _with_seed_means(ctx, asr)
+    return with_seed_means(ctx.cfg, asr)
 
 
 def rate_cell(rates: dict, d: str, col: str) -> dict | float:
@@ -76,7 +76,7 @@ def _utility(ctx) -> dict:
             out[d][t] = rate([r["correct"] for r in items[t]]).to_dict()
             if s.get("accuracy_norm") is not None:
                 out[d][f"{t} (norm)"] = rate([r["correct_norm"] for r in items[t]]).to_dict()
-    return _with_seed_means(ctx, out)
+    return with_seed_means(ctx.cfg, out)
 
 
 def _overrefusal(ctx) -> dict:
@@ -85,7 +85,7 @@ def _overrefusal(ctx) -> dict:
     out = {}
     for s in ctx.cfg.subjects:
         out[s.key] = {o.column: rate(list(_refusals(ctx.layout, s.key, o).values())).to_dict() for o in ctx.cfg.overrefusals}
-    return _with_seed_means(ctx, out)
+    return with_seed_means(ctx.cfg, out)
 
 
 def _refusals(layout, key: str, o) -> dict[str, bool]:
