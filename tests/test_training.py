@@ -370,17 +370,18 @@ def test_refat_recomputes_directions_every_k_steps(tmp_path):
 
 
 def test_feature_window_averages_the_last_recomputations_means():
-    """window 2: the first recomputation runs all n prompts and fills the window; each later one runs n / 2 newly
-    drawn prompts of each kind and replaces the oldest means, so the features are the mean of the two."""
+    """window 2: the first recomputation runs all n prompts and fills the window; each later one runs the next
+    n / 2 prompts of each kind of window 1's first shuffle and replaces the oldest means, so the features are the
+    mean of the two, over n distinct prompts."""
     from refat.directions import extract
     from refat.training.perturbations import step_generator
 
     model = fresh()  # its weights move below
+    g = step_generator(0, 0, 1)  # window 1's draw at step 0: harmful first, then harmless, from one generator
+    orders = [torch.randperm(len(xs), generator=g).tolist() for xs in (HARMFUL, HARMLESS)]
 
-    def means(step, count):  # the prompts recompute(step) draws: harmful first, then harmless, from one generator
-        g = step_generator(0, step, 1)
-        harmful, harmless = ([xs[i] for i in torch.randperm(len(xs), generator=g)[:count].tolist()]
-                             for xs in (HARMFUL, HARMLESS))
+    def means(start, count):  # the shuffle's prompts [start, start + count) of each kind, on the model as it is
+        harmful, harmless = ([xs[o[i]] for i in range(start, start + count)] for xs, o in zip((HARMFUL, HARMLESS), orders))
         d = extract(model, harmful, harmless, positions=[-1], progress=False)
         return d.harmful_mean[0], d.harmless_mean[0], harmful
 
@@ -388,18 +389,21 @@ def test_feature_window_averages_the_last_recomputations_means():
     whole = RefatPerturbation(model, RefatConfig(n=4, k=2), HARMFUL, HARMLESS, seed=0)
     pert.recompute(0), whole.recompute(0)
     assert torch.equal(pert.directions, whole.directions)  # the first: all n, as window 1
+    g2 = step_generator(0, 2, 1)  # window 1 draws n of each kind afresh at every recomputation
+    assert whole._prompts(2) == tuple([xs[i] for i in torch.randperm(len(xs), generator=g2)[:4].tolist()]
+                                      for xs in (HARMFUL, HARMLESS))
     h0, b0, _ = means(0, 4)
     first_tokens = pert.cost.tokens
     history = []
-    for step in (2, 4):
+    for step, start in ((2, 4), (4, 6)):  # the shuffle after the first n: 2 prompts of each kind at each step
         with torch.no_grad():  # the model moves between recomputations, as in training
             for w in model.hf.parameters():
                 w.add_(0.05 * torch.randn_like(w))
         pert.recompute(step)
-        history.append(means(step, 2))
+        history.append(means(start, 2))
     assert 0 < (pert.cost.tokens - first_tokens) / 2 < first_tokens  # each: n / 2 prompts of each kind, not n
     (h2, b2, drawn2), (h4, b4, drawn4) = history
-    assert drawn2 != drawn4  # the steps draw different prompts
+    assert len(set(drawn2 + drawn4)) == 4  # the window's prompts: n distinct ones
     # step 4: the means of steps 2 and 4 (step 0's left the window), each at the model as it was then
     assert (pert.directions - ((h2 + h4) / 2 - (b2 + b4) / 2).float()).abs().max().item() < 1e-5
     assert (pert.harmless_mean - ((b2 + b4) / 2).float()).abs().max().item() < 1e-5

@@ -65,8 +65,8 @@ class RefatConfig:
     p: float = 0.5  # probability that a harmful example is trained under RFA
     k: int = 4  # recompute the refusal features every k steps
     n: int = 32  # from n harmful and n harmless prompts
-    # the features average the means of the last `window` recomputations, each over n / window newly drawn prompts
-    # of each kind (the first runs all n): 1 / window of the recomputation's forwards, with activations up to
+    # the features average the means of the last `window` recomputations, each over the next n / window prompts
+    # of each kind in a fixed shuffle of the pool (the first runs all n; together the window's are n distinct): 1 / window of the recomputation's forwards, with activations up to
     # (window - 1) * k steps old (an approximation: BENCHMARKS.md measures its features and the recipe its
     # robustness). 1: every recomputation runs all n afresh (Yu et al.)
     window: int = added(1)
@@ -271,10 +271,7 @@ class RefatPerturbation(Perturbation):
         """Refusal features of the model as it is now (adapters active, dropout off): the first time from n
         prompts of each kind, which fill the window; then from n / window, which replace the oldest means."""
         t0 = time.perf_counter()
-        fresh = self.cfg.n // self.cfg.window if self.window else self.cfg.n
-        g = step_generator(self.seed, step, 1)
-        pick = lambda xs: [xs[i] for i in torch.randperm(len(xs), generator=g)[:fresh].tolist()]  # noqa: E731
-        harmful, harmless = pick(self.harmful), pick(self.harmless)
+        harmful, harmless = self._prompts(step)
         was_training = self.model.hf.training
         self.model.hf.eval()
         work = Work()
@@ -298,6 +295,21 @@ class RefatPerturbation(Perturbation):
         self.history.append({"step": step, "mean_norm": new[self.layers].norm(dim=-1).mean().item(),
                              "cosine_to_previous": cos, "prompts": len(harmful) + len(harmless),
                              "tokens": work.tokens})
+
+    def _prompts(self, step: int) -> tuple[list[str], list[str]]:
+        """The harmful and harmless prompts a recomputation at ``step`` runs. Window 1: n of each drawn afresh (Yu
+        et al.). A window of W: consecutive slices of one fixed shuffle of each pool (window 1's first draw), read
+        cyclically: the first recomputation's n, then n / W each, so the W recomputations in the window cover n
+        distinct prompts wherever the pool has that many: a fresh draw's sample size, only older."""
+        n, window = self.cfg.n, self.cfg.window
+        g = step_generator(self.seed, step if window == 1 else 0, 1)
+        orders = [torch.randperm(len(xs), generator=g).tolist() for xs in (self.harmful, self.harmless)]
+        if window == 1 or not self.window:  # all n: every draw of window 1, the first of a window
+            start, count = 0, n
+        else:  # the shuffle's next n / window, after the first n and the later recomputations' slices
+            start, count = n + (step // self.cfg.k - 1) * (n // window), n // window
+        return tuple([xs[order[i % len(xs)]] for i in range(start, start + min(count, len(xs)))]
+                     for xs, order in zip((self.harmful, self.harmless), orders))
 
     def before_step(self, step: int) -> None:
         if step % self.cfg.k == 0 or self.directions is None:
