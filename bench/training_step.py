@@ -8,7 +8,7 @@ the same runs:
 - plain ReFAT (the paper's recomputation from all n prompts every k steps): steps [0, k), against RT's. The
   window's first recomputation runs all n prompts and fills the window, so these k steps are plain ReFAT's,
   operation for operation (tests/test_training.py checks the features are the same);
-- ReFAT with the window, in its steady state (each recomputation from n / 4 new prompts): steps
+- ReFAT with the window, in its steady state (each recomputation from the next n / 4 prompts of a fixed shuffle): steps
   [k, k + steps), against RT's.
 
 Each ratio is the median of the per-round ratios of ``rounds`` (at least 3) rounds, with the lowest and highest
@@ -88,7 +88,7 @@ def run(model: Model, repeats: int = MIN_ROUNDS, steps: int = 8, batch_size: int
     harmful = [p.prompt for p in pairs if p.harmful][:n]
     harmless = [p.prompt for p in pairs if not p.harmful][:n]
     shared = history[0]["tokens"]  # the first recomputation: all n (32 + 32 pairs: n = 32 picks them all)
-    steady = statistics.mean(h["tokens"] for h in history[1:])  # each later one: n / window new prompts
+    steady = statistics.mean(h["tokens"] for h in history[1:])  # each later one: the next n / window prompts
     whole = whole_prompt_tokens(model, harmful) + whole_prompt_tokens(model, harmless)
     rows.append(row("training: refat recomputation tokens, shared prefix / whole prompts", shared / whole))
     rows.append(row(f"training: refat window {WINDOW} recomputation tokens, steady state / all n", steady / shared))
