@@ -9,8 +9,9 @@
 - ``rows``: one per model × attack column: ``method``, ``setting`` (the defense's name), ``seed``, ``attack``,
   ``n`` (behaviours), ``asr`` and ``ci`` (judge → rate in [0, 1], and its 95 % interval over behaviours),
   ``degenerate`` (the share of the column's completions that are degenerate, with its interval: a string judge
-  counts such nonsense as a success), ``disagreement`` (the share of completions the first two judges call differently) and ``choice`` (the
-  attacker's choice on validation prompts: the worst-case RFA member, the chosen template);
+  counts such nonsense as a success), ``disagreement`` (the share of completions the first two judges call
+  differently) and ``choice`` (the attacker's choice on validation prompts: the worst-case RFA member, the chosen
+  template);
 - ``means``: per defense × attack with several seeds, each judge's mean ± sd over seeds.
 
     python experiments/defenses.py                     # every model not yet in results/defenses/

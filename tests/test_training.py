@@ -381,7 +381,8 @@ def test_feature_window_averages_the_last_recomputations_means():
     orders = [torch.randperm(len(xs), generator=g).tolist() for xs in (HARMFUL, HARMLESS)]
 
     def means(start, count):  # the shuffle's prompts [start, start + count) of each kind, on the model as it is
-        harmful, harmless = ([xs[o[i]] for i in range(start, start + count)] for xs, o in zip((HARMFUL, HARMLESS), orders))
+        harmful, harmless = ([xs[o[i]] for i in range(start, start + count)]
+                             for xs, o in zip((HARMFUL, HARMLESS), orders))
         d = extract(model, harmful, harmless, positions=[-1], progress=False)
         return d.harmful_mean[0], d.harmless_mean[0], harmful
 

@@ -35,8 +35,8 @@ from .runner import read_marker
 from .stages.judges import rate_tables
 from .stages.report import judge_agreement, outcomes, paired_table, rate_cell, samples, with_seed_means
 
-__all__ = ["asr", "asr_cells", "degenerate_cells", "experiment_main", "load_parts", "measure", "paired", "part_id", "run_parts", "verdicts",
-           "write_report"]
+__all__ = ["asr", "asr_cells", "degenerate_cells", "experiment_main", "load_parts", "measure", "paired", "part_id",
+           "run_parts", "verdicts", "write_report"]
 
 log = logging.getLogger("refat.pipeline")
 FORMAT = 1  # the part file's schema
@@ -188,7 +188,8 @@ def write_report(cfg: ExperimentConfig, parts: dict[str, dict], folder: str | Pa
     write_json(folder / "paired.json", paired(cfg, parts))
     by_item = {k: p["outcomes"] for k, p in parts.items()}
     if cfg.utility is not None:  # per task, from the items' correctness (lm-eval's acc_norm is not in a part)
-        write_json(folder / "utility.json", with_seed_means(cfg, {k: _by_task(o["utility"]) for k, o in by_item.items()}))
+        write_json(folder / "utility.json",
+                   with_seed_means(cfg, {k: _by_task(o["utility"]) for k, o in by_item.items()}))
     if cfg.overrefusals:
         write_json(folder / "overrefusal.json", with_seed_means(cfg, {
             k: {r.column: rate(list(o[r.column].values())).to_dict() for r in cfg.overrefusals}

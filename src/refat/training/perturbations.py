@@ -66,9 +66,10 @@ class RefatConfig:
     k: int = 4  # recompute the refusal features every k steps
     n: int = 32  # from n harmful and n harmless prompts
     # the features average the means of the last `window` recomputations, each over the next n / window prompts
-    # of each kind in a fixed shuffle of the pool (the first runs all n; together the window's are n distinct): 1 / window of the recomputation's forwards, with activations up to
-    # (window - 1) * k steps old (an approximation: BENCHMARKS.md measures its features and the recipe its
-    # robustness). 1: every recomputation runs all n afresh (Yu et al.)
+    # of each kind in a fixed shuffle of the pool (the first runs all n; together the window's are n distinct):
+    # 1 / window of the recomputation's forwards, with activations up to (window - 1) * k steps old (an
+    # approximation: BENCHMARKS.md measures its features and the recipe its robustness). 1: every recomputation runs
+    # all n afresh (Yu et al.)
     window: int = added(1)
     layers: list[int] | None = None  # default: from 25 % depth to the last layer
     mode: hooks.AblationMode = "project"
