@@ -494,3 +494,30 @@ def test_report_marks_a_run_from_a_dirty_checkout():
     assert provenance.revision({"revision": "abc123", "dirty": True}) == "abc123 (uncommitted changes)"
     assert provenance.revision({"revision": "abc123", "dirty": False}) == "abc123"
     assert provenance.revision(None) is None  # not a git checkout
+
+
+@pytest.mark.parametrize("steps_after, resumed", [(60, True), (30, False)])
+def test_an_interrupted_stage_retired_to_stale_resumes_when_it_comes_back(tmp_path, steps_after, resumed):
+    """A narrower config in between (one model at a time: refat.pipeline.parts) must not throw away a stage's
+    partial work: it goes to stale/ with its checkpoints and resumes from them when asked for with the same
+    inputs again; with other inputs it starts afresh."""
+    from refat.pipeline.runner import Runner, Stage
+
+    seen, crash = [], [True]
+
+    def train(ctx, folder):
+        seen.append(sorted(p.name for p in folder.iterdir()))  # what the stage finds of its earlier attempt
+        (folder / "checkpoint").write_text("step 40")
+        if crash[0]:
+            raise KeyboardInterrupt  # the sitting ends mid-training
+    with pytest.raises(KeyboardInterrupt):
+        Runner(tmp_path).run([Stage("train/x", train, config={"steps": 60})], None)
+    Runner(tmp_path).retire_stale(planned=set())  # a config without train/x
+    assert (tmp_path / "stale/train/x/checkpoint").is_file() and not (tmp_path / "train/x").exists()
+    crash[0] = False
+    runner = Runner(tmp_path)
+    runner.run([Stage("train/x", train, config={"steps": steps_after})], None)
+    assert seen[-1] == (["checkpoint", "stage.json"] if resumed else ["stage.json"])
+    assert runner.report["train/x"]["status"] == "ran"
+    assert json.loads((tmp_path / "train/x/stage.json").read_text())["status"] == "done"
+    assert (tmp_path / "stale/train/x").exists() != resumed  # a stale attempt with other inputs stays there

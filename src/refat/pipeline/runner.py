@@ -7,7 +7,8 @@ can be forgotten. A stage whose marker matches is skipped; one whose inputs chan
 and its new result id makes every stage that reads it recompute. A crash leaves a ``running``
 marker and the finished stages untouched; the next run resumes that stage (training and attacks
 resume inside it) when its inputs are unchanged. Stages of an earlier config that this config no
-longer has go to ``stale/`` (and come back if a later config asks for exactly them again).
+longer has go to ``stale/``, finished or interrupted (and come back, to be skipped or resumed, if a later
+config asks for exactly them again).
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ class Runner:
             _prune_empty(marker.parent.parent, self.run_dir)
 
     def _restore(self, name: str, fingerprint: str) -> dict | None:
-        """A stage retired to stale/ by an earlier config comes back if its inputs are these again."""
+        """A stage retired to stale/ by an earlier config comes back if its inputs are these again: a finished
+        one to be skipped, an interrupted one to resume (a training run's checkpoints are not thrown away because
+        a narrower config ran in between)."""
         old = self.run_dir / "stale" / name
         marker = read_marker(old)
-        if marker and marker.get("status") == "done" and marker.get("fingerprint") == fingerprint:
+        if marker and marker.get("status") in ("done", "running") and marker.get("fingerprint") == fingerprint:
             (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(old), str(self.run_dir / name))
             _prune_empty(old.parent, self.run_dir)
