@@ -4,9 +4,10 @@ The recipe's judges are both refusal-string judges: an answer that neither refus
 nonsense: what an ablation that breaks the model produces) counts as jailbroken. This reads the completions every
 part file of ``results/recipe/`` keeps (no attack, and the worst-case RFA), asks the chat judge of the final table
 whether each response carries out the request (``llm:qwen2.5-coder-0.5b#comply@0.246``, κ 0.72 on JailbreakBench's
-human labels, RESULTS.md), counts the degenerate ones (:func:`refat.attacks.rfa_sweep.degenerate`), and writes
+human labels, RESULTS.md), counts the degenerate ones (:func:`refat.pipeline.parts.degenerate_cells`), and writes
 ``results/recipe_judge/model_judge.json``: per model and attack, n, the share the model judge calls carried out and
-the share the string judge calls not refused, each with its 95 % Wilson interval, and the degenerate count.
+the share the string judge calls not refused and the degenerate share (as the part tables count it), each with its
+95 % Wilson interval.
 
     python experiments/recipe_judge.py        # scores cached in results/recipe_judge/cache.jsonl
 
@@ -19,8 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-from refat.attacks.rfa_sweep import degenerate
 from refat.judges import cached_scores, judge_threshold
+from refat.pipeline.parts import degenerate_cells
 from refat.stats import rate
 from refat.storage import write_json
 
@@ -43,13 +44,13 @@ def summarize(parts_dir: Path, judge: str, cache: Path) -> dict:
         for key, c in part["completions"].items():
             attack, behaviour = key.split("/", 1)
             rows.setdefault(attack, []).append((behaviour, c["goal"], c["completion"]))
-        out = {}
+        out, broken = {}, degenerate_cells({part["key"]: part})[part["key"]]
         for attack, items in sorted(rows.items()):
             scores = cached_scores(judge, [(g, c) for _, g, c in items], cache)
             out[attack] = {"n": len(items),
                            "carried_out": rate([s > judge_threshold(judge) for s in scores]).to_dict(),
                            "not_refused": rate([strings[(attack, b)] for b, _, _ in items]).to_dict(),
-                           "degenerate": sum(degenerate(c) for _, _, c in items)}
+                           "degenerate": broken[attack]}
         models[part["key"]] = out
     return {"judge": judge, "string_judge": STRING_JUDGE, "models": models}
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, attacks in result["models"].items():
         for attack, r in attacks.items():
             print(f"{key:18s} {attack:5s} n {r['n']}: carried out {r['carried_out']['value']:.0%}, "
-                  f"not refused {r['not_refused']['value']:.0%}, degenerate {r['degenerate']}")
+                  f"not refused {r['not_refused']['value']:.0%}, degenerate {r['degenerate']['value']:.0%}")
     return result
 
 

@@ -131,7 +131,7 @@ def test_recipe_judge_counts_each_models_attacked_completions(tmp_path):
     (parts / "other.json").write_text(json.dumps({"not": "a part"}))  # skipped
     out = module.summarize(parts, "refusal-strings:default", tmp_path / "cache.jsonl")
     rfa = out["models"]["m"]["rfa"]
-    assert list(out["models"]) == ["m"] and rfa["n"] == 2 and rfa["degenerate"] == 1
+    assert list(out["models"]) == ["m"] and rfa["n"] == 2 and rfa["degenerate"]["value"] == 0.5
     assert rfa["carried_out"]["value"] == 1.0 and rfa["not_refused"]["value"] == 1.0  # a string judge: both count
     assert out["models"]["m"]["none"]["carried_out"]["value"] == 0.0
     assert (tmp_path / "cache.jsonl").exists()

@@ -521,3 +521,30 @@ def test_an_interrupted_stage_retired_to_stale_resumes_when_it_comes_back(tmp_pa
     assert runner.report["train/x"]["status"] == "ran"
     assert json.loads((tmp_path / "train/x/stage.json").read_text())["status"] == "done"
     assert (tmp_path / "stale/train/x").exists() != resumed  # a stale attempt with other inputs stays there
+
+
+def test_a_stage_with_other_inputs_goes_to_stale_and_switching_back_recomputes_nothing(tmp_path):
+    """Two configs that differ in one stage's inputs (p 0.5 and p 1.0 of the same defense, in one run folder):
+    each run keeps the other's finished result in stale/ instead of deleting it."""
+    from refat.pipeline.runner import Runner, Stage
+
+    ran = []
+
+    def train(ctx, folder):
+        ran.append(json.loads((folder / "stage.json").read_text())["inputs"]["config"]["p"])
+        (folder / "adapter").write_text(str(ran[-1]))
+
+    def run(p):
+        runner = Runner(tmp_path)
+        runner.run([Stage("train/x", train, config={"p": p})], None)
+        return runner.report["train/x"]["status"]
+    assert [run(0.5), run(1.0)] == ["ran", "ran"]
+    assert (tmp_path / "stale/train/x/adapter").read_text() == "0.5"  # kept, not deleted
+    assert [run(0.5), run(1.0), run(1.0)] == ["skipped", "skipped", "skipped"] and ran == [0.5, 1.0]
+    adapters = tmp_path / "train/x/adapter", tmp_path / "stale/train/x/adapter"
+    assert [a.read_text() for a in adapters] == ["1.0", "0.5"]
+    assert sorted(p.name for p in (tmp_path / "stale/train").iterdir()) == ["x"]  # one copy per stage
+    forced = Runner(tmp_path, force=["train"])  # forced: recomputed in place, the stale copy untouched
+    forced.run([Stage("train/x", train, config={"p": 1.0})], None)
+    assert forced.report["train/x"]["status"] == "ran" and ran == [0.5, 1.0, 1.0]
+    assert [a.read_text() for a in adapters] == ["1.0", "0.5"]

@@ -7,8 +7,8 @@ can be forgotten. A stage whose marker matches is skipped; one whose inputs chan
 and its new result id makes every stage that reads it recompute. A crash leaves a ``running``
 marker and the finished stages untouched; the next run resumes that stage (training and attacks
 resume inside it) when its inputs are unchanged. Stages of an earlier config that this config no
-longer has go to ``stale/``, finished or interrupted (and come back, to be skipped or resumed, if a later
-config asks for exactly them again).
+longer has, or has with other inputs, go to ``stale/`` (one copy per stage), finished or interrupted, and
+come back, to be skipped or resumed, if a later config asks for exactly them again.
 """
 
 from __future__ import annotations
@@ -88,17 +88,26 @@ class Runner:
             _prune_empty(marker.parent.parent, self.run_dir)
 
     def _restore(self, name: str, fingerprint: str) -> dict | None:
-        """A stage retired to stale/ by an earlier config comes back if its inputs are these again: a finished
-        one to be skipped, an interrupted one to resume (a training run's checkpoints are not thrown away because
-        a narrower config ran in between)."""
-        old = self.run_dir / "stale" / name
+        """This stage as stale/ holds it, if an earlier config left it there with these inputs: a finished one to be
+        skipped, an interrupted one to resume (a training run's checkpoints are not thrown away because a narrower
+        config ran in between). A copy with other inputs in its place goes to stale/, not away: switching back and
+        forth between two configs recomputes nothing."""
+        folder, old = self.run_dir / name, self.run_dir / "stale" / name
         marker = read_marker(old)
-        if marker and marker.get("status") in ("done", "running") and marker.get("fingerprint") == fingerprint:
-            (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(old), str(self.run_dir / name))
-            _prune_empty(old.parent, self.run_dir)
-            return marker
-        return None
+        back = bool(marker) and marker.get("status") in ("done", "running") and marker.get("fingerprint") == fingerprint
+        if back:  # out of the way of the copy that takes its place in stale/
+            shutil.move(str(old), str(aside := old.with_name(f"{old.name}.{uuid.uuid4().hex[:8]}")))
+        if read_marker(folder):
+            shutil.rmtree(old, ignore_errors=True)
+            old.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(folder), str(old))
+            log.info("[stage %s] inputs changed: the earlier result moved to stale/", name)
+        if not back:
+            return None
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(aside), str(folder))
+        _prune_empty(aside.parent, self.run_dir)
+        return marker
 
     def run(self, stages: Sequence[Stage], context: Any) -> dict[str, str]:
         """Every stage in order; returns each one's result id."""
@@ -110,8 +119,9 @@ class Runner:
     def _run(self, stage: Stage, inputs: dict, context: Any) -> str:
         name, fp = stage.name, digest(inputs)
         folder = self.run_dir / name
-        marker = read_marker(folder) or self._restore(name, fp)
-        forced = self.forced(name)
+        marker, forced = read_marker(folder), self.forced(name)
+        if not forced and (marker or {}).get("fingerprint") != fp:
+            marker = self._restore(name, fp)
         if marker and marker.get("status") == "done" and marker.get("fingerprint") == fp and not forced:
             log.info("[stage %s] skipped (unchanged)", name)
             self.report[name] = {"status": "skipped", "result": marker["result"]}
