@@ -423,6 +423,7 @@ def test_shipped_configs_parse():
     assert [a.label for a in quick.attacks] == ["rfa", "prefill", "templates", "gcg"]
     assert quick.attacks[3].parsed().num_steps <= 10 and "mmlu" not in quick.utility.tasks
     assert quick.train_config("refat").refat.k == 5 and quick.train_config("rt").method == "rt"
+    assert quick.borderline == 0.25 and paper.borderline_source == "xstest"  # the recipe's mix (RESULTS.md)
     assert paper.dtype == "bfloat16" and paper.attacks[1].parsed().num_steps == 500
     assert "harmbench:cais/HarmBench-Llama-2-13b-cls" in paper.judges
     assert paper.train_config("lat").adversarial.steps == 16 and paper.train_config("cat").adversarial.steps == 10
