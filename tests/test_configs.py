@@ -116,3 +116,33 @@ def test_field_errors_are_named_by_whoever_builds_the_config():
     add_arguments(p, Checked, prefix="c-")
     with pytest.raises(ConfigError, match=r"^count \(--c-count\): must be >= 0"):
         from_arguments(Checked, p.parse_args(["--c-count", "-2"]), prefix="c-")
+
+
+@dataclass
+class _Documented:
+    p: float = 0.5  # probability of 50 % or so
+    spec: str = "llm:m#comply"  # a '#' inside a string is not a comment
+    share: float = 0.0  # share of the rows that are borderline (benign prompts
+    #                     that look harmful)
+    # the block above a field explains it
+    # over two lines
+    window: int = 1
+    bare: int = 3
+    after: int = 4  # its own comment, not the block below
+    # which belongs to the next field
+    last: int = 5
+
+
+def test_option_help_comes_from_the_field_comments():
+    from refat.configs import field_comments
+
+    docs = field_comments(_Documented)
+    assert docs == {"p": "probability of 50 % or so", "spec": "a '#' inside a string is not a comment",
+                    "share": "share of the rows that are borderline (benign prompts that look harmful)",
+                    "window": "the block above a field explains it over two lines",
+                    "after": "its own comment, not the block below", "last": "which belongs to the next field"}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, _Documented)
+    text = " ".join(parser.format_help().split())
+    assert "probability of 50 % or so (default: 0.5)" in text and "--bare BARE default: 3" in text
+    assert "that look harmful) (default: 0.0)" in text

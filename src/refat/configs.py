@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import io
+import re
+import tokenize
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -18,8 +23,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from .errors import RefatError
 
-__all__ = ["ConfigError", "FieldError", "add_arguments", "added", "at_least", "fingerprint_data", "from_arguments",
-           "from_dict", "require"]
+__all__ = ["ConfigError", "FieldError", "add_arguments", "added", "at_least", "field_comments", "fingerprint_data",
+           "from_arguments", "from_dict", "require"]
 
 T = TypeVar("T")
 
@@ -208,6 +213,42 @@ def _option(hint: Any, default: Any) -> dict[str, Any] | None:
                       "single": single, "help": help_text + ("; one value or several" if single else "")}
 
 
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the source of dataclass ``cls``: the one after it on its line with its aligned
+    continuation lines (``#   more``), else the comment block just above it. The options' help, so the config
+    dataclasses stay the one place a setting is explained."""
+    try:
+        source = inspect.getsource(cls)
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (OSError, TypeError, tokenize.TokenError, IndentationError):
+        return {}
+    lines = source.splitlines()
+    comments, code = {}, set()
+    for t in tokens:
+        if t.type == tokenize.COMMENT:
+            comments[t.start[0]] = t.string
+        elif t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code.add(t.start[0])
+    names, docs, above, current = {f.name for f in dataclasses.fields(cls)}, {}, [], None
+    for no, line in enumerate(lines, 1):
+        comment = comments.get(no)
+        if no in code:
+            m = re.match(r"\s*(\w+)\s*:", line)
+            name = m.group(1) if m and m.group(1) in names and m.group(1) not in docs else None
+            if name and (comment or above):
+                docs[name] = comment.lstrip("#").strip() if comment else " ".join(above)
+            current, above = (name if name and comment else None), []
+        elif comment and current and comment.startswith("#  "):  # an aligned continuation of the field's comment
+            docs[current] += " " + comment.lstrip("#").strip()
+        elif comment:
+            current = None
+            above.append(comment.lstrip("#").strip())
+        else:
+            current, above = None, []
+    return docs
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Collection[str] = (), prefix: str = "",
                   aliases: Mapping[str, str | Sequence[str]] | None = None, defaults: Any = None) -> None:
     """One ``--field-name`` option per field of ``cls`` (defaults from the dataclass), so a command reaches
@@ -221,7 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Collectio
 
 
 def _add(parser, cls: type, skip: set[str], aliases: dict, prefix: str, path: str, defaults: Any) -> None:
-    hints = get_type_hints(cls)
+    hints, docs = get_type_hints(cls), field_comments(cls)
     for f in dataclasses.fields(cls):
         name = path + f.name
         if name in skip or not f.init:
@@ -235,6 +276,8 @@ def _add(parser, cls: type, skip: set[str], aliases: dict, prefix: str, path: st
         if option is None:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line option can express {hints[f.name]}; "
                             "skip it and set it in the command")
+        if f.name in docs:  # argparse formats help with %: the comments' "25 %" must stay literal
+            option["help"] = docs[f.name].replace("%", "%%") + f" ({option['help']})"
         extra = aliases.get(name, ())
         parser.add_argument(f"--{flag}", *([extra] if isinstance(extra, str) else extra),
                             dest=flag.replace("-", "_"), default=default, **option)
