@@ -555,7 +555,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _compute_section(run_dir: Path, tables: Path) -> _Section:
     if (tables / "compute.json").is_file():
         return _matrix_section(tables, "compute.json", "Compute cost", "", "metric", _fmt,
-                               "Cost per model: training passes and wall time on the machine that ran it, from `compute.json`.")
+                               "Cost per model: training passes and wall time on the machine that ran it, "
+                               "from `compute.json`.")
     sec = _Section("Compute cost")
     table, errors = {}, []
     for path in sorted((run_dir / "train").glob("*/train_summary.json")):
