@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import linecache
 import re
 import tokenize
 import types
@@ -213,17 +214,30 @@ def _option(hint: Any, default: Any) -> dict[str, Any] | None:
                       "single": single, "help": help_text + ("; one value or several" if single else "")}
 
 
+def _class_source(cls: type) -> str:
+    """The lines of ``cls``'s body, found by its ``class`` line and their indentation. Not inspect.getsource: that
+    parses the whole module, and every command's start-up paid about 0.2 s for it over the config classes."""
+    lines = linecache.getlines(inspect.getsourcefile(cls) or "")
+    header = re.compile(rf"(\s*)class {cls.__name__}\b")
+    for i, line in enumerate(lines):
+        if m := header.match(line):
+            indent, end = len(m.group(1)), i + 1
+            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+                end += 1
+            return "".join(lines[i:end])
+    raise OSError(f"no source for {cls.__qualname__}")
+
+
 @functools.cache
 def field_comments(cls: type) -> dict[str, str]:
     """Each field's comment in the source of dataclass ``cls``: the one after it on its line with its aligned
     continuation lines (``#   more``), else the comment block just above it. The options' help, so the config
     dataclasses stay the one place a setting is explained."""
     try:
-        source = inspect.getsource(cls)
+        source = _class_source(cls)
         tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     except (OSError, TypeError, tokenize.TokenError, IndentationError):
         return {}
-    lines = source.splitlines()
     comments, code = {}, set()
     for t in tokens:
         if t.type == tokenize.COMMENT:
@@ -231,19 +245,20 @@ def field_comments(cls: type) -> dict[str, str]:
         elif t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
             code.add(t.start[0])
     names, docs, above, current = {f.name for f in dataclasses.fields(cls)}, {}, [], None
-    for no, line in enumerate(lines, 1):
+    for no, line in enumerate(source.splitlines(), 1):
         comment = comments.get(no)
+        text = comment.lstrip("#").strip() if comment else ""
         if no in code:
             m = re.match(r"\s*(\w+)\s*:", line)
             name = m.group(1) if m and m.group(1) in names and m.group(1) not in docs else None
-            if name and (comment or above):
-                docs[name] = comment.lstrip("#").strip() if comment else " ".join(above)
-            current, above = (name if name and comment else None), []
-        elif comment and current and comment.startswith("#  "):  # an aligned continuation of the field's comment
-            docs[current] += " " + comment.lstrip("#").strip()
-        elif comment:
+            if name and (text or above):
+                docs[name] = text or " ".join(above)
+            current, above = (name if name and text else None), []
+        elif text and current and comment.startswith("#  "):  # an aligned continuation of the field's comment
+            docs[current] += " " + text
+        elif text:
             current = None
-            above.append(comment.lstrip("#").strip())
+            above.append(text)
         else:
             current, above = None, []
     return docs
