@@ -80,12 +80,16 @@ class Runner:
             rel = marker.parent.relative_to(self.run_dir)
             if rel.parts[0] == "stale" or rel.as_posix() in planned:
                 continue
-            target = self.run_dir / "stale" / rel
-            shutil.rmtree(target, ignore_errors=True)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(marker.parent), str(target))
+            self._shelve(rel.as_posix())
             log.info("[stage %s] not in this config: moved to stale/", rel.as_posix())
             _prune_empty(marker.parent.parent, self.run_dir)
+
+    def _shelve(self, name: str) -> None:
+        """Move stage folder ``name`` to stale/, replacing the copy an earlier config left there."""
+        target = self.run_dir / "stale" / name
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.run_dir / name), str(target))
 
     def _restore(self, name: str, fingerprint: str) -> dict | None:
         """This stage as stale/ holds it, if an earlier config left it there with these inputs: a finished one to be
@@ -98,9 +102,7 @@ class Runner:
         if back:  # out of the way of the copy that takes its place in stale/
             shutil.move(str(old), str(aside := old.with_name(f"{old.name}.{uuid.uuid4().hex[:8]}")))
         if read_marker(folder):
-            shutil.rmtree(old, ignore_errors=True)
-            old.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(folder), str(old))
+            self._shelve(name)
             log.info("[stage %s] inputs changed: the earlier result moved to stale/", name)
         if not back:
             return None
