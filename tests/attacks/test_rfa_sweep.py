@@ -12,12 +12,13 @@ from conftest import build_model, save_model, write_prompts
 
 from refat import hooks
 from refat.attacks import rfa, rfa_sweep
-from refat.attacks.base import AttackContext, Behaviour
+from refat.attacks.base import AttackConfigMismatch, AttackContext, Behaviour
 from refat.attacks.rfa_sweep import Member, Sweep, SweepConfig, ablation, degenerate, sweep
 from refat.cli import main
 from refat.configs import ConfigError, from_dict
 from refat.directions import Directions, Selection, extract
 from refat.generation import forward_last_logits
+from refat.models import UnidentifiedModelError, wrap
 
 VAL = [f"Explain how to do harmful thing number {i}." for i in range(4)]
 TEST = [f"Describe a dangerous plan number {i}." for i in range(3)]
@@ -173,6 +174,39 @@ def test_rfa_chooses_on_validation_prompts_only_and_names_the_member(model, monk
     with pytest.raises(ValueError, match="rfa needs validation"):
         rfa.run(model, [Behaviour(TEST[0], "Sure")], config,
                 context=AttackContext(directions=directions, harmless=HARMLESS))
+
+
+def test_an_interrupted_rfa_attack_reuses_its_sweep_only_for_the_same_inputs(model, monkeypatch, tmp_path):
+    directions = random_directions(2, 32)
+    Scripted(monkeypatch, SCREEN, REFUSAL)
+    config = rfa.RFAConfig(max_new_tokens=2, sweep=SweepConfig(top_m=3, top_k=0))
+    context = AttackContext(directions=directions, harmless=HARMLESS, validation=VAL)
+    behaviours = [Behaviour(g, "Sure") for g in TEST]
+    rfa.run(model, behaviours, config, tmp_path, context=context, progress=False)
+    (tmp_path / "records.jsonl").unlink()  # as if stopped while generating, after the sweep was saved
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the sweep ran again")
+
+    real_sweep = rfa_sweep.sweep
+    monkeypatch.setattr(rfa_sweep, "sweep", no_sweep)
+    records = rfa.run(model, behaviours, config, tmp_path, context=context, progress=False)
+    assert {r.extra["direction"]["kind"] for r in records if r.attack == "rfa"} == {"per-layer"}  # B, as chosen
+    # other validation prompts, directions, sweep settings or model: the folder is refused, not reused
+    for changed in (dict(context=AttackContext(directions=directions, harmless=HARMLESS, validation=VAL[:3])),
+                    dict(context=AttackContext(directions=random_directions(2, 32, seed=1), harmless=HARMLESS,
+                                               validation=VAL)),
+                    dict(config=rfa.RFAConfig(max_new_tokens=2, sweep=SweepConfig(top_m=2, top_k=0))),
+                    dict(model=wrap(model.hf, model.tokenizer, name="another-model"))):
+        args = dict(model=model, config=config, context=context) | changed
+        with pytest.raises(AttackConfigMismatch, match="another"):
+            rfa.run(args["model"], behaviours, args["config"], tmp_path, context=args["context"], progress=False)
+    # a model built in memory without a name cannot vouch that it made the stored sweep
+    monkeypatch.setattr(rfa_sweep, "sweep", real_sweep)
+    anonymous = wrap(model.hf, model.tokenizer)
+    rfa.run(anonymous, behaviours, config, tmp_path / "anon", context=context, progress=False)
+    with pytest.raises(UnidentifiedModelError):
+        rfa.run(anonymous, behaviours, config, tmp_path / "anon", context=context, progress=False)
 
 
 def test_selected_direction_needs_no_validation_and_names_the_selection(model):

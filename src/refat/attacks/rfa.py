@@ -13,6 +13,8 @@ ablation), generated in four batched passes.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -26,11 +28,13 @@ from ..directions import Directions
 from ..errors import InputError
 from ..generation import generate
 from ..judges import RefusalStringJudge
-from ..models import Model
-from ..storage import write_jsonl
+from ..models import Model, check_resumable, identity
+from ..storage import digest, write_jsonl
 from . import rfa_sweep
-from .base import NO_ATTACK, AttackContext, AttackRecord, Behaviour, string_judge
+from .base import NO_ATTACK, AttackContext, AttackRecord, Behaviour, claim_records, string_judge
 from .rfa_sweep import Member, SweepConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RFAConfig", "ablation", "applied", "run", "rates", "summarize", "summary"]
 
@@ -104,11 +108,7 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: RFAConfig = RFACo
         if leaked:
             raise InputError(f"rfa: {len(leaked)} validation prompt(s) are attacked behaviours (e.g. {leaked[0]!r}); "
                              "the attacker must choose its ablation on other prompts")
-        result = rfa_sweep.sweep(model, directions, validation, config.sweep, judge=judge,
-                                 max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                 progress=progress)
-        if out_dir is not None:
-            result.save(Path(out_dir) / "sweep.json")
+        result = _sweep(model, directions, validation, config, judge, out_dir, progress)
         named, attack = applied(model, directions, config, result.chosen)
     else:
         named, attack = applied(model, directions, config)
@@ -131,6 +131,28 @@ def run(model: Model, behaviours: Sequence[Behaviour], config: RFAConfig = RFACo
     if out_dir is not None:
         write_jsonl(Path(out_dir) / "records.jsonl", [r.to_dict() for r in records])
     return records
+
+
+def _sweep(model: Model, directions: Directions, validation: list[str], config: RFAConfig, judge: RefusalStringJudge,
+           out_dir: str | Path | None, progress: bool) -> rfa_sweep.Sweep:
+    """The sweep, or the one ``out_dir/sweep.json`` already holds when ``out_dir`` is claimed for the same model,
+    directions, validation prompts, config and judge (:func:`~refat.attacks.base.claim_records`): an interrupted
+    attack does not redo its quarter-hour sweep."""
+    if out_dir is None:
+        return rfa_sweep.sweep(model, directions, validation, config.sweep, judge=judge,
+                               max_new_tokens=config.max_new_tokens, progress=progress, batch_size=config.batch_size)
+    out = Path(out_dir)
+    claim_records(out, {"attack": "rfa", "config": asdict(config), "model": identity(model), "judge": judge.name,
+                        "validation": digest([prompt_key(p) for p in validation]),
+                        "directions": hashlib.sha256(directions.diff.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]})
+    if (out / "sweep.json").exists():
+        check_resumable(model, out)
+        log.info("rfa: reusing the sweep in %s", out / "sweep.json")
+        return rfa_sweep.Sweep.load(out / "sweep.json")
+    result = rfa_sweep.sweep(model, directions, validation, config.sweep, judge=judge,
+                             max_new_tokens=config.max_new_tokens, progress=progress, batch_size=config.batch_size)
+    result.save(out / "sweep.json")
+    return result
 
 
 def rates(records: Sequence[AttackRecord]) -> dict[str, float]:
