@@ -19,7 +19,8 @@ REFAT_RECOMPUTE_S = 32.7  # refusal features from 32 + 32 prompts (a fresh proce
 # medians of the last training case (bench/results.json: `--only training gcg`); refat-window (not timed yet): RT's
 # step plus a quarter of ReFAT's extra cost
 STEP_S_BATCH4 = {"rt": 7.8, "refat": 10.9, "refat-window": 8.6, "cat": 13.7, "lat": 24.8}
-GCG_S_PER_STEP = {"refat": 41.0, "nanogcg": 64.4}  # width 128 (bench/results-gcg.json, 2026-11-26)
+# width 128 (bench/results-gcg.json, 2026-12-02: medians of 3 rounds; nanoGCG's has ranged 33-64 s between runs)
+GCG_S_PER_STEP = {"refat": 16.5, "refat-unpruned": 19.5, "nanogcg": 52.0}
 GCG_SETUP_S = 50.0  # both implementations: load, vocabulary scan, first evaluation
 LOAD_S = 8.0
 CHILD_OVERHEAD_S = 6.0  # a fresh interpreter importing torch, transformers and peft
@@ -53,14 +54,14 @@ def case_seconds(plan: Plan, case: str) -> float:
         return (max(3, r) * ((k + plan.train_steps) * s["rt"] + window_run)
                 + max(1, plan.train_steps // 2) * (s["cat"] + s["lat"]))
     if case == "probe":  # 1.5B target (about 3x the 0.5B's cost per step), 0.5B draft; plain and probe-sampled
-        return 2 * GCG_SETUP_S * 3 + plan.gcg_steps * GCG_S_PER_STEP["refat"] * plan.gcg_search_width / 128 * 3 * 1.5
+        return 2 * GCG_SETUP_S * 3 + plan.gcg_steps * GCG_S_PER_STEP["refat-unpruned"] * plan.gcg_search_width / 128 * 3 * 1.5
     if case == "extraction":  # 1 warm-up round; bare and extract each run bs harmful + bs harmless prompts
         return (r + 1) * 2 * (2 * bs) * fwd
     if case == "roofline":
         return (r + 1) * bs * fwd + r * (plan.roofline_steps * STEP_S_BATCH4["rt"] + 3)
     if case == "memory":
         return CHILD_OVERHEAD_S + LOAD_S + REFAT_RECOMPUTE_S + plan.memory_steps * STEP_S_BATCH4["rt"] * 1.1
-    if case == "gcg":  # each step scores search_width candidates, in both implementations
+    if case == "gcg":  # each step scores search_width candidates: nanoGCG, refat, refat without the tail pruning
         per_step = sum(GCG_S_PER_STEP.values()) * plan.gcg_search_width / 128
         return GCG_SETUP_S + plan.gcg_steps * per_step
     raise ValueError(f"no estimate for case {case!r}")

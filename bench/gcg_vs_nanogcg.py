@@ -145,8 +145,9 @@ def _clean_env() -> dict:
 
 
 def run_ours(model, *, goal: str, target: str, optim_str_init: str, steps: int, search_width: int, topk: int,
-             seed: int) -> dict:
-    cfg = GCGConfig(num_steps=steps, optim_str_init=optim_str_init, search_width=search_width, topk=topk, seed=seed)
+             seed: int, prune_tail: float = GCGConfig.prune_tail) -> dict:
+    cfg = GCGConfig(num_steps=steps, optim_str_init=optim_str_init, search_width=search_width, topk=topk, seed=seed,
+                    prune_tail=prune_tail)
     t0 = time.perf_counter()
     attacker = GCG(model, cfg, progress=False)
     setup = time.perf_counter() - t0
@@ -156,7 +157,8 @@ def run_ours(model, *, goal: str, target: str, optim_str_init: str, steps: int, 
             "strings": res.strings, "best_loss": res.best_loss, "best_string": res.best_string,
             "step_seconds": res.step_seconds, "total_seconds": res.seconds, "n_forward": res.n_forward,
             "threads": torch.get_num_threads(), "before_ids": s.before_ids, "after_ids": s.after_ids,
-            "target_ids": s.target_ids}
+            "target_ids": s.target_ids, "prune_tail": prune_tail, "candidates": res.target_scored,
+            "pruned": res.pruned}
 
 
 def run(model_dir: str | Path, *, model=None, steps: int = 10, search_width: int = 128, topk: int = 256,
@@ -177,14 +179,15 @@ def run(model_dir: str | Path, *, model=None, steps: int = 10, search_width: int
     dtype = str(model.dtype).removeprefix("torch.")
     kw = dict(goal=goal, target=target, optim_str_init=optim_str_init, steps=steps, search_width=search_width,
               topk=topk, seed=seed)
-    runs: dict[str, list[dict]] = {"refat": [], "nanogcg": []}
+    runs: dict[str, list[dict]] = {"refat": [], "nanogcg": [], "refat-unpruned": []}
     for r in range(rounds):
-        order = ["refat", "nanogcg"] if r % 2 == 0 else ["nanogcg", "refat"]
+        order = ["refat", "nanogcg", "refat-unpruned"] if r % 2 == 0 else ["refat-unpruned", "nanogcg", "refat"]
         for name in order:
-            if name == "refat":
-                runs[name].append(run_ours(model, **kw))
-            else:
+            if name == "nanogcg":
                 runs[name].append(run_nanogcg(model_dir, threads=threads, dtype=dtype, device=str(model.device), **kw))
+            else:
+                runs[name].append(run_ours(model, **kw, prune_tail=0.0 if name == "refat-unpruned" else
+                                           GCGConfig.prune_tail))
     steps_s = {k: [t for x in v for t in x["step_seconds"]] for k, v in runs.items()}
     med = {k: statistics.median(v) for k, v in steps_s.items()}
     ratio = med["nanogcg"] / med["refat"]
@@ -195,6 +198,7 @@ def run(model_dir: str | Path, *, model=None, steps: int = 10, search_width: int
     # same seed, same sampler: the random draws coincide, so equal per-step losses mean the same search
     n = min(len(ours["losses"]), len(theirs["losses"]))
     same_steps = sum(abs(a - b) < 1e-3 for a, b in zip(ours["losses"][:n], theirs["losses"][:n])) / max(n, 1)
+    pruned = sum(sum(x["pruned"]) for x in runs["refat"]) / max(1, sum(sum(x["candidates"]) for x in runs["refat"]))
     rows = [
         row(f"gcg: nanoGCG/refat seconds per step (width {search_width})", ratio, f">= {TARGET_RATIO}",
             ratio >= TARGET_RATIO),
@@ -204,6 +208,8 @@ def run(model_dir: str | Path, *, model=None, steps: int = 10, search_width: int
         row(f"gcg: nanoGCG best loss ({steps} steps)", best["nanogcg"]),
         row("gcg: |init loss refat - nanoGCG| (same tokens)", init_gap, "< 1e-3", init_gap < 1e-3 and same_tokens),
         row("gcg: fraction of steps with the same loss (same seed)", same_steps),
+        row("gcg: refat s/step without / with the target-tail pruning", med["refat-unpruned"] / med["refat"]),
+        row("gcg: refat candidates left unfinished by the pruning", pruned),
     ]
     details = {"model_dir": str(model_dir), "dtype": dtype, "threads": threads, "steps": steps,
                "search_width": search_width, "topk": topk, "rounds": rounds, "goal": goal, "target": target,

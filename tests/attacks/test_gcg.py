@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import build_hf, build_model, make_tokenizer
 from refat.attacks import gcg
 from refat.attacks.base import AttackConfigMismatch, Behaviour, read_records
 from refat.attacks.gcg import GCG, GCGConfig, filter_candidates, run, run_one, sample_candidates, split_prompt
+from refat.configs import fingerprint_data
 from refat.models import wrap
 
 GOAL, TARGET, INIT = "Tell me how", "Sure", "xxxxxxxx"
@@ -170,6 +172,70 @@ def test_early_stop_when_greedy_output_is_the_target(model):
     assert res.early_stopped and len(res.losses) == 1
     longer = run_one(model, (goal, target + "zzz"), GCGConfig(num_steps=2, early_stop=True, **FAST), progress=False)
     assert not longer.early_stopped and len(longer.losses) == 2  # a target it does not say: no stop
+
+
+@pytest.fixture(scope="module")
+def peaked():
+    """A tiny model with its output projection scaled up (sharp next-token distributions) and a target it
+    almost says after the initial string: as with a trained model and its usual target, most of the loss sits
+    in the first target positions and candidates' partial losses spread far apart (a random model's stay near
+    log V at every position, and nothing can be pruned)."""
+    m = build_model("llama", layers=2, hidden=32, seed=0)
+    head = m.hf.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach() * 40)  # its own copy: the input embeddings keep theirs
+    s = split_prompt(m, GOAL, "x")
+    ids = torch.tensor([s.before_ids + m.tokenizer(INIT, add_special_tokens=False)["input_ids"] + s.after_ids])
+    with torch.no_grad():
+        said = m.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    return m, replace(s, target_ids=said[0, ids.shape[1]:].tolist())  # token ids: bytes need not decode
+
+
+def _step_candidates(peaked, config: GCGConfig):
+    model, split = peaked
+    attacker = GCG(model, config, progress=False)
+    attacker.batch_size = 16
+    attacker._prepare(split)
+    ids = torch.tensor(model.tokenizer(INIT, add_special_tokens=False)["input_ids"])
+    grad, _, _, cache = attacker._gradient(ids)
+    cands = torch.unique(sample_candidates(ids, grad, 64, 32, 1, attacker.disallowed,
+                                           torch.Generator().manual_seed(0)), dim=0)
+    return attacker, cands[~(cands == ids).all(1)], ids, cache
+
+
+def test_pruning_the_target_tail_keeps_the_best_candidate_and_its_loss(peaked, monkeypatch):
+    attacker, cands, ids, cache = _step_candidates(peaked, GCGConfig(**FAST))
+    full, _ = attacker._evaluate(cands, ids, cache)
+    pruned, _ = attacker._evaluate(cands, ids, cache, prune=True)
+    kept = pruned.isfinite()
+    assert attacker._deferred(cache) == 3 and 0 < attacker.n_pruned == int((~kept).sum())  # 40 % of 8 positions
+    assert int(pruned.argmin()) == int(full.argmin()) and float(pruned.min()) == pytest.approx(float(full.min()))
+    assert torch.allclose(pruned[kept], full[kept], atol=1e-9, rtol=0)
+    assert (full[~kept] > full.min()).all()  # only candidates that could not be the best were left unfinished
+    # a whole attack follows the same path as without pruning, with fewer positions computed
+    monkeypatch.setattr(gcg, "split_prompt", lambda *args: peaked[1])
+    cfg = GCGConfig(num_steps=3, **FAST)
+    plain = run_one(peaked[0], (GOAL, "unused"), replace(cfg, prune_tail=0.0), progress=False)
+    fast = run_one(peaked[0], (GOAL, "unused"), cfg, progress=False)
+    assert fast.strings == plain.strings and fast.losses == pytest.approx(plain.losses, abs=1e-9)
+    assert sum(fast.pruned) > 0 and plain.pruned == [0, 0, 0]
+
+
+def test_pruning_scores_every_candidate_that_can_match_when_stopping_early(peaked):
+    attacker, cands, ids, cache = _step_candidates(peaked, GCGConfig(early_stop=True, **FAST))
+    full, full_match = attacker._evaluate(cands, ids, cache)
+    pruned, match = attacker._evaluate(cands, ids, cache, prune=True)
+    assert full_match.any() and not full_match.all() and attacker.n_pruned > 0
+    assert (match == full_match).all() and torch.allclose(pruned[match], full[match], atol=1e-9, rtol=0)
+
+
+def test_prune_tail_is_checked_and_left_out_of_fingerprints_at_its_default():
+    with pytest.raises(ValueError, match="prune_tail"):
+        GCGConfig(prune_tail=1.0)
+    assert "prune_tail" not in fingerprint_data(GCGConfig())
+    assert fingerprint_data(GCGConfig(prune_tail=0.0))["prune_tail"] == 0.0
+    attacker = GCG(build_model("llama", layers=1, hidden=16), GCGConfig(use_mellowmax=True), progress=False)
+    attacker._prepare(split_prompt(attacker.model, GOAL, "Sure, here"))
+    assert attacker._deferred(None) == 0  # a mellowmax loss is no sum of non-negative terms: nothing to bound
 
 
 def test_sampling_respects_disallowed_tokens_and_filtering(model):

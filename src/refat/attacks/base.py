@@ -15,12 +15,13 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from ..configs import fingerprint_data
 from ..data import Example, affirmative_target, load_dataset, prompt_key
 from ..errors import InputError
 from ..judges import RefusalStringJudge
@@ -258,7 +259,7 @@ def run_attack(name: str, behaviours: Sequence[Behaviour], attack_one: Callable[
     if out_dir is not None:
         out = Path(out_dir)
         claim_records(out, {"attack": name,
-                            "config": asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config),
+                            "config": fingerprint_data(config) if is_dataclass(config) else dict(config),
                             "behaviours": [b.id for b in behaviours], "judge": judge.name})
         path = out / "records.jsonl"
         records, torn = _read(path)

@@ -2,7 +2,7 @@
 
 nanoGCG's algorithm and shape (config and result dataclasses, the chat template split at an
 ``{optim_str}`` placeholder, attack buffer, mellowmax, early stop, batch halving on out-of-memory),
-made cheaper per step without changing what is computed:
+made cheaper per step without changing what is chosen:
 
 - the KV cache of the text before the optimised string is computed once per behaviour;
 - the gradient forward also yields the KV cache of the current string, so candidates whose first
@@ -13,6 +13,9 @@ made cheaper per step without changing what is computed:
   projection runs only at the target positions (``logits_to_keep``): no (batch x length x vocab) logits,
   and it gets those positions as one contiguous matrix (a strided slice made it a slow batched matmul);
 - a candidate equal to another, or to the current string, is evaluated once;
+- the target's last positions (``prune_tail``, 40 %) run only for candidates that can still be the step's best:
+  a candidate's loss over the earlier positions bounds its loss from below, and once one candidate is scored in
+  full, those already above it are not finished (97.6 % of them in BENCHMARKS.md's 0.5B case: 1.18x per step);
 - everything stays in the model's dtype (only the small target-position logits are upcast for the loss).
 
 Caches with sliding-window or recurrent layers cannot be cropped: the optimised-prefix reuse is then
@@ -38,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import hooks
-from ..configs import at_least, require
+from ..configs import added, at_least, require
 from ..errors import InputError
 from ..generation import cache_keyword, generate, is_oom, new_cache
 from ..judges import RefusalStringJudge
@@ -96,11 +99,15 @@ class GCGConfig:
     use_prefix_cache: bool = True
     max_new_tokens: int = 64  # completion of the final attack prompt (``run``)
     probe_sampling: ProbeSamplingConfig = field(default_factory=ProbeSamplingConfig)  # off unless a draft is set
+    # share of the target's last positions run only for candidates that can still be the step's best (branch
+    # and bound: the step's choice and loss do not change); 0: every position for every candidate
+    prune_tail: float = added(0.4)
 
     def __post_init__(self):
         at_least(self, 1, "num_steps", "search_width", "topk", "n_replace", "batch_size", "max_new_tokens")
         at_least(self, 0, "buffer_size", "seed")
         at_least(self, 0, "mellowmax_alpha", strict=True)
+        require(0 <= self.prune_tail < 1, "prune_tail", f"must be in [0, 1), got {self.prune_tail}")
         require(self.placement.count(PLACEHOLDER) == 1 and self.placement.count(GOAL) == 1, "placement",
                 f"must contain {GOAL} and {PLACEHOLDER} exactly once each, got {self.placement!r}")
         require(bool(self.optim_str_init), "optim_str_init", "empty")
@@ -121,6 +128,7 @@ class GCGResult:
     target_scored: list[int] = field(default_factory=list)  # per step: candidates the target model scored
     probe_agreement: list[float] = field(default_factory=list)  # probe sampling, per step: Spearman ρ on the probe
     n_draft_forward: int = 0  # probe sampling: the draft's model calls
+    pruned: list[int] = field(default_factory=list)  # per step: candidates whose last target positions never ran
 
 
 @dataclass(frozen=True)
@@ -237,7 +245,7 @@ class GCG:
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else (
             "num_logits_to_keep" if "num_logits_to_keep" in params else None)
         self.batch_size = config.batch_size  # halved for good on out-of-memory
-        self.n_forward = self.n_backward = 0
+        self.n_forward = self.n_backward = self.n_pruned = 0
 
     # -- model calls -----------------------------------------------------------------------------------
 
@@ -317,22 +325,33 @@ class GCG:
         grad = g[0] @ W.T  # d loss / d one-hot = (d loss / d embedding) @ Wᵀ
         return grad, float(loss[0].detach()), bool(match[0]), cache
 
-    def _evaluate(self, cands: torch.Tensor, cur: torch.Tensor | None, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def _evaluate(self, cands: torch.Tensor, cur: torch.Tensor | None, cache, *, prune: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses and target matches of candidate rows. With a cache of ``before`` + ``cur`` + tail, candidates
         are sorted by their first token that differs from ``cur`` and cut into batches; each batch runs from its
-        earliest such token (``cur=None``: from the start). Full batches beat one small batch per position."""
-        n_before = len(self.before_ids)
+        earliest such token (``cur=None``: from the start). Full batches beat one small batch per position.
+
+        ``prune`` (the step's search, not a probe or the buffer): the target's last positions
+        (``GCGConfig.prune_tail``) run only for a candidate whose loss over the earlier ones, a lower bound on
+        its loss (cross-entropy terms are >= 0), is still below the best loss completed so far, or, with
+        ``early_stop``, whose earlier positions all match. Such a candidate's loss is inf: it cannot be the
+        step's best, and every candidate that can, or can match, is scored in full."""
+        n_before, n_target = len(self.before_ids), len(self.target_ids)
         if cache is not None and cur is not None and getattr(cache, "is_croppable", False):
             first = (cands != cur).int().argmax(1)
         else:
             first = torch.zeros(len(cands), dtype=torch.long, device=cands.device)
             cache = self.before_cache if cache is not None else None
         order = first.argsort(stable=True)
+        deferred = self._deferred(cache) if prune else 0
+        head = n_target - deferred  # target positions every candidate runs
+        tail = self.tail_ids[:len(self.tail_ids) - deferred]
+        bound = [math.inf]  # the lowest complete loss so far, summed over the target positions
 
         def chunk(a: int, b: int):
             idx = order[a:b]
             rows, p = cands[idx], int(first[idx].min())
-            parts = [rows[:, p:], self.tail_ids.expand(len(rows), -1)]
+            parts = [rows[:, p:], tail.expand(len(rows), -1)]
             c = None
             if cache is not None and n_before + p > 0:
                 c = copy.deepcopy(cache)
@@ -342,16 +361,61 @@ class GCG:
                 c.batch_repeat_interleave(len(rows))
             elif cache is None and len(self.before_ids):
                 parts.insert(0, self.before_ids.expand(len(rows), -1))
+            if deferred and c is None:
+                c = self._new_cache()  # the deferred positions continue from it
             with torch.no_grad():
-                loss, match = self._loss(self._logits(ids=torch.cat(parts, 1), cache=c, n=len(self.target_ids)),
-                                         self.target_ids)
-            return idx.cpu(), loss, match
+                logits = self._logits(ids=torch.cat(parts, 1), cache=c, n=head)
+            if not deferred:
+                loss, match = self._loss(logits, self.target_ids)
+                return idx.cpu(), loss, match, 0
+            loss, match = self._complete(logits, c, bound)
+            return idx.cpu(), loss, match, int(loss.isinf().sum())
 
         losses = torch.empty(len(cands), dtype=torch.float64)
         matches = torch.empty(len(cands), dtype=torch.bool)
-        for idx, loss, match in self._batched(len(cands), chunk):
+        self.n_pruned = 0
+        for idx, loss, match, pruned in self._batched(len(cands), chunk):
             losses[idx], matches[idx] = loss.double().cpu(), match.cpu()
+            self.n_pruned += pruned
         return losses, matches
+
+    def _deferred(self, cache) -> int:
+        """How many of the target's last positions :meth:`_evaluate` defers (0: none, e.g. with mellowmax, whose
+        loss is not a sum of non-negative terms, or a cache that cannot select rows)."""
+        usable = cache is None or hasattr(cache, "batch_select_indices")
+        if self.config.use_mellowmax or not usable:
+            return 0
+        return min(round(self.config.prune_tail * len(self.target_ids)), len(self.target_ids) - 1)
+
+    def _complete(self, head_logits: torch.Tensor, cache, bound: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch's losses and matches from its logits at the first target positions and ``cache`` (everything
+        fed so far): the deferred positions run for the rows that can still beat ``bound[0]`` (the lowest complete
+        loss so far times the target length, updated), the
+        row with the lowest partial loss first and alone, so that the bound is tight for the rest."""
+        target, head = self.target_ids, head_logits.shape[1]
+        labels = target[:head].expand(len(head_logits), -1)
+        partial = target_cross_entropy(head_logits, labels, reduction="none").double().sum(-1)
+        head_match = (head_logits.argmax(-1) == labels).all(-1)
+        loss = torch.full_like(partial, math.inf)
+        match = torch.zeros_like(head_match)
+        done = torch.zeros_like(head_match)
+        while True:
+            todo = ~done & ((partial < bound[0]) | (head_match if self.config.early_stop else False))
+            if not todo.any():
+                return loss, match
+            rows = todo.nonzero()[:, 0]
+            if bound[0] == math.inf and len(rows) > 2:
+                rows = rows[partial[rows].argmin()][None]
+            c = copy.deepcopy(cache)
+            c.batch_select_indices(rows)
+            with torch.no_grad():
+                logits = self._logits(ids=target[head - 1:-1].expand(len(rows), -1), cache=c, n=len(target) - head)
+            rest = target[head:].expand(len(rows), -1)
+            total = partial[rows] + target_cross_entropy(logits, rest, reduction="none").double().sum(-1)
+            loss[rows] = total / len(target)
+            match[rows] = head_match[rows] & (logits.argmax(-1) == rest).all(-1)
+            done[rows] = True
+            bound[0] = min(bound[0], float(total.min()))
 
     def _probe_sample(self, cands: torch.Tensor, cur: torch.Tensor, cache, generator: torch.Generator
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -417,6 +481,7 @@ class GCG:
         step_seconds: list[float] = []
         target_scored: list[int] = []
         agreement: list[float] = []
+        pruned: list[int] = []
         stopped = False
         for step in tqdm(range(cfg.num_steps), desc="GCG", leave=False, disable=not self.progress):
             t_step = time.perf_counter()
@@ -441,8 +506,9 @@ class GCG:
                     target_scored.append(int(scored.sum()))
                     agreement.append(rho)
                 elif len(new):
-                    loss[keep], match[keep] = self._evaluate(new, ids, cache)
+                    loss[keep], match[keep] = self._evaluate(new, ids, cache, prune=True)
                     target_scored.append(len(new))
+                    pruned.append(self.n_pruned)
             del cache
             if cfg.early_stop and match.any():
                 best = int(torch.where(match, loss, torch.full_like(loss, math.inf)).argmin())
@@ -466,6 +532,7 @@ class GCG:
                          init_loss=init_loss, n_forward=self.n_forward - f0, n_backward=self.n_backward - b0,
                          seconds=round(time.perf_counter() - t0, 3), early_stopped=stopped,
                          step_seconds=step_seconds, target_scored=target_scored, probe_agreement=agreement,
+                         pruned=pruned,
                          n_draft_forward=self.draft.n_forward - d0 if self.draft is not None else 0)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from .. import hooks
-from ..configs import at_least, require
+from ..configs import at_least, fingerprint_data, require
 from ..data import prompt_key
 from ..directions import Directions
 from ..errors import InputError
@@ -138,20 +138,20 @@ def _sweep(model: Model, directions: Directions, validation: list[str], config: 
     """The sweep, or the one ``out_dir/sweep.json`` already holds when ``out_dir`` is claimed for the same model,
     directions, validation prompts, config and judge (:func:`~refat.attacks.base.claim_records`): an interrupted
     attack does not redo its quarter-hour sweep."""
-    if out_dir is None:
-        return rfa_sweep.sweep(model, directions, validation, config.sweep, judge=judge,
-                               max_new_tokens=config.max_new_tokens, progress=progress, batch_size=config.batch_size)
-    out = Path(out_dir)
-    claim_records(out, {"attack": "rfa", "config": asdict(config), "model": identity(model), "judge": judge.name,
-                        "validation": digest([prompt_key(p) for p in validation]),
-                        "directions": hashlib.sha256(directions.diff.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]})
-    if (out / "sweep.json").exists():
-        check_resumable(model, out)
-        log.info("rfa: reusing the sweep in %s", out / "sweep.json")
-        return rfa_sweep.Sweep.load(out / "sweep.json")
+    saved = None if out_dir is None else Path(out_dir) / "sweep.json"
+    if saved is not None:
+        tensor = directions.diff.contiguous().cpu().numpy().tobytes()
+        claim_records(saved.parent, {"attack": "rfa", "config": fingerprint_data(config), "model": identity(model),
+                                     "judge": judge.name, "validation": digest([prompt_key(p) for p in validation]),
+                                     "directions": hashlib.sha256(tensor).hexdigest()[:16]})
+        if saved.exists():
+            check_resumable(model, saved.parent)
+            log.info("rfa: reusing the sweep in %s", saved)
+            return rfa_sweep.Sweep.load(saved)
     result = rfa_sweep.sweep(model, directions, validation, config.sweep, judge=judge,
-                             max_new_tokens=config.max_new_tokens, progress=progress, batch_size=config.batch_size)
-    result.save(out / "sweep.json")
+                             max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=progress)
+    if saved is not None:
+        result.save(saved)
     return result
 
 
