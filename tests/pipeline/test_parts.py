@@ -33,6 +33,17 @@ def test_only_narrows_to_the_base_model_and_one_model_under_test(files):  # noqa
         cfg.only("lat")
 
 
+def test_an_experiment_script_measures_every_defense_at_one_seed_before_the_next(files, tmp_path, monkeypatch):  # noqa: F811
+    cfg_path = write(files / "seeds.yaml", config(files, seeds=[0, 1]))
+    measured = []
+    monkeypatch.setattr(parts, "run_parts", lambda cfg, parts_dir, out, keys: measured.extend(keys))
+    monkeypatch.setattr(parts, "write_report", lambda *args: tmp_path / "report.md")
+    monkeypatch.setattr(parts, "load_parts", lambda *args: {})
+    parts.experiment_main(["--out", str(tmp_path)], description="", config=cfg_path, parts_dir=tmp_path,
+                          results=tmp_path / "table.json", summarize=lambda cfg, parts_dir: {})
+    assert measured == ["rt", "refat", "rt@seed1", "refat@seed1"]  # a sitting that stops early leaves a comparison
+
+
 def test_parts_reuse_the_run_and_rebuild_its_tables(full_run, tmp_path, monkeypatch):
     run_dir, cfg_path = full_run
     out = tmp_path / "runs"

@@ -239,7 +239,9 @@ def experiment_main(argv: Sequence[str] | None, *, description: str, config: Pat
     if unknown:
         parser.error(f"--only: no trained model {', '.join(sorted(unknown))}; choose from "
                      + ", ".join(s.key for s in cfg.trained))
-    todo = [] if args.summary_only else [s.key for s in cfg.trained if not args.only or s.key in args.only]
+    # seed-major: every defense at one seed before any at the next, so a sitting that stops leaves a comparison
+    trained = sorted(cfg.trained, key=lambda s: cfg.seeds.index(s.seed) if s.seed in cfg.seeds else 0)
+    todo = [] if args.summary_only else [s.key for s in trained if not args.only or s.key in args.only]
     for key in todo or [None]:
         if key is not None:
             run_parts(cfg, args.parts, args.out, keys=[key])
