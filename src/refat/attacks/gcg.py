@@ -390,8 +390,8 @@ class GCG:
     def _complete(self, head_logits: torch.Tensor, cache, bound: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch's losses and matches from its logits at the first target positions and ``cache`` (everything
         fed so far): the deferred positions run for the rows that can still beat ``bound[0]`` (the lowest complete
-        loss so far times the target length, updated), the
-        row with the lowest partial loss first and alone, so that the bound is tight for the rest."""
+        loss so far times the target length, updated). While there is no bound yet, the row with the lowest
+        partial loss runs first and alone, so that the bound is tight for the rest."""
         target, head = self.target_ids, head_logits.shape[1]
         labels = target[:head].expand(len(head_logits), -1)
         partial = target_cross_entropy(head_logits, labels, reduction="none").double().sum(-1)
