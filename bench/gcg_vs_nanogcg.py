@@ -144,6 +144,9 @@ def _clean_env() -> dict:
     return env
 
 
+PRUNE_TAIL = {"refat": GCGConfig.prune_tail, "refat-unpruned": 0.0}  # refat's two variants: the default, and off
+
+
 def run_ours(model, *, goal: str, target: str, optim_str_init: str, steps: int, search_width: int, topk: int,
              seed: int, prune_tail: float = GCGConfig.prune_tail) -> dict:
     cfg = GCGConfig(num_steps=steps, optim_str_init=optim_str_init, search_width=search_width, topk=topk, seed=seed,
@@ -186,8 +189,7 @@ def run(model_dir: str | Path, *, model=None, steps: int = 10, search_width: int
             if name == "nanogcg":
                 runs[name].append(run_nanogcg(model_dir, threads=threads, dtype=dtype, device=str(model.device), **kw))
             else:
-                runs[name].append(run_ours(model, **kw, prune_tail=0.0 if name == "refat-unpruned" else
-                                           GCGConfig.prune_tail))
+                runs[name].append(run_ours(model, **kw, prune_tail=PRUNE_TAIL[name]))
     steps_s = {k: [t for x in v for t in x["step_seconds"]] for k, v in runs.items()}
     med = {k: statistics.median(v) for k, v in steps_s.items()}
     ratio = med["nanogcg"] / med["refat"]

@@ -207,7 +207,7 @@ def test_pruning_the_target_tail_keeps_the_best_candidate_and_its_loss(peaked, m
     full, _ = attacker._evaluate(cands, ids, cache)
     pruned, _ = attacker._evaluate(cands, ids, cache, prune=True)
     kept = pruned.isfinite()
-    assert attacker._deferred(cache) == 3 and 0 < attacker.n_pruned == int((~kept).sum())  # 40 % of 8 positions
+    assert attacker._deferred(cache) == 3 and (~kept).any()  # 40 % of 8 positions; some candidates unfinished
     assert int(pruned.argmin()) == int(full.argmin()) and float(pruned.min()) == pytest.approx(float(full.min()))
     assert torch.allclose(pruned[kept], full[kept], atol=1e-9, rtol=0)
     assert (full[~kept] > full.min()).all()  # only candidates that could not be the best were left unfinished
@@ -224,7 +224,7 @@ def test_pruning_scores_every_candidate_that_can_match_when_stopping_early(peake
     attacker, cands, ids, cache = _step_candidates(peaked, GCGConfig(early_stop=True, **FAST))
     full, full_match = attacker._evaluate(cands, ids, cache)
     pruned, match = attacker._evaluate(cands, ids, cache, prune=True)
-    assert full_match.any() and not full_match.all() and attacker.n_pruned > 0
+    assert full_match.any() and not full_match.all() and pruned.isinf().any()
     assert (match == full_match).all() and torch.allclose(pruned[match], full[match], atol=1e-9, rtol=0)
 
 

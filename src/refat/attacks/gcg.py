@@ -245,7 +245,7 @@ class GCG:
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else (
             "num_logits_to_keep" if "num_logits_to_keep" in params else None)
         self.batch_size = config.batch_size  # halved for good on out-of-memory
-        self.n_forward = self.n_backward = self.n_pruned = 0
+        self.n_forward = self.n_backward = 0
 
     # -- model calls -----------------------------------------------------------------------------------
 
@@ -365,18 +365,12 @@ class GCG:
                 c = self._new_cache()  # the deferred positions continue from it
             with torch.no_grad():
                 logits = self._logits(ids=torch.cat(parts, 1), cache=c, n=head)
-            if not deferred:
-                loss, match = self._loss(logits, self.target_ids)
-                return idx.cpu(), loss, match, 0
-            loss, match = self._complete(logits, c, bound)
-            return idx.cpu(), loss, match, int(loss.isinf().sum())
+            return idx.cpu(), *(self._complete(logits, c, bound) if deferred else self._loss(logits, self.target_ids))
 
         losses = torch.empty(len(cands), dtype=torch.float64)
         matches = torch.empty(len(cands), dtype=torch.bool)
-        self.n_pruned = 0
-        for idx, loss, match, pruned in self._batched(len(cands), chunk):
+        for idx, loss, match in self._batched(len(cands), chunk):
             losses[idx], matches[idx] = loss.double().cpu(), match.cpu()
-            self.n_pruned += pruned
         return losses, matches
 
     def _deferred(self, cache) -> int:
@@ -508,7 +502,7 @@ class GCG:
                 elif len(new):
                     loss[keep], match[keep] = self._evaluate(new, ids, cache, prune=True)
                     target_scored.append(len(new))
-                    pruned.append(self.n_pruned)
+                    pruned.append(int(loss[keep].isinf().sum()))  # only pruning leaves a loss at inf here
             del cache
             if cfg.early_stop and match.any():
                 best = int(torch.where(match, loss, torch.full_like(loss, math.inf)).argmin())
