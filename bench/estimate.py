@@ -54,7 +54,8 @@ def case_seconds(plan: Plan, case: str) -> float:
         return (max(3, r) * ((k + plan.train_steps) * s["rt"] + window_run)
                 + max(1, plan.train_steps // 2) * (s["cat"] + s["lat"]))
     if case == "probe":  # 1.5B target (about 3x the 0.5B's cost per step), 0.5B draft; plain and probe-sampled
-        per_step = GCG_S_PER_STEP["refat-unpruned"] * plan.gcg_search_width / 128 * 3  # probe scoring does not prune (plain does: high)
+        # the unpruned rate: probe scoring does not prune (the plain runs do, so this errs high)
+        per_step = GCG_S_PER_STEP["refat-unpruned"] * plan.gcg_search_width / 128 * 3
         return 2 * GCG_SETUP_S * 3 + plan.gcg_steps * per_step * 1.5
     if case == "extraction":  # 1 warm-up round; bare and extract each run bs harmful + bs harmless prompts
         return (r + 1) * 2 * (2 * bs) * fwd
