@@ -135,3 +135,83 @@ def test_recipe_judge_counts_each_models_attacked_completions(tmp_path):
     assert rfa["carried_out"]["value"] == 1.0 and rfa["not_refused"]["value"] == 1.0  # a string judge: both count
     assert out["models"]["m"]["none"]["carried_out"]["value"] == 0.0
     assert (tmp_path / "cache.jsonl").exists()
+
+
+def _defenses_read():
+    path = Path(__file__).parents[1] / "experiments" / "defenses_read.py"
+    spec = importlib.util.spec_from_file_location("defenses_read", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _read_part(parts: Path, key: str, n_rfa: int = 30) -> dict:
+    import json
+
+    completions = {f"none/n{i}": {"goal": f"goal {i}", "completion": f"answer {i}"} for i in range(15)}
+    completions |= {f"rfa/r{i}": {"goal": f"goal {i}", "completion": f"attacked {i}"} for i in range(n_rfa)}
+    judges = {"a": [], "b": []}
+    for cid in completions:
+        attack, behaviour = cid.split("/")
+        judges["a"].append({"attack": attack, "behaviour_id": behaviour, "jailbroken": attack == "rfa"})
+        judges["b"].append({"attack": attack, "behaviour_id": behaviour, "jailbroken": behaviour.endswith("0")})
+    part = {"key": key, "completions": completions, "verdicts": judges}
+    (parts / f"{key}.json").write_text(json.dumps(part))
+    return part
+
+
+def test_read_sheets_are_blind_grow_without_relabelling_and_are_tied_to_their_part(tmp_path):
+    import json
+
+    module = _defenses_read()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    _read_part(parts, "m")
+    (sheet,) = module.sample(parts, per_attack=4, whole=())
+    data = json.loads(sheet.read_text())
+    assert [i["attack"] for i in data["items"]].count("none") == 4 and len(data["items"]) == 8
+    assert all(set(i) == {"id", "attack", "goal", "completion", "label", "note"} for i in data["items"])  # no verdict
+    assert module.sample(parts, per_attack=4, whole=()) == []  # the same draw adds nothing
+    data["items"][0]["label"] = "refused"
+    sheet.write_text(json.dumps(data))
+    module.sample(parts, per_attack=6, whole=["rfa"])  # a larger draw holds the smaller one, labels kept
+    grown = {i["id"]: i for i in json.loads(sheet.read_text())["items"]}
+    assert set(i["id"] for i in data["items"]) <= set(grown) and len(grown) == 6 + 30
+    assert grown[data["items"][0]["id"]]["label"] == "refused"
+
+    data = json.loads(sheet.read_text())
+    data["items"][1]["label"] = "maybe"
+    sheet.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="label must be one of"):
+        module.score(parts)
+    _read_part(parts, "m", n_rfa=31)  # the part file was measured again
+    with pytest.raises(ValueError, match="drawn from other completions"):
+        module.score(parts)
+
+
+def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp_path):
+    import json
+
+    module = _defenses_read()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    _read_part(parts, "m", n_rfa=10)
+    (sheet,) = module.sample(parts, per_attack=10, whole=["rfa"])
+    data = json.loads(sheet.read_text())
+    for i in data["items"]:  # rfa: 2 complied, 8 neither; none: refused, but for one left unread
+        n = int(i["id"].split("/")[1][1:])
+        i["label"] = ("complied" if n < 2 else "neither") if i["attack"] == "rfa" else "refused"
+    data["items"][0]["label"] = None  # the items are sorted by id: a "none" one
+    sheet.write_text(json.dumps(data))
+    out = module.score(parts)
+    m = out["models"]["m"]
+    assert m["labelled"] == 19 and m["unlabelled"] == 1
+    rfa = m["columns"]["rfa"]
+    assert rfa["n"] == 10 and rfa["read"]["complied"]["value"] == 0.2 and rfa["read"]["neither"]["value"] == 0.8
+    a = rfa["judges"]["a"]  # calls every rfa answer jailbroken: right on "not refused", wrong on 8 "carried out"
+    assert a["jailbroken"]["value"] == 1.0 and a["not refused"]["accuracy"] == 1.0
+    assert a["carried out"]["accuracy"] == 0.2 and a["carried out"]["fp"] == 8
+    assert m["columns"]["none"]["judges"]["a"]["carried out"]["tn"] == 9
+    errors = {(e["judge"], e["id"]) for e in out["judge_errors"]}
+    assert ("a", "rfa/r5") in errors and ("a", "rfa/r0") not in errors and ("b", "rfa/r1") in errors
+    assert "| m | rfa | 10 | 20 % | 80 % | 0 % | `a` | 100 % | 0.20 | 1.00 |" in module._table(out)
