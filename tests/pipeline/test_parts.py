@@ -11,7 +11,7 @@ from test_pipeline import config, files, tiny_utility_data, write  # noqa: F401 
 
 from refat.configs import ConfigError
 from refat.errors import RunError
-from refat.pipeline import load_config, parts, run_experiment
+from refat.pipeline import load_config, parts, run_experiment, stage_names
 from refat.storage import read_json
 
 
@@ -23,9 +23,11 @@ def full_run(files, tmp_path_factory):  # noqa: F811
     return run_experiment(cfg_path, out), cfg_path
 
 
-def test_only_narrows_to_the_base_model_and_one_model_under_test(files):  # noqa: F811
+def test_only_narrows_to_one_model_under_test(files):  # noqa: F811
     cfg = load_config(write(files / "seeds.yaml", config(files, seeds=[0, 1])))
-    assert [s.key for s in cfg.only("refat@seed1").subjects] == ["base", "refat@seed1"]
+    assert [s.key for s in cfg.only("refat@seed1").subjects] == ["refat@seed1"]
+    names = stage_names(cfg.only("refat@seed1"))  # the base model's directions, none of its measurements
+    assert "directions/base" in names and not any(n.startswith(("attacks/base/", "utility/base")) for n in names)
     assert cfg.only("refat@seed1").train_overrides == {"refat": {"refat": {"p": 1.0}}}
     assert cfg.only("rt").train_overrides == {}
     assert [s.key for s in cfg.only("base").subjects] == ["base"]
@@ -96,7 +98,7 @@ def test_a_part_measured_under_another_config_is_an_error_and_kept(full_run, tmp
     measured = []
     monkeypatch.setattr(parts, "run_experiment", lambda c, out, model=None: measured.append(c) or run_dir)
     parts.run_parts(cfg, tmp_path, keys=["rt"])  # the base model is always measured: it is every pair's other half
-    assert [c.defenses for c in measured] == [["base"], ["base", "rt"]]
+    assert [c.defenses for c in measured] == [["base"], ["rt"]]  # each in its own run: never measured twice
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["base.json", "rt.json"]
 
     before = (tmp_path / "rt.json").read_text()

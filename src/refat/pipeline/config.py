@@ -403,14 +403,17 @@ class ExperimentConfig:
         return from_dict(TrainConfig, merged, where)
 
     def only(self, key: str) -> ExperimentConfig:
-        """This config narrowed to the base model (if any) and one model under test (a :attr:`Subject.key`). Its run
-        shares this config's folder, stage names and fingerprints, so one model at a time can be run and measured
-        (:mod:`refat.pipeline.parts`); the other models' stages wait in ``stale/`` and come back unchanged."""
+        """This config narrowed to one model under test (a :attr:`Subject.key`). Its run shares this config's
+        folder, stage names and fingerprints, so one model at a time can be run and measured
+        (:mod:`refat.pipeline.parts`); the other models' stages wait in ``stale/`` and come back unchanged. A trained
+        model's run keeps the base model's directions (its own start from them) but none of the base model's
+        measurements: those are the base model's own part, so a later sitting without the run folder never
+        measures the base model again to measure another."""
         subject = next((s for s in self.subjects if s.key == key), None)
         if subject is None:
             raise ConfigError(f"no model under test {key!r} in this config; it has: "
                               + ", ".join(s.key for s in self.subjects))
-        keep = [i for i, d in enumerate(self._defenses) if d.method == "base" or d is subject.defense]
+        keep = [i for i, d in enumerate(self._defenses) if d is subject.defense]
         return replace(self, defenses=[self.defenses[i] for i in keep],
                        seeds=[0 if subject.seed is None else subject.seed],
                        train_overrides={k: v for k, v in self.train_overrides.items() if k == subject.defense.name})

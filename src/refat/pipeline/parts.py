@@ -2,8 +2,8 @@
 
 An experiment of several defenses × seeds takes many CPU hours: more than one sitting, and its run folder
 (gigabytes of adapters and caches, never committed) may not survive to the next. :func:`run_parts` runs the
-config narrowed to the base model and one model (:meth:`ExperimentConfig.only`, same folder, same stages) and,
-as soon as that model is measured, writes ``<results>/<key>.json``: its per-item outcomes, every judge's
+config narrowed to one model (:meth:`ExperimentConfig.only`, same folder, same stages) and, as soon as that
+model is measured, writes ``<results>/<key>.json``: its per-item outcomes, every judge's
 verdicts, the completions judged and the over-refusal answers, each attack's summary (and the attacker's
 choices), its training config, the stages' seconds and the provenance (a few hundred kB at most, meant to be
 committed). A rerun skips each model whose file is there; the tables (:func:`paired`, :func:`asr`) and the
@@ -43,10 +43,10 @@ FORMAT = 1  # the part file's schema
 
 
 def part_id(cfg: ExperimentConfig, key: str, model: Model | None = None) -> str:
-    """What a part's measurements depend on: every stage of the config narrowed to it (the base model and this
-    one), by the config values each stage reads and the stages it reads (the report left out). A part stays valid
-    exactly as long as its stages would be skipped: a config field added later that no stage reads, or reads only
-    when set (the plan's rule, pinned in tests/pipeline/test_variants.py), leaves it valid."""
+    """What a part's measurements depend on: every stage of the config narrowed to it, by the config values each
+    stage reads and the stages it reads (the report left out). A part stays valid exactly as long as its stages
+    would be skipped: a config field added later that no stage reads, or reads only when set (the plan's rule,
+    pinned in tests/pipeline/test_variants.py), leaves it valid."""
     narrowed = cfg.only(key)
     return digest({s.name: {"config": s.config, "reads": list(s.reads)}
                    for s in plan(narrowed, model_id(narrowed, model)) if s.name != "report"})
