@@ -215,3 +215,37 @@ def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp
     errors = {(e["judge"], e["id"]) for e in out["judge_errors"]}
     assert ("a", "rfa/r5") in errors and ("a", "rfa/r0") not in errors and ("b", "rfa/r1") in errors
     assert "| m | rfa | 10 | 20 % | 80 % | 0 % | `a` | 100 % | 0.20 | 1.00 |" in module._table(out)
+
+
+def test_rfa_by_layer_attacks_given_behaviours_and_writes_a_readable_part(tmp_path):
+    import json
+
+    import torch
+    from conftest import build_model, save_model
+
+    from refat.directions import Directions
+
+    path = Path(__file__).parents[1] / "experiments" / "rfa_by_layer.py"
+    spec = importlib.util.spec_from_file_location("rfa_by_layer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = build_model("qwen2", layers=3, hidden=32, dtype=torch.float32)
+    save_model(model, tmp_path / "model")
+    gen = torch.Generator().manual_seed(0)
+    Directions(torch.randn(1, 3, 32, generator=gen, dtype=torch.float64),
+               torch.randn(1, 3, 32, generator=gen, dtype=torch.float64), [-1], "tiny", 4, 4).save(tmp_path / "dirs")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"goal": f"Do harmful thing {i}.", "id": f"h{i}"}) + "\n"
+                                              for i in range(3)))
+    out = module.main(["--directions", str(tmp_path / "dirs"), "--layers", "1", "2", "--model", str(tmp_path / "model"),
+                       "--behaviours", str(tmp_path / "b.jsonl"), "--n", "2", "--max-new-tokens", "3",
+                       "--judge", "refusal-prefix:default", "--part", str(tmp_path / "parts" / "tiny-layers.json")])
+    assert out["n"] == 2 and set(out["refusal_rate_rfa"]) == {1, 2} and out["judge"] == "refusal-prefix:default"
+    part = json.loads((tmp_path / "parts" / "tiny-layers.json").read_text())
+    assert sorted(part["completions"]) == ["rfa-layer1/h0", "rfa-layer1/h1", "rfa-layer2/h0", "rfa-layer2/h1"]
+    verdicts = part["verdicts"]["refusal-prefix:default"]
+    assert {(v["attack"], v["behaviour_id"]) for v in verdicts} == {tuple(k.split("/")) for k in part["completions"]}
+    for layer in (1, 2):
+        broken = [v["jailbroken"] for v in verdicts if v["attack"] == f"rfa-layer{layer}"]
+        assert out["refusal_rate_rfa"][layer] == 1 - sum(broken) / 2
+    (sheet,) = _defenses_read().sample(tmp_path / "parts", per_attack=1, whole=["rfa-layer1"])
+    assert len(json.loads(sheet.read_text())["items"]) == 3  # layer 1 whole, one of layer 2

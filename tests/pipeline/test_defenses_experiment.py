@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 from test_pipeline import config, files, tiny_utility_data, write  # noqa: F401 (fixtures)
 
 from refat.pipeline import load_config, plan, resolve_inputs, stage_names
@@ -16,8 +17,8 @@ ROOT = Path(__file__).parents[2]
 VALIDATION = [f"Describe a dangerous validation request number {i}." for i in range(5)]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("defenses", ROOT / "experiments" / "defenses.py")
+def _script(name: str = "defenses"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -69,6 +70,26 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
     rfa = [cells["rt", s, "rfa"]["asr"]["refusal-prefix:default"] for s in (0, 1)]
     assert means["rt", "rfa"]["asr"]["refusal-prefix:default"]["mean"] == sum(rfa) / 2
     assert table["models"]["rt@seed1"]["seed"] == 1 and table["models"]["rt@seed1"]["train"]["steps"] == 2
+
+    # the second RFA column, from the run folder while it holds the last part's stages
+    selected = _script("defenses_selected")
+    argv = ["--config", str(path), "--run", str(out / "tiny"), "--out", str(tmp_path / "selected"), "--n", "3",
+            "--max-new-tokens", "3"]
+    with pytest.raises(SystemExit, match="no finished directions .or training. stage for rt$"):
+        selected.main([*argv, "--keys", "base", "rt"])  # rt's stages wait in stale/: nothing is measured
+    assert not (tmp_path / "selected").exists()
+    written = selected.main([*argv, "--keys", "base", "rt@seed1"])
+    assert [p.name for p in written] == ["base.json", "rt@seed1.json"]
+    column = read_json(tmp_path / "selected" / "rt@seed1.json")
+    own = read_json(out / "tiny/directions/rt@seed1/directions.json")["selection"]
+    assert column["direction"]["layer"] == own["layer"] and column["direction"]["position"] == own["position"]
+    behaviours = [r["id"] for r in read_jsonl(out / "tiny/data/behaviours.jsonl")][:3]
+    assert list(column["completions"]) == [f"rfa-selected/{b}" for b in behaviours]
+    assert set(column["verdicts"]) == set(cfg.judges) and all(len(v) == 3 for v in column["verdicts"].values())
+    for j in cfg.judges:
+        rate = column["asr"][j]
+        assert rate["n"] == 3 and rate["value"] == sum(v["jailbroken"] for v in column["verdicts"][j]) / 3
+    assert selected.main([*argv, "--keys", "base", "rt@seed1"]) == []  # measured: skipped
 
 
 def test_shipped_defenses_config():

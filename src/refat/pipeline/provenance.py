@@ -16,7 +16,7 @@ from .config import ExperimentConfig
 from .inputs import Inputs
 from .runner import now
 
-__all__ = ["model_id", "provenance", "revision"]
+__all__ = ["git_state", "model_id", "provenance", "revision"]
 
 
 def model_id(cfg: ExperimentConfig, model: Model | None = None) -> dict:
@@ -40,7 +40,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git() -> dict | None:
+def git_state() -> dict | None:
     """The revision of the git checkout the run starts in, if it is one (git itself may be absent)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
@@ -82,7 +82,7 @@ def provenance(cfg: ExperimentConfig, inputs: Inputs, model: Model | None) -> di
         "versions": {"refat": _version("refat") or refat.__version__, "torch": torch.__version__,
                      "transformers": _version("transformers"), "peft": _version("peft"),
                      "python": platform.python_version()},
-        "platform": platform.platform(), "argv": redact(sys.argv), "git": _git(), "seeds": _seeds(cfg),
+        "platform": platform.platform(), "argv": redact(sys.argv), "git": git_state(), "seeds": _seeds(cfg),
         "data_hashes": inputs.hashes, "judges": [judge_name(j) for j in cfg.judges],
         "attack_judge": judge_name(cfg.attack_judge),
     }

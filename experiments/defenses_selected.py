@@ -1,0 +1,96 @@
+"""The defenses table's second RFA column: each model attacked along its own defender-style refusal direction.
+
+The table's RFA column takes the sweep's worst case, chosen on validation prompts by the fewest refused or looping
+answers. Read, that member's answers on the base model mostly carry out nothing (RESULTS.md, "The completions
+read"): it removes refusal by breaking the model. An attacker who wants answers has a second obvious choice: the
+direction Arditi et al.'s selection picks on the attacked model's own features (the one whose ablation keeps
+harmless outputs closest to the model's own), made on the training data's validation split, never on a test
+behaviour. This measures it on the table's behaviours with the table's judges, outside the frozen part files
+(whose keys would change with a new attack), from the run folder while it holds the model's stages: run it in
+the sitting that measures the model.
+
+    python experiments/defenses_selected.py --keys base rt   # results/defenses/selected/<key>.json, then:
+    python experiments/defenses_read.py sample --parts results/defenses/selected --whole rfa-selected
+
+Per model about 4 minutes of generation and 3 of judging on 2 CPU cores; a model whose file exists is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from refat.attacks.rfa import RFAConfig, ablation
+from refat.directions import Directions
+from refat.generation import generate
+from refat.judges import cached_scores, judge_threshold
+from refat.models import load
+from refat.pipeline import load_config
+from refat.pipeline.context import defended_model
+from refat.pipeline.provenance import git_state
+from refat.pipeline.runner import read_marker
+from refat.stats import Rate, bootstrap
+from refat.storage import read_json, read_jsonl, write_json
+
+ROOT = Path(__file__).parents[1]
+CONFIG = ROOT / "configs" / "defenses.yaml"
+OUT = ROOT / "results" / "defenses" / "selected"
+COLUMN = "rfa-selected"
+
+
+def measure(cfg, run: Path, key: str, base, n: int, max_new_tokens: int, batch_size: int, cache: Path) -> dict:
+    """One model's column: completions under its own selected direction, and every judge's verdicts on them."""
+    rows = read_jsonl(run / "data" / "behaviours.jsonl")[:n]  # the table's behaviours, in the attacks' order
+    goals, ids = [r["goal"] for r in rows], [str(r["id"]) for r in rows]
+    directions = Directions.load(run / "directions" / key)
+    model = base if key == "base" else defended_model(base, run / "train" / key, key)
+    rfa = RFAConfig(direction="selected", max_new_tokens=max_new_tokens, batch_size=batch_size)
+    with ablation(model, directions, rfa):
+        texts = generate(model, goals, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{COLUMN} {key}")
+    if model is not base:
+        del model
+    sel = directions.selection
+    verdicts, asr = {}, {}
+    for spec in cfg.judges:
+        scores = cached_scores(spec, list(zip(goals, texts)), cache, dtype=cfg.dtype)
+        broken = [s > judge_threshold(spec) for s in scores]
+        verdicts[spec] = [{"attack": COLUMN, "behaviour_id": i, "score": s, "jailbroken": b}
+                          for i, s, b in zip(ids, scores, broken)]
+        asr[spec] = Rate(sum(broken) / len(broken), len(broken), bootstrap(broken)).to_dict()  # as the table's cells
+    return {"key": key, "column": COLUMN, "n": len(goals), "max_new_tokens": max_new_tokens,
+            "direction": {"layer": sel.layer, "position": sel.position, "mode": rfa.mode, "kl": sel.kl,
+                          "refusal_score": sel.refusal_score, "induce_score": sel.induce_score},
+            "asr": asr, "completions": {f"{COLUMN}/{i}": {"goal": g, "completion": t}
+                                        for i, g, t in zip(ids, goals, texts)},
+            "verdicts": verdicts, "git": git_state(), "run_provenance": read_json(run / "provenance.json").get("git")}
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(CONFIG))
+    p.add_argument("--run", default="runs/defenses", help="the run folder holding the models' stages")
+    p.add_argument("--keys", nargs="+", required=True, help="models under test (base, rt, refat@seed1, ...)")
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--n", type=int, default=100, help="behaviours: the first n, as the table's RFA column")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+    cfg, run, out = load_config(args.config), Path(args.run), Path(args.out)
+    done = lambda folder: (read_marker(folder) or {}).get("status") == "done"  # noqa: E731
+    missing = [k for k in args.keys if not done(run / "directions" / k) or (k != "base" and not done(run / "train" / k))]
+    if missing:
+        raise SystemExit(f"{run}: no finished directions (or training) stage for {', '.join(missing)}")
+    todo = [k for k in args.keys if not (out / f"{k}.json").exists()]
+    written = []
+    if todo:
+        base = load(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.model_revision)
+        for key in todo:
+            write_json(out / f"{key}.json", measure(cfg, run, key, base, args.n, args.max_new_tokens,
+                                                    args.batch_size, out / "judge_cache.jsonl"))
+            written.append(out / f"{key}.json")
+            print(f"written {out / f'{key}.json'}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
