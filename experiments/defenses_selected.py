@@ -6,8 +6,8 @@ read"): it removes refusal by breaking the model. An attacker who wants answers 
 direction Arditi et al.'s selection picks on the attacked model's own features (the one whose ablation keeps
 harmless outputs closest to the model's own), made on the training data's validation split, never on a test
 behaviour. This measures it on the table's behaviours with the table's judges, outside the frozen part files
-(whose keys would change with a new attack), from the run folder while it holds the model's stages: run it in
-the sitting that measures the model.
+(whose keys would change with a new attack), from the run folder while it holds the model's stages (or its
+``stale/`` once the next model's run moved them there): run it in the sitting that measures the model.
 
     python experiments/defenses_selected.py --keys base rt   # results/defenses/selected/<key>.json, then:
     python experiments/defenses_read.py sample --parts results/defenses/selected --whole rfa-selected
@@ -38,12 +38,20 @@ OUT = ROOT / "results" / "defenses" / "selected"
 COLUMN = "rfa-selected"
 
 
+def stage(run: Path, name: str) -> Path | None:
+    """A finished stage's folder: in the run, or in its ``stale/`` once the next model's run moved it there."""
+    for folder in (run / name, run / "stale" / name):
+        if (read_marker(folder) or {}).get("status") == "done":
+            return folder
+    return None
+
+
 def measure(cfg, run: Path, key: str, base, n: int, max_new_tokens: int, batch_size: int, cache: Path) -> dict:
     """One model's column: completions under its own selected direction, and every judge's verdicts on them."""
     rows = read_jsonl(run / "data" / "behaviours.jsonl")[:n]  # the table's behaviours, in the attacks' order
     goals, ids = [r["goal"] for r in rows], [str(r["id"]) for r in rows]
-    directions = Directions.load(run / "directions" / key)
-    model = base if key == "base" else defended_model(base, run / "train" / key, key)
+    directions = Directions.load(stage(run, f"directions/{key}"))
+    model = base if key == "base" else defended_model(base, stage(run, f"train/{key}"), key)
     rfa = RFAConfig(direction="selected", max_new_tokens=max_new_tokens, batch_size=batch_size)
     with ablation(model, directions, rfa):
         texts = generate(model, goals, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{COLUMN} {key}")
@@ -76,8 +84,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
     cfg, run, out = load_config(args.config), Path(args.run), Path(args.out)
-    done = lambda folder: (read_marker(folder) or {}).get("status") == "done"  # noqa: E731
-    missing = [k for k in args.keys if not done(run / "directions" / k) or (k != "base" and not done(run / "train" / k))]
+    missing = [k for k in args.keys
+               if not stage(run, f"directions/{k}") or (k != "base" and not stage(run, f"train/{k}"))]
     if missing:
         raise SystemExit(f"{run}: no finished directions (or training) stage for {', '.join(missing)}")
     todo = [k for k in args.keys if not (out / f"{k}.json").exists()]

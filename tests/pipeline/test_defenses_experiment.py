@@ -75,11 +75,11 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
     selected = _script("defenses_selected")
     argv = ["--config", str(path), "--run", str(out / "tiny"), "--out", str(tmp_path / "selected"), "--n", "3",
             "--max-new-tokens", "3"]
-    with pytest.raises(SystemExit, match="no finished directions .or training. stage for rt$"):
-        selected.main([*argv, "--keys", "base", "rt"])  # rt's stages wait in stale/: nothing is measured
+    with pytest.raises(SystemExit, match="no finished directions .or training. stage for lat$"):
+        selected.main([*argv, "--keys", "base", "lat"])  # nothing is measured
     assert not (tmp_path / "selected").exists()
-    written = selected.main([*argv, "--keys", "base", "rt@seed1"])
-    assert [p.name for p in written] == ["base.json", "rt@seed1.json"]
+    written = selected.main([*argv, "--keys", "base", "rt@seed1", "rt"])  # rt's stages wait in stale/
+    assert [p.name for p in written] == ["base.json", "rt@seed1.json", "rt.json"]
     column = read_json(tmp_path / "selected" / "rt@seed1.json")
     own = read_json(out / "tiny/directions/rt@seed1/directions.json")["selection"]
     assert column["direction"]["layer"] == own["layer"] and column["direction"]["position"] == own["position"]
@@ -90,6 +90,8 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
         rate = column["asr"][j]
         assert rate["n"] == 3 and rate["value"] == sum(v["jailbroken"] for v in column["verdicts"][j]) / 3
     assert selected.main([*argv, "--keys", "base", "rt@seed1"]) == []  # measured: skipped
+    assert read_json(tmp_path / "selected" / "rt.json")["direction"]["layer"] == read_json(
+        out / "tiny/stale/directions/rt/directions.json")["selection"]["layer"]
 
 
 def test_shipped_defenses_config():
