@@ -29,7 +29,7 @@ from refat.pipeline import load_config
 from refat.pipeline.context import defended_model
 from refat.pipeline.provenance import git_state
 from refat.pipeline.runner import read_marker
-from refat.stats import Rate, bootstrap
+from refat.stats import rate
 from refat.storage import read_json, read_jsonl, write_json
 
 ROOT = Path(__file__).parents[1]
@@ -64,7 +64,7 @@ def measure(cfg, run: Path, key: str, base, n: int, max_new_tokens: int, batch_s
         broken = [s > judge_threshold(spec) for s in scores]
         verdicts[spec] = [{"attack": COLUMN, "behaviour_id": i, "score": s, "jailbroken": b}
                           for i, s, b in zip(ids, scores, broken)]
-        asr[spec] = Rate(sum(broken) / len(broken), len(broken), bootstrap(broken)).to_dict()  # as the table's cells
+        asr[spec] = rate(broken, "bootstrap").to_dict()  # as the table's cells
     return {"key": key, "column": COLUMN, "n": len(goals), "max_new_tokens": max_new_tokens,
             "direction": {"layer": sel.layer, "position": sel.position, "mode": rfa.mode, "kl": sel.kl,
                           "refusal_score": sel.refusal_score, "induce_score": sel.induce_score},

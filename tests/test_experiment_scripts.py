@@ -8,15 +8,20 @@ import pytest
 
 from refat.attacks.base import AttackRecord, success_rates
 
-SCRIPT = Path(__file__).parents[1] / "experiments" / "attacks_quick.py"
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+
+
+def _experiment(name: str):
+    """``experiments/<name>.py`` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("attacks_quick", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _experiment("attacks_quick")
 
 
 def record(completion, refused=False, goal="g", target="Sure, here is how"):
@@ -53,11 +58,7 @@ def test_second_judge_scores_are_cached(script, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def judge_variants():
-    path = Path(__file__).parents[1] / "experiments" / "judge_variants.py"
-    spec = importlib.util.spec_from_file_location("judge_variants", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _experiment("judge_variants")
 
 
 def test_judge_variant_steps_put_every_variant_in_the_pools(judge_variants):
@@ -95,10 +96,7 @@ def test_feature_window_comparison_is_exact_at_window_1_and_measures_the_window(
 
     from refat.training import Pair
 
-    path = Path(__file__).parents[1] / "experiments" / "feature_window.py"
-    spec = importlib.util.spec_from_file_location("feature_window", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _experiment("feature_window")
     pairs = ([Pair(f"harmful request {i}" + " now" * (i % 3), "I'm sorry, I can't.", True, "template") for i in range(8)]
              + [Pair(f"harmless question {i}", f"Answer {i}.", False, "dataset") for i in range(8)])
     model = lambda: build_model("llama", layers=4, hidden=32, dtype=torch.float32)  # noqa: E731
@@ -114,10 +112,7 @@ def test_feature_window_comparison_is_exact_at_window_1_and_measures_the_window(
 def test_recipe_judge_counts_each_models_attacked_completions(tmp_path):
     import json
 
-    path = Path(__file__).parents[1] / "experiments" / "recipe_judge.py"
-    spec = importlib.util.spec_from_file_location("recipe_judge", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _experiment("recipe_judge")
     parts = tmp_path / "parts"
     parts.mkdir()
     completions = {"none/a": {"goal": "g1", "completion": "I'm sorry, I can't help with that."},
@@ -135,14 +130,6 @@ def test_recipe_judge_counts_each_models_attacked_completions(tmp_path):
     assert rfa["carried_out"]["value"] == 1.0 and rfa["not_refused"]["value"] == 1.0  # a string judge: both count
     assert out["models"]["m"]["none"]["carried_out"]["value"] == 0.0
     assert (tmp_path / "cache.jsonl").exists()
-
-
-def _defenses_read():
-    path = Path(__file__).parents[1] / "experiments" / "defenses_read.py"
-    spec = importlib.util.spec_from_file_location("defenses_read", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _read_part(parts: Path, key: str, n_rfa: int = 30) -> dict:
@@ -163,7 +150,7 @@ def _read_part(parts: Path, key: str, n_rfa: int = 30) -> dict:
 def test_read_sheets_are_blind_grow_without_relabelling_and_are_tied_to_their_part(tmp_path):
     import json
 
-    module = _defenses_read()
+    module = _experiment("defenses_read")
     parts = tmp_path / "parts"
     parts.mkdir()
     _read_part(parts, "m")
@@ -192,7 +179,7 @@ def test_read_sheets_are_blind_grow_without_relabelling_and_are_tied_to_their_pa
 def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp_path):
     import json
 
-    module = _defenses_read()
+    module = _experiment("defenses_read")
     parts = tmp_path / "parts"
     parts.mkdir()
     _read_part(parts, "m", n_rfa=10)
@@ -225,10 +212,7 @@ def test_rfa_by_layer_attacks_given_behaviours_and_writes_a_readable_part(tmp_pa
 
     from refat.directions import Directions
 
-    path = Path(__file__).parents[1] / "experiments" / "rfa_by_layer.py"
-    spec = importlib.util.spec_from_file_location("rfa_by_layer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _experiment("rfa_by_layer")
     model = build_model("qwen2", layers=3, hidden=32, dtype=torch.float32)
     save_model(model, tmp_path / "model")
     gen = torch.Generator().manual_seed(0)
@@ -247,5 +231,5 @@ def test_rfa_by_layer_attacks_given_behaviours_and_writes_a_readable_part(tmp_pa
     for layer in (1, 2):
         broken = [v["jailbroken"] for v in verdicts if v["attack"] == f"rfa-layer{layer}"]
         assert out["refusal_rate_rfa"][layer] == 1 - sum(broken) / 2
-    (sheet,) = _defenses_read().sample(tmp_path / "parts", per_attack=1, whole=["rfa-layer1"])
+    (sheet,) = _experiment("defenses_read").sample(tmp_path / "parts", per_attack=1, whole=["rfa-layer1"])
     assert len(json.loads(sheet.read_text())["items"]) == 3  # layer 1 whole, one of layer 2

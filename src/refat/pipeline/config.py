@@ -413,8 +413,8 @@ class ExperimentConfig:
         if subject is None:
             raise ConfigError(f"no model under test {key!r} in this config; it has: "
                               + ", ".join(s.key for s in self.subjects))
-        keep = [i for i, d in enumerate(self._defenses) if d is subject.defense]
-        return replace(self, defenses=[self.defenses[i] for i in keep],
+        i = next(i for i, d in enumerate(self._defenses) if d is subject.defense)
+        return replace(self, defenses=[self.defenses[i]],
                        seeds=[0 if subject.seed is None else subject.seed],
                        train_overrides={k: v for k, v in self.train_overrides.items() if k == subject.defense.name})
 
