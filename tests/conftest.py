@@ -149,3 +149,13 @@ def write_prompts(path, prompts) -> Path:
     writer.writerows([p] for p in prompts)
     Path(path).write_text(buf.getvalue())
     return Path(path)
+
+
+def experiment(name: str):
+    """``experiments/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,27 +1,17 @@
 """The summary logic of ``experiments/attacks_quick.py`` (the attacks themselves are tested in their own files)."""
 
-import importlib.util
 import random
 from pathlib import Path
 
 import pytest
+from conftest import experiment
 
 from refat.attacks.base import AttackRecord, success_rates
-
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
-
-
-def _experiment(name: str):
-    """``experiments/<name>.py`` as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def script():
-    return _experiment("attacks_quick")
+    return experiment("attacks_quick")
 
 
 def record(completion, refused=False, goal="g", target="Sure, here is how"):
@@ -58,7 +48,7 @@ def test_second_judge_scores_are_cached(script, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def judge_variants():
-    return _experiment("judge_variants")
+    return experiment("judge_variants")
 
 
 def test_judge_variant_steps_put_every_variant_in_the_pools(judge_variants):
@@ -96,7 +86,7 @@ def test_feature_window_comparison_is_exact_at_window_1_and_measures_the_window(
 
     from refat.training import Pair
 
-    module = _experiment("feature_window")
+    module = experiment("feature_window")
     pairs = ([Pair(f"harmful request {i}" + " now" * (i % 3), "I'm sorry, I can't.", True, "template") for i in range(8)]
              + [Pair(f"harmless question {i}", f"Answer {i}.", False, "dataset") for i in range(8)])
     model = lambda: build_model("llama", layers=4, hidden=32, dtype=torch.float32)  # noqa: E731
@@ -112,7 +102,7 @@ def test_feature_window_comparison_is_exact_at_window_1_and_measures_the_window(
 def test_recipe_judge_counts_each_models_attacked_completions(tmp_path):
     import json
 
-    module = _experiment("recipe_judge")
+    module = experiment("recipe_judge")
     parts = tmp_path / "parts"
     parts.mkdir()
     completions = {"none/a": {"goal": "g1", "completion": "I'm sorry, I can't help with that."},
@@ -150,7 +140,7 @@ def _read_part(parts: Path, key: str, n_rfa: int = 30) -> dict:
 def test_read_sheets_are_blind_grow_without_relabelling_and_are_tied_to_their_part(tmp_path):
     import json
 
-    module = _experiment("defenses_read")
+    module = experiment("defenses_read")
     parts = tmp_path / "parts"
     parts.mkdir()
     _read_part(parts, "m")
@@ -179,7 +169,7 @@ def test_read_sheets_are_blind_grow_without_relabelling_and_are_tied_to_their_pa
 def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp_path):
     import json
 
-    module = _experiment("defenses_read")
+    module = experiment("defenses_read")
     parts = tmp_path / "parts"
     parts.mkdir()
     _read_part(parts, "m", n_rfa=10)
@@ -212,7 +202,7 @@ def test_rfa_by_layer_attacks_given_behaviours_and_writes_a_readable_part(tmp_pa
 
     from refat.directions import Directions
 
-    module = _experiment("rfa_by_layer")
+    module = experiment("rfa_by_layer")
     model = build_model("qwen2", layers=3, hidden=32, dtype=torch.float32)
     save_model(model, tmp_path / "model")
     gen = torch.Generator().manual_seed(0)
@@ -231,5 +221,5 @@ def test_rfa_by_layer_attacks_given_behaviours_and_writes_a_readable_part(tmp_pa
     for layer in (1, 2):
         broken = [v["jailbroken"] for v in verdicts if v["attack"] == f"rfa-layer{layer}"]
         assert out["refusal_rate_rfa"][layer] == 1 - sum(broken) / 2
-    (sheet,) = _experiment("defenses_read").sample(tmp_path / "parts", per_attack=1, whole=["rfa-layer1"])
+    (sheet,) = experiment("defenses_read").sample(tmp_path / "parts", per_attack=1, whole=["rfa-layer1"])
     assert len(json.loads(sheet.read_text())["items"]) == 3  # layer 1 whole, one of layer 2

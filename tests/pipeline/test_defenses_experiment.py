@@ -4,10 +4,10 @@ method, seed, attack, n, asr and ci per judge) with the attacker's choices and t
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import experiment
 from test_pipeline import config, files, tiny_utility_data, write  # noqa: F401 (fixtures)
 
 from refat.pipeline import load_config, plan, resolve_inputs, stage_names
@@ -15,13 +15,6 @@ from refat.storage import read_json, read_jsonl
 
 ROOT = Path(__file__).parents[2]
 VALIDATION = [f"Describe a dangerous validation request number {i}." for i in range(5)]
-
-
-def _script(name: str = "defenses"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
@@ -39,7 +32,7 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
     cfg = load_config(path)
     assert "attacks/rt/gcg" in stage_names(cfg) and "attacks/rt@seed1/gcg" not in stage_names(cfg)
 
-    defenses = _script()
+    defenses = experiment("defenses")
     out, results = tmp_path / "runs", tmp_path / "defenses.json"
     defenses.main(["--config", str(path), "--parts", str(tmp_path / "parts"), "--results", str(results),
                    "--out", str(out)])
@@ -72,7 +65,7 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
     assert table["models"]["rt@seed1"]["seed"] == 1 and table["models"]["rt@seed1"]["train"]["steps"] == 2
 
     # the second RFA column, from the run folder while it holds the last part's stages
-    selected = _script("defenses_selected")
+    selected = experiment("defenses_selected")
     argv = ["--config", str(path), "--run", str(out / "tiny"), "--out", str(tmp_path / "selected"), "--n", "3",
             "--max-new-tokens", "3"]
     with pytest.raises(SystemExit, match="no finished directions .or training. stage for lat$"):

@@ -4,7 +4,6 @@ and experiments/recipe.py's summary: the plan on configs alone, then one tiny ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_model, save_model, write_prompts
+from conftest import build_model, experiment, save_model, write_prompts
 
 from refat import report, stats
 from refat.attacks.rfa_sweep import degenerate
@@ -356,9 +355,7 @@ def test_paired_differences_match_items_by_prompt(run, tmp_path):
 
 
 def test_recipe_summary_of_a_finished_run(run, tmp_path):
-    spec = importlib.util.spec_from_file_location("recipe", ROOT / "experiments" / "recipe.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = experiment("recipe")
     out, measured = tmp_path / "runs", tmp_path / "parts"
     shutil.copytree(run, out / "tiny")
     cfg = load_config(run / "config.yaml")
