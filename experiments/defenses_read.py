@@ -63,11 +63,16 @@ def draw(part: dict, per_attack: int, whole: Sequence[str] = ()) -> list[dict]:
     return items
 
 
-def sample(parts_dir: Path, per_attack: int = 10, whole: Sequence[str] = ("rfa",)) -> list[Path]:
-    """A blind sheet for each part file, or the items a larger draw adds to its sheet (whose labels stay);
-    the paths written."""
+def sample(parts_dir: Path, per_attack: int = 10, whole: Sequence[str] = ("rfa",),
+           keys: Sequence[str] | None = None) -> list[Path]:
+    """A blind sheet for each part file (or those of the models in ``keys``), or the items a larger draw adds to
+    its sheet (whose labels stay); the paths written."""
+    paths = sorted(parts_dir.glob("*.json")) if keys is None else [parts_dir / f"{k}.json" for k in keys]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"no part file {', '.join(missing)}")
     written = []
-    for path in sorted(parts_dir.glob("*.json")):
+    for path in paths:
         sheet = parts_dir / "read" / path.name
         data, part = _read_sheet(sheet, parts_dir) if sheet.exists() else (None, json.loads(path.read_text()))
         if "completions" not in part:
@@ -153,10 +158,11 @@ def main(argv: list[str] | None = None) -> dict | list[Path]:
     p.add_argument("--parts", default=str(PARTS), help="the part files' folder (default: results/defenses)")
     p.add_argument("--per-attack", type=int, default=10, help="completions drawn per attack column (sample)")
     p.add_argument("--whole", nargs="*", default=["rfa"], help="attack columns read whole (sample; default: rfa)")
+    p.add_argument("--keys", nargs="+", help="only these models' part files (sample; default: every one)")
     args = p.parse_args(argv)
     parts_dir = Path(args.parts)
     if args.command == "sample":
-        written = sample(parts_dir, args.per_attack, args.whole)
+        written = sample(parts_dir, args.per_attack, args.whole, args.keys)
         print("\n".join(str(w) for w in written) or "every sheet already holds this draw")
         return written
     result = score(parts_dir)

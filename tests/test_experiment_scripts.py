@@ -155,6 +155,11 @@ def test_read_sheets_are_blind_grow_without_relabelling_and_are_tied_to_their_pa
     grown = {i["id"]: i for i in json.loads(sheet.read_text())["items"]}
     assert set(i["id"] for i in data["items"]) <= set(grown) and len(grown) == 6 + 30
     assert grown[data["items"][0]["id"]]["label"] == "refused"
+    _read_part(parts, "other")
+    assert module.sample(parts, per_attack=1, whole=(), keys=["m"]) == []  # only m's sheet is looked at
+    assert not (parts / "read" / "other.json").exists()
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        module.sample(parts, keys=["absent"])
 
     data = json.loads(sheet.read_text())
     data["items"][1]["label"] = "maybe"
