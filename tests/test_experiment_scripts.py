@@ -197,6 +197,27 @@ def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp
     errors = {(e["judge"], e["id"]) for e in out["judge_errors"]}
     assert ("a", "rfa/r5") in errors and ("a", "rfa/r0") not in errors and ("b", "rfa/r1") in errors
     assert "| m | rfa | 10 | 20 % | 80 % | 0 % | `a` | 100 % | 0.20 | 1.00 |" in module._table(out)
+    assert out["paired"] == []  # one model read
+
+
+def test_read_pairs_models_read_on_the_same_behaviours_of_a_column(tmp_path):
+    import json
+
+    module = experiment("defenses_read")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for key, complied_below in (("m", 30), ("n", 10)):  # m complies on 30 of 40, n on 10: 50 points apart
+        _read_part(parts, key, n_rfa=40)
+        (sheet,) = module.sample(parts, per_attack=10, whole=["rfa"], keys=[key])
+        data = json.loads(sheet.read_text())
+        for i in data["items"]:
+            n = int(i["id"].split("/")[1][1:])
+            i["label"] = "complied" if i["attack"] == "rfa" and n < complied_below else "refused"
+        sheet.write_text(json.dumps(data))
+    (pair,) = module.score(parts)["paired"]  # "none": two seeded 10s, too few shared to pair
+    assert (pair["attack"], pair["first"], pair["second"]) == ("rfa", "m", "n")
+    d = pair["complied_difference"]
+    assert d["n"] == 40 and d["value"] == pytest.approx(0.5) and 0 < d["ci"][0] < 0.5 < d["ci"][1]
 
 
 def test_rfa_by_layer_attacks_given_behaviours_and_writes_a_readable_part(tmp_path):
