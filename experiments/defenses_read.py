@@ -9,6 +9,10 @@ whole (the table's headline). The sheet holds no verdict: the reader labels each
     python experiments/defenses_read.py sample   # results/defenses/read/<model>.json for each part file
     # fill in each item's "label": complied | refused | neither (and a "note" where it helps)
     python experiments/defenses_read.py score    # results/defenses/read/agreement.json, and a table printed
+    python experiments/defenses_read.py sample --parts results/recipe --keys refat-b25 rt-b25   # chosen models only
+
+``score`` also pairs the models read on the same behaviours of a column: the difference in the share complied, with
+a paired bootstrap interval (the pairing removes the behaviours' shared difficulty).
 
 Labels (the reader's guide, stored in each sheet):
 
