@@ -14,6 +14,15 @@ whole (the table's headline). The sheet holds no verdict: the reader labels each
 ``score`` also pairs the models read on the same behaviours of a column: the difference in the share complied, with
 a paired bootstrap interval (the pairing removes the behaviours' shared difficulty).
 
+Reading need not wait for a model's part file (written after its last stage, hours after its first attack):
+
+    python experiments/defenses_read.py early --run runs/defenses --keys refat   # again as each attack stage ends
+    python experiments/defenses_read.py sample --carry runs/defenses/early/read  # once the part file has landed
+
+``early`` draws the same sheet from the attack stages finished so far (``runs/defenses/early/read/<model>.json``,
+labels kept as it grows); ``--carry`` copies each label to the part's sheet where the item's goal and completion are
+the same.
+
 Labels (the reader's guide, stored in each sheet):
 
 - ``complied``: a coherent attempt that gives some of what was asked (steps, code, the argument, the text), on
@@ -37,7 +46,7 @@ from pathlib import Path
 
 from refat.judges.agreement import agreement
 from refat.stats import paired_difference, rate
-from refat.storage import digest, write_json
+from refat.storage import digest, read_jsonl, write_json
 
 ROOT = Path(__file__).parents[1]
 PARTS = ROOT / "results" / "defenses"
@@ -68,9 +77,10 @@ def draw(part: dict, per_attack: int, whole: Sequence[str] = ()) -> list[dict]:
 
 
 def sample(parts_dir: Path, per_attack: int = 10, whole: Sequence[str] = ("rfa",),
-           keys: Sequence[str] | None = None) -> list[Path]:
+           keys: Sequence[str] | None = None, carry_from: Path | None = None) -> list[Path]:
     """A blind sheet for each part file (or those of the models in ``keys``), or the items a larger draw adds to
-    its sheet (whose labels stay); the paths written."""
+    its sheet (whose labels stay), with the labels of ``carry_from``'s same-named sheet where the items match;
+    the paths written."""
     paths = sorted(parts_dir.glob("*.json")) if keys is None else [parts_dir / f"{k}.json" for k in keys]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -85,10 +95,52 @@ def sample(parts_dir: Path, per_attack: int = 10, whole: Sequence[str] = ("rfa",
                         "items": []}
         have = {i["id"] for i in data["items"]}
         new = [i for i in draw(part, per_attack, whole) if i["id"] not in have]
+        source = carry_from / path.name if carry_from else None
+        carried = carry(json.loads(source.read_text()), new) if source and source.exists() and new else 0
         if new:
             data["items"] = sorted(data["items"] + new, key=lambda i: i["id"])
             write_json(sheet, data)
             written.append(sheet)
+            print(f"{sheet}: {len(new)} items added" + (f", {carried} labels carried over" if source else ""))
+    return written
+
+
+def carry(source: dict, items: list[dict]) -> int:
+    """Copies ``source`` sheet's labels (and notes) onto the unlabelled ``items`` with the same id, goal and
+    completion (so a label never moves to a text it was not given for); how many were copied."""
+    known = {i["id"]: i for i in source["items"] if i["label"] is not None}
+    n = 0
+    for item in items:
+        old = known.get(item["id"])
+        if item["label"] is None and old and (old["goal"], old["completion"]) == (item["goal"], item["completion"]):
+            item["label"], item["note"] = old["label"], old["note"]
+            n += 1
+    return n
+
+
+def early(run: Path, keys: Sequence[str], per_attack: int = 10, whole: Sequence[str] = ("rfa",)) -> list[Path]:
+    """Each model's sheet drawn from the attack stages finished so far in ``run`` (their harmful prompts' records,
+    as its part file will hold them), in ``run/early/``; labels kept as later stages add columns."""
+    folder, written = run / "early", []
+    for key in keys:
+        completions = {}
+        for records in sorted((run / "attacks" / key).glob("*/records.jsonl")):  # written when the stage ends
+            for r in read_jsonl(records):
+                if r.get("extra", {}).get("kind", "harmful") == "harmful":
+                    completions.setdefault(f"{r['attack']}/{r['behaviour_id']}",
+                                           {"goal": r["goal"], "completion": r["completion"]})
+        if not completions:
+            raise FileNotFoundError(f"{run / 'attacks' / key}: no finished attack stage")
+        sheet = folder / "read" / f"{key}.json"
+        previous = json.loads(sheet.read_text()) if sheet.exists() else None
+        write_json(folder / f"{key}.json", {"key": key, "completions": completions, "verdicts": {}})
+        sheet.unlink(missing_ok=True)  # drawn again over the grown columns; the draw keeps the earlier items
+        sample(folder, per_attack, whole, [key])
+        if previous:
+            data = json.loads(sheet.read_text())
+            carry(previous, data["items"])
+            write_json(sheet, data)
+        written.append(sheet)
     return written
 
 
@@ -177,16 +229,23 @@ def _table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict | list[Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["sample", "score"])
+    p.add_argument("command", choices=["sample", "score", "early"])
     p.add_argument("--parts", default=str(PARTS), help="the part files' folder (default: results/defenses)")
     p.add_argument("--per-attack", type=int, default=10, help="completions drawn per attack column (sample)")
     p.add_argument("--whole", nargs="*", default=["rfa"], help="attack columns read whole (sample; default: rfa)")
-    p.add_argument("--keys", nargs="+", help="only these models' part files (sample; default: every one)")
+    p.add_argument("--keys", nargs="+", help="only these models (sample; default: every part file; early: required)")
+    p.add_argument("--carry", help="a folder of earlier sheets (early/read) whose labels carry over (sample)")
+    p.add_argument("--run", default="runs/defenses", help="the run folder whose finished attacks to read (early)")
     args = p.parse_args(argv)
     parts_dir = Path(args.parts)
+    if args.command == "early":
+        if not args.keys:
+            p.error("early needs --keys: the models whose finished attack stages to read")
+        return early(Path(args.run), args.keys, args.per_attack, args.whole)
     if args.command == "sample":
-        written = sample(parts_dir, args.per_attack, args.whole, args.keys)
-        print("\n".join(str(w) for w in written) or "every sheet already holds this draw")
+        written = sample(parts_dir, args.per_attack, args.whole, args.keys, Path(args.carry) if args.carry else None)
+        if not written:
+            print("every sheet already holds this draw")
         return written
     result = score(parts_dir)
     write_json(parts_dir / "read" / "agreement.json", result)

@@ -220,6 +220,47 @@ def test_read_pairs_models_read_on_the_same_behaviours_of_a_column(tmp_path):
     assert d["n"] == 40 and d["value"] == pytest.approx(0.5) and 0 < d["ci"][0] < 0.5 < d["ci"][1]
 
 
+def test_read_early_from_finished_attack_stages_then_carry_labels_to_the_part_sheet(tmp_path):
+    import json
+
+    module = experiment("defenses_read")
+    run = tmp_path / "run"
+
+    def stage(attack: str, rows: list[dict]) -> None:
+        folder = run / "attacks" / "m" / attack
+        folder.mkdir(parents=True)
+        (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    rec = lambda attack, i, kind=None: {"attack": attack, "behaviour_id": f"b{i}", "goal": f"goal {i}",  # noqa: E731
+                                        "completion": f"{attack} answer {i}", "extra": {"kind": kind} if kind else {}}
+    stage("rfa", [rec(a, i, k) for a in ("none", "rfa") for k in ("harmful", "harmless") for i in range(12)])
+    with pytest.raises(FileNotFoundError, match="no finished attack stage"):
+        module.early(run, ["other"])
+    (sheet,) = module.early(run, ["m"], per_attack=5)
+    items = json.loads(sheet.read_text())["items"]
+    assert sorted({i["attack"] for i in items}) == ["none", "rfa"] and len(items) == 5 + 12  # harmless left out
+    data = json.loads(sheet.read_text())
+    for i in data["items"]:
+        i["label"], i["note"] = "refused", "read early"
+    sheet.write_text(json.dumps(data))
+
+    stage("prefill", [rec("prefill", i) for i in range(12)])  # a later stage: its column joins, labels stay
+    module.early(run, ["m"], per_attack=5)
+    grown = {i["id"]: i for i in json.loads(sheet.read_text())["items"]}
+    assert len(grown) == 5 + 12 + 5 and sum(i["label"] == "refused" for i in grown.values()) == 17
+
+    parts = tmp_path / "parts"  # the part file lands: the same completions, one of them different
+    parts.mkdir()
+    part = json.loads((run / "early" / "m.json").read_text())
+    changed = next(cid for cid in part["completions"] if cid.startswith("rfa/"))
+    part["completions"][changed] = {**part["completions"][changed], "completion": "another text"}
+    (parts / "m.json").write_text(json.dumps(part))
+    (final,) = module.sample(parts, per_attack=5, carry_from=run / "early" / "read")
+    labels = {i["id"]: i["label"] for i in json.loads(final.read_text())["items"]}
+    assert labels[changed] is None  # a label never moves to a text it was not given for
+    assert sum(v == "refused" for v in labels.values()) == 16 and len(labels) == 22
+
+
 def test_rfa_by_layer_attacks_given_behaviours_and_writes_a_readable_part(tmp_path):
     import json
 
