@@ -130,8 +130,10 @@ def _read_part(parts: Path, key: str, n_rfa: int = 30) -> dict:
     judges = {"a": [], "b": []}
     for cid in completions:
         attack, behaviour = cid.split("/")
-        judges["a"].append({"attack": attack, "behaviour_id": behaviour, "jailbroken": attack == "rfa"})
-        judges["b"].append({"attack": attack, "behaviour_id": behaviour, "jailbroken": behaviour.endswith("0")})
+        judges["a"].append({"attack": attack, "behaviour_id": behaviour, "jailbroken": attack == "rfa",
+                            "score": float(attack == "rfa")})
+        judges["b"].append({"attack": attack, "behaviour_id": behaviour, "jailbroken": behaviour.endswith("0"),
+                            "score": int(behaviour[1:]) / 100})
     part = {"key": key, "completions": completions, "verdicts": judges}
     (parts / f"{key}.json").write_text(json.dumps(part))
     return part
@@ -198,6 +200,9 @@ def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp
     assert ("a", "rfa/r5") in errors and ("a", "rfa/r0") not in errors and ("b", "rfa/r1") in errors
     assert "| m | rfa | 10 | 20 % | 80 % | 0 % | `a` | 100 % | 0.20 | 1.00 |" in module._table(out)
     assert out["paired"] == []  # one model read
+    sep = out["separation"]  # among the 10 rfa answers (none refuses), 2 complied: r0 and r1
+    assert sep["a"] == {"n": 10, "complied": 2, "auc": 0.5}  # one score for all: no separation
+    assert sep["b"]["auc"] == 0.0  # r0 and r1 score lowest: separates, the wrong way round
 
 
 def test_read_pairs_models_read_on_the_same_behaviours_of_a_column(tmp_path):
