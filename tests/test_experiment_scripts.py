@@ -203,6 +203,9 @@ def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp
     sep = out["separation"]  # among the 10 rfa answers (none refuses), 2 complied: r0 and r1
     assert sep["a"] == {"n": 10, "complied": 2, "auc": 0.5}  # one score for all: no separation
     assert sep["b"]["auc"] == 0.0  # r0 and r1 score lowest: separates, the wrong way round
+    extra = module.score(parts, judges=["refusal-strings:default"])["separation"]["refusal-strings:default"]
+    assert extra == {"n": 10, "complied": 2, "auc": 0.5}  # scored here on the same 10; no refusal string in them
+    assert (parts / "read" / "judge_cache.jsonl").exists()
 
 
 def test_read_pairs_models_read_on_the_same_behaviours_of_a_column(tmp_path):
