@@ -133,14 +133,16 @@ def early(run: Path, keys: Sequence[str], per_attack: int = 10, whole: Sequence[
         if not completions:
             raise FileNotFoundError(f"{run / 'attacks' / key}: no finished attack stage")
         sheet = folder / "read" / f"{key}.json"
-        previous = json.loads(sheet.read_text()) if sheet.exists() else None
+        previous = sheet.with_suffix(".previous")  # drawn again over the grown columns (the draw keeps the earlier
+        if sheet.exists():                         # items); the labels wait here until carried over
+            sheet.replace(previous)
         write_json(folder / f"{key}.json", {"key": key, "completions": completions, "verdicts": {}})
-        sheet.unlink(missing_ok=True)  # drawn again over the grown columns; the draw keeps the earlier items
         sample(folder, per_attack, whole, [key])
-        if previous:
+        if previous.exists():
             data = json.loads(sheet.read_text())
-            carry(previous, data["items"])
+            carry(json.loads(previous.read_text()), data["items"])
             write_json(sheet, data)
+            previous.unlink()
         written.append(sheet)
     return written
 
