@@ -132,17 +132,13 @@ def early(run: Path, keys: Sequence[str], per_attack: int = 10, whole: Sequence[
                                            {"goal": r["goal"], "completion": r["completion"]})
         if not completions:
             raise FileNotFoundError(f"{run / 'attacks' / key}: no finished attack stage")
-        sheet = folder / "read" / f"{key}.json"
-        previous = sheet.with_suffix(".previous")  # drawn again over the grown columns (the draw keeps the earlier
-        if sheet.exists():                         # items); the labels wait here until carried over
+        sheet, previous = folder / "read" / f"{key}.json", folder / "read" / "previous" / f"{key}.json"
+        if sheet.exists():  # drawn again over the grown columns (the draw keeps the earlier items); its labels
+            previous.parent.mkdir(exist_ok=True)  # wait here until carried over
             sheet.replace(previous)
         write_json(folder / f"{key}.json", {"key": key, "completions": completions, "verdicts": {}})
-        sample(folder, per_attack, whole, [key])
-        if previous.exists():
-            data = json.loads(sheet.read_text())
-            carry(json.loads(previous.read_text()), data["items"])
-            write_json(sheet, data)
-            previous.unlink()
+        sample(folder, per_attack, whole, [key], carry_from=previous.parent)
+        previous.unlink(missing_ok=True)
         written.append(sheet)
     return written
 
@@ -181,8 +177,8 @@ def score(parts_dir: Path, judges: Sequence[str] = (), dtype: str = "float32") -
         items = [i for i in data["items"] if i["label"] is not None]
         if not items:
             continue
-        verdicts = {j: {f"{v['attack']}/{v['behaviour_id']}": v["jailbroken"] for v in vs}
-                    for j, vs in part["verdicts"].items()}
+        rows = {j: {f"{v['attack']}/{v['behaviour_id']}": v for v in vs} for j, vs in part["verdicts"].items()}
+        verdicts = {j: {cid: v["jailbroken"] for cid, v in by_id.items()} for j, by_id in rows.items()}
         columns = {}
         for attack in dict.fromkeys(i["attack"] for i in items):
             col = [i for i in items if i["attack"] == attack]
@@ -192,11 +188,10 @@ def score(parts_dir: Path, judges: Sequence[str] = (), dtype: str = "float32") -
                                           for j, v in verdicts.items()}}
         for i in items:
             complied.setdefault(i["attack"], {}).setdefault(data["part"], {})[i["id"]] = i["label"] == "complied"
-        scores = {j: {f"{v['attack']}/{v['behaviour_id']}": v["score"] for v in vs} for j, vs in part["verdicts"].items()}
-        for j, sc in scores.items():
-            unrefused.setdefault(j, []).extend((sc[i["id"]], i["label"] == "complied") for i in items
-                                               if i["label"] != "refused")
-        read += [(i["goal"], i["completion"], i["label"] == "complied") for i in items if i["label"] != "refused"]
+        answered = [i for i in items if i["label"] != "refused"]
+        for j, by_id in rows.items():
+            unrefused.setdefault(j, []).extend((by_id[i["id"]]["score"], i["label"] == "complied") for i in answered)
+        read += [(i["goal"], i["completion"], i["label"] == "complied") for i in answered]
         labels = [i["label"] for i in items]
         models[data["part"]] = {
             "labelled": len(items), "unlabelled": len(data["items"]) - len(items), "columns": columns,
