@@ -139,6 +139,8 @@ def early(run: Path, keys: Sequence[str], per_attack: int = 10, whole: Sequence[
         write_json(folder / f"{key}.json", {"key": key, "completions": completions, "verdicts": {}})
         sample(folder, per_attack, whole, [key], carry_from=previous.parent)
         previous.unlink(missing_ok=True)
+        if previous.parent.is_dir() and not any(previous.parent.iterdir()):
+            previous.parent.rmdir()
         written.append(sheet)
     return written
 
