@@ -222,10 +222,15 @@ def test_read_pairs_models_read_on_the_same_behaviours_of_a_column(tmp_path):
             n = int(i["id"].split("/")[1][1:])
             i["label"] = "complied" if i["attack"] == "rfa" and n < complied_below else "refused"
         sheet.write_text(json.dumps(data))
-    (pair,) = module.score(parts)["paired"]  # "none": two seeded 10s, too few shared to pair
+    out = module.score(parts)
+    (pair,) = out["paired"]  # "none": two seeded 10s, too few shared to pair
     assert (pair["attack"], pair["first"], pair["second"]) == ("rfa", "m", "n")
     d = pair["complied_difference"]
     assert d["n"] == 40 and d["value"] == pytest.approx(0.5) and 0 < d["ci"][0] < 0.5 < d["ci"][1]
+    # the two parts share their texts: the reader labelled attacked 10-29 complied in m and refused in n
+    c = out["consistency"]
+    assert c["texts"] >= 40 and c["texts"] - c["same_label"] == len(c["differ"]) == 20
+    assert {r["id"] for reads in c["differ"] for r in reads} == {f"rfa/r{i}" for i in range(10, 30)}
 
 
 def test_read_early_from_finished_attack_stages_then_carry_labels_to_the_part_sheet(tmp_path):
