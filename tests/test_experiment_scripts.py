@@ -201,10 +201,10 @@ def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp
     assert "| m | rfa | 10 | 20 % | 80 % | 0 % | `a` | 100 % | 0.20 | 1.00 |" in module._table(out)
     assert out["paired"] == []  # one model read
     sep = out["separation"]  # among the 10 rfa answers (none refuses), 2 complied: r0 and r1
-    assert sep["a"] == {"n": 10, "complied": 2, "auc": 0.5}  # one score for all: no separation
-    assert sep["b"]["auc"] == 0.0  # r0 and r1 score lowest: separates, the wrong way round
+    assert sep["a"] == {"n": 10, "complied": 2, "auc": 0.5, "ci": [0.5, 0.5]}  # one score for all: no separation
+    assert sep["b"]["auc"] == 0.0 and sep["b"]["ci"] == [0.0, 0.0]  # r0, r1 score lowest: separates, the wrong way
     extra = module.score(parts, judges=["refusal-strings:default"])["separation"]["refusal-strings:default"]
-    assert extra == {"n": 10, "complied": 2, "auc": 0.5}  # scored here on the same 10; no refusal string in them
+    assert extra == {"n": 10, "complied": 2, "auc": 0.5, "ci": [0.5, 0.5]}  # scored here on the same 10; no refusal string in them
     assert (parts / "read" / "judge_cache.jsonl").exists()
 
 
@@ -304,3 +304,31 @@ def test_rfa_by_layer_attacks_given_behaviours_and_writes_a_readable_part(tmp_pa
         assert out["refusal_rate_rfa"][layer] == 1 - sum(broken) / 2
     (sheet,) = experiment("defenses_read").sample(tmp_path / "parts", per_attack=1, whole=["rfa-layer1"])
     assert len(json.loads(sheet.read_text())["items"]) == 3  # layer 1 whole, one of layer 2
+
+
+def test_read_retest_draws_a_blind_second_reading_and_score_compares_the_two(tmp_path):
+    import json
+
+    module = experiment("defenses_read")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    _read_part(parts, "m", n_rfa=20)
+    (sheet,) = module.sample(parts, per_attack=5, whole=["rfa"])
+    data = json.loads(sheet.read_text())
+    for i in data["items"]:  # rfa: r0-r9 complied, r10-r19 neither; none: refused
+        n = int(i["id"].split("/")[1][1:])
+        i["label"] = ("complied" if n < 10 else "neither") if i["attack"] == "rfa" else "refused"
+    sheet.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="fewer than 21"):
+        module.retest(parts, n=21)
+    path = module.retest(parts, n=8, seed=3)
+    items = json.loads(path.read_text())["items"]
+    assert len(items) == 8 and all(i["label"] is None and i["id"].startswith("rfa/") for i in items)  # blind
+    for i in items:
+        i["label"] = "complied"  # the second reading calls everything complied
+    path.write_text(json.dumps({"seed": 3, "items": items}))
+    assert module.retest(parts, n=8, seed=3) == path and json.loads(path.read_text())["items"] == items  # kept
+    r = module.score(parts)["retest"]["3"]
+    first_complied = sum(int(i["id"].split("/")[1][1:]) < 10 for i in items)
+    assert r["n"] == 8 and r["same_label"] == first_complied and len(r["differ"]) == 8 - first_complied
+    assert all(d["first"] == "neither" and d["second"] == "complied" for d in r["differ"])

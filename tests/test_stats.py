@@ -87,3 +87,22 @@ def test_pareto_front():
     assert pareto_front(points, [True, False]) == {"a", "b", "e"}  # c is worse than b on both; d than a on one
     assert pareto_front({"x": (1, 1)}, [True, True]) == {"x"}
     assert pareto_front(points, [False, True]) == {"c", "d"}
+
+
+def test_auc_counts_ties_half_matches_the_pairwise_count_and_its_interval_holds_it():
+    import random
+
+    from refat.stats import auc, auc_interval
+
+    assert auc([3, 4], [1, 2]) == 1.0 and auc([1, 2], [3, 4]) == 0.0 and auc([1, 1], [1]) == 0.5
+    rng = random.Random(0)
+    pos = [rng.randint(0, 9) + 2 for _ in range(40)]  # shifted up, with many ties
+    neg = [rng.randint(0, 9) for _ in range(60)]
+    pairwise = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auc(pos, neg) == pytest.approx(pairwise)
+    lo, hi = auc_interval(pos, neg)
+    assert lo < pairwise < hi and 0.5 < lo and hi < 1.0
+    assert auc_interval(pos, neg) == (lo, hi)  # seeded
+    assert auc_interval([5] * 3, [5] * 4) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="one positive and one negative"):
+        auc([], [1.0])

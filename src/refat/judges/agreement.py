@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..data import JBB, PackageFile, read_package_file
+from ..stats import auc
 from .base import Judge, check_pair
 
 __all__ = ["LabelledResponse", "load_classifier_comparison", "agreement", "judge_agreement", "score_agreement",
@@ -103,9 +104,7 @@ def rank_auc(scores: Sequence[float], truth: Sequence[bool]) -> float | None:
     even where the threshold is off. None with a single class."""
     pos = [s for s, t in zip(scores, truth) if t]
     neg = [s for s, t in zip(scores, truth) if not t]
-    if not pos or not neg:
-        return None
-    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    return auc(pos, neg) if pos and neg else None
 
 
 def calibrate_threshold(scores: Sequence[float], truth: Sequence[bool], *, folds: int = 2, repeats: int = 20,
