@@ -221,7 +221,8 @@ def score(parts_dir: Path, judges: Sequence[str] = (), dtype: str = "float32") -
     item together (a column read whole weighs more there); the items each judge got wrong; and, per column read
     on the same behaviours in two models, their paired difference in the share complied; and how well each judge's
     score separates complied from neither among the answers that do not refuse (AUC, every model together), for
-    the part files' judges and for any of ``judges`` (scored here on those answers, cached in ``read/``)."""
+    the part files' judges and for any of ``judges`` (scored here on those answers, cached in ``read/``); and the
+    reader against themself: the same completion in two models' sheets, and each blind second reading (``retest``)."""
     models, wrong, complied, unrefused, read, texts = {}, [], {}, {}, [], {}
     for sheet in _sheets(parts_dir):
         data, part = _read_sheet(sheet, parts_dir)
