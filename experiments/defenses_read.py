@@ -59,6 +59,7 @@ from pathlib import Path
 
 from refat.judges import cached_scores
 from refat.judges.agreement import agreement
+from refat.pipeline.runner import read_marker
 from refat.stats import auc, auc_interval, paired_difference, rate
 from refat.storage import digest, read_jsonl, write_json
 
@@ -138,7 +139,9 @@ def early(run: Path, keys: Sequence[str], per_attack: int = 10, whole: Sequence[
     folder, written = run / "early", []
     for key in keys:
         completions = {}
-        for records in sorted((run / "attacks" / key).glob("*/records.jsonl")):  # written when the stage ends
+        for records in sorted((run / "attacks" / key).glob("*/records.jsonl")):
+            if (read_marker(records.parent) or {}).get("status") != "done":  # a running stage streams its records
+                continue
             for r in read_jsonl(records):
                 if r.get("extra", {}).get("kind", "harmful") == "harmful":
                     completions.setdefault(f"{r['attack']}/{r['behaviour_id']}",

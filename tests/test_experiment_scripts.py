@@ -239,10 +239,11 @@ def test_read_early_from_finished_attack_stages_then_carry_labels_to_the_part_sh
     module = experiment("defenses_read")
     run = tmp_path / "run"
 
-    def stage(attack: str, rows: list[dict]) -> None:
+    def stage(attack: str, rows: list[dict], status: str = "done") -> None:
         folder = run / "attacks" / "m" / attack
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "stage.json").write_text(json.dumps({"status": status}))
 
     rec = lambda attack, i, kind=None: {"attack": attack, "behaviour_id": f"b{i}", "goal": f"goal {i}",  # noqa: E731
                                         "completion": f"{attack} answer {i}", "extra": {"kind": kind} if kind else {}}
@@ -257,6 +258,9 @@ def test_read_early_from_finished_attack_stages_then_carry_labels_to_the_part_sh
         i["label"], i["note"] = "refused", "read early"
     sheet.write_text(json.dumps(data))
 
+    stage("prefill", [rec("prefill", i) for i in range(3)], status="running")  # streaming: not read yet
+    module.early(run, ["m"], per_attack=5)
+    assert {i["attack"] for i in json.loads(sheet.read_text())["items"]} == {"none", "rfa"}
     stage("prefill", [rec("prefill", i) for i in range(12)])  # a later stage: its column joins, labels stay
     module.early(run, ["m"], per_attack=5)
     grown = {i["id"]: i for i in json.loads(sheet.read_text())["items"]}
