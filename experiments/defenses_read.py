@@ -164,17 +164,21 @@ def early(run: Path, keys: Sequence[str], per_attack: int = 10, whole: Sequence[
 def retest(parts_dir: Path, n: int = 40, seed: int = 0) -> Path:
     """A blind second reading: a seeded ``n`` of the answers already labelled complied or neither (the line no
     judge here sees) across the folder's sheets, without their labels, in ``read/retest/<seed>.json``; ``score``
-    compares the two readings. An existing retest sheet is kept as it is."""
+    compares the two readings against the first labels as they were drawn (``<seed>.first.json``, not to be opened
+    before the second reading: the sheets' labels may be adjudicated afterwards). An existing retest is kept."""
     out = parts_dir / "read" / "retest" / f"{seed}.json"
     if out.exists():
         return out
-    pool = [{"model": data["part"], "id": i["id"], "goal": i["goal"], "completion": i["completion"]}
-            for sheet in _sheets(parts_dir) for data in [json.loads(sheet.read_text())]
+    pool = [{"model": data["part"], "id": i["id"], "goal": i["goal"], "completion": i["completion"],
+             "first": i["label"]} for sheet in _sheets(parts_dir) for data in [json.loads(sheet.read_text())]
             for i in data["items"] if i["label"] in ("complied", "neither")]
     if len(pool) < n:
         raise ValueError(f"{parts_dir / 'read'}: {len(pool)} answers labelled complied or neither, fewer than {n}")
     items = random.Random(seed).sample(sorted(pool, key=lambda i: (i["model"], i["id"])), n)
-    write_json(out, {"seed": seed, "labels": LABELS, "items": [i | {"label": None, "note": ""} for i in items]})
+    write_json(out.with_suffix(".first.json"), [{k: i[k] for k in ("model", "id", "first")} for i in items])
+    write_json(out, {"seed": seed, "labels": LABELS,
+                     "items": [{k: i[k] for k in ("model", "id", "goal", "completion")} | {"label": None, "note": ""}
+                               for i in items]})
     return out
 
 
@@ -183,15 +187,19 @@ def _sheets(parts_dir: Path) -> list[Path]:
 
 
 def _retests(parts_dir: Path, labels: dict[tuple[str, str], str]) -> dict:
-    """Each retest sheet's labels against the sheets' (``labels``: (model, id) → label): how many agree, kappa on
-    complied, and the items that differ."""
+    """Each retest sheet's labels against the first reading's, as drawn: how many agree, kappa on complied, the
+    items that differ, and how many first labels were adjudicated since (``labels``: the sheets' now)."""
     out = {}
     for path in sorted((parts_dir / "read" / "retest").glob("*.json")):
+        if path.name.endswith(".first.json"):
+            continue
         items = [i for i in json.loads(path.read_text())["items"] if i["label"] is not None]
         if not items:
             continue
-        first = [labels[i["model"], i["id"]] for i in items]
+        drawn = {(r["model"], r["id"]): r["first"] for r in json.loads(path.with_suffix(".first.json").read_text())}
+        first = [drawn[i["model"], i["id"]] for i in items]
         out[path.stem] = {"n": len(items), "same_label": sum(a == i["label"] for a, i in zip(first, items)),
+                          "adjudicated_since": sum(labels.get((i["model"], i["id"])) != a for a, i in zip(first, items)),
                           "complied": agreement([i["label"] == "complied" for i in items],
                                                 [a == "complied" for a in first]),
                           "differ": [{"model": i["model"], "id": i["id"], "first": a, "second": i["label"],
@@ -354,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict | list[Path]:
     for seed, r in result["retest"].items():
         k = r["complied"]["cohen_kappa"]
         print(f"read twice (retest {seed}): {r['same_label']} of {r['n']} got the same label; kappa on complied "
-              + ("undefined (one class)" if k is None else f"{k:.2f}"))
+              + ("undefined (one class)" if k is None else f"{k:.2f}")
+              + f"; {r['adjudicated_since']} first labels adjudicated since")
     for d in result["paired"]:
         r = d["complied_difference"]
         print(f"{d['attack']}: complied, {d['first']} − {d['second']}: {100 * r['value']:+.0f} points "

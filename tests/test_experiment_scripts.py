@@ -336,3 +336,12 @@ def test_read_retest_draws_a_blind_second_reading_and_score_compares_the_two(tmp
     first_complied = sum(int(i["id"].split("/")[1][1:]) < 10 for i in items)
     assert r["n"] == 8 and r["same_label"] == first_complied and len(r["differ"]) == 8 - first_complied
     assert all(d["first"] == "neither" and d["second"] == "complied" for d in r["differ"])
+    assert r["adjudicated_since"] == 0
+    data = json.loads(sheet.read_text())  # the sheet adjudicated to the second reading: the retest still compares
+    retested = {i["id"] for i in items}   # against the first labels as drawn
+    for i in data["items"]:
+        if i["id"] in retested:
+            i["label"] = "complied"
+    sheet.write_text(json.dumps(data))
+    again = module.score(parts)["retest"]["3"]
+    assert again["same_label"] == first_complied and again["adjudicated_since"] == 8 - first_complied
