@@ -45,9 +45,13 @@ def bootstrap(values: Sequence[float] | Sequence[bool], statistic: Callable[[Seq
     if not values or n_resamples < 1:
         raise ValueError("bootstrap needs at least one value and one resample")
     rng = random.Random(seed)
-    stats = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(n_resamples))
-    tail = (1 - confidence) / 2
-    return stats[int(tail * n_resamples)], stats[max(0, math.ceil((1 - tail) * n_resamples) - 1)]
+    return _percentiles([statistic(rng.choices(values, k=len(values))) for _ in range(n_resamples)], confidence)
+
+
+def _percentiles(stats: list[float], confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` share of a bootstrap's statistics: its percentile interval."""
+    stats, tail = sorted(stats), (1 - confidence) / 2
+    return stats[int(tail * len(stats))], stats[max(0, math.ceil((1 - tail) * len(stats)) - 1)]
 
 
 def paired_bootstrap(a: Sequence[float] | Sequence[bool], b: Sequence[float] | Sequence[bool], n_resamples: int = 2000,
@@ -181,10 +185,8 @@ def auc_interval(positive: Sequence[float], negative: Sequence[float], n_resampl
     both classes and their sizes)."""
     _z(confidence)
     rng = random.Random(seed)
-    stats = sorted(auc(rng.choices(positive, k=len(positive)), rng.choices(negative, k=len(negative)))
-                   for _ in range(n_resamples))
-    tail = (1 - confidence) / 2
-    return stats[int(tail * n_resamples)], stats[max(0, math.ceil((1 - tail) * n_resamples) - 1)]
+    return _percentiles([auc(rng.choices(positive, k=len(positive)), rng.choices(negative, k=len(negative)))
+                         for _ in range(n_resamples)], confidence)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
