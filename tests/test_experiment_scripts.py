@@ -139,6 +139,19 @@ def _read_part(parts: Path, key: str, n_rfa: int = 30) -> dict:
     return part
 
 
+def _labelled_sheet(module, parts: Path, key: str, n_rfa: int, per_attack: int, label) -> Path:
+    """``key``'s part file and its drawn sheet (the rfa column whole), each item labelled ``label(attack, number)``."""
+    import json
+
+    _read_part(parts, key, n_rfa=n_rfa)
+    (sheet,) = module.sample(parts, per_attack=per_attack, whole=["rfa"], keys=[key])
+    data = json.loads(sheet.read_text())
+    for i in data["items"]:
+        i["label"] = label(i["attack"], int(i["id"].split("/")[1][1:]))
+    sheet.write_text(json.dumps(data))
+    return sheet
+
+
 def test_read_sheets_are_blind_grow_without_relabelling_and_are_tied_to_their_part(tmp_path):
     import json
 
@@ -179,13 +192,10 @@ def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp
     module = experiment("defenses_read")
     parts = tmp_path / "parts"
     parts.mkdir()
-    _read_part(parts, "m", n_rfa=10)
-    (sheet,) = module.sample(parts, per_attack=10, whole=["rfa"])
+    sheet = _labelled_sheet(module, parts, "m", n_rfa=10, per_attack=10,  # rfa: 2 complied, 8 neither; none: refused
+                            label=lambda attack, n: ("complied" if n < 2 else "neither") if attack == "rfa" else "refused")
     data = json.loads(sheet.read_text())
-    for i in data["items"]:  # rfa: 2 complied, 8 neither; none: refused, but for one left unread
-        n = int(i["id"].split("/")[1][1:])
-        i["label"] = ("complied" if n < 2 else "neither") if i["attack"] == "rfa" else "refused"
-    data["items"][0]["label"] = None  # the items are sorted by id: a "none" one
+    data["items"][0]["label"] = None  # but for one left unread (the items are sorted by id: a "none" one)
     sheet.write_text(json.dumps(data))
     out = module.score(parts)
     m = out["models"]["m"]
@@ -209,19 +219,12 @@ def test_read_labels_score_each_judge_per_column_on_both_readings_of_success(tmp
 
 
 def test_read_pairs_models_read_on_the_same_behaviours_of_a_column(tmp_path):
-    import json
-
     module = experiment("defenses_read")
     parts = tmp_path / "parts"
     parts.mkdir()
     for key, complied_below in (("m", 30), ("n", 10)):  # m complies on 30 of 40, n on 10: 50 points apart
-        _read_part(parts, key, n_rfa=40)
-        (sheet,) = module.sample(parts, per_attack=10, whole=["rfa"], keys=[key])
-        data = json.loads(sheet.read_text())
-        for i in data["items"]:
-            n = int(i["id"].split("/")[1][1:])
-            i["label"] = "complied" if i["attack"] == "rfa" and n < complied_below else "refused"
-        sheet.write_text(json.dumps(data))
+        _labelled_sheet(module, parts, key, n_rfa=40, per_attack=10,
+                        label=lambda attack, n, b=complied_below: "complied" if attack == "rfa" and n < b else "refused")
     out = module.score(parts)
     (pair,) = out["paired"]  # "none": two seeded 10s, too few shared to pair
     assert (pair["attack"], pair["first"], pair["second"]) == ("rfa", "m", "n")
@@ -316,13 +319,8 @@ def test_read_retest_draws_a_blind_second_reading_and_score_compares_the_two(tmp
     module = experiment("defenses_read")
     parts = tmp_path / "parts"
     parts.mkdir()
-    _read_part(parts, "m", n_rfa=20)
-    (sheet,) = module.sample(parts, per_attack=5, whole=["rfa"])
-    data = json.loads(sheet.read_text())
-    for i in data["items"]:  # rfa: r0-r9 complied, r10-r19 neither; none: refused
-        n = int(i["id"].split("/")[1][1:])
-        i["label"] = ("complied" if n < 10 else "neither") if i["attack"] == "rfa" else "refused"
-    sheet.write_text(json.dumps(data))
+    sheet = _labelled_sheet(module, parts, "m", n_rfa=20, per_attack=5,  # rfa: r0-r9 complied, r10-r19 neither
+                            label=lambda attack, n: ("complied" if n < 10 else "neither") if attack == "rfa" else "refused")
     with pytest.raises(ValueError, match="fewer than 21"):
         module.retest(parts, n=21)
     path = module.retest(parts, n=8, seed=3)
