@@ -46,12 +46,30 @@ def stage(run: Path, name: str) -> Path | None:
     return None
 
 
+def read_stages(run: Path, key: str) -> dict[str, Path]:
+    """The model's finished directions (and training) stage folders, checked to belong together: the directions
+    stage must have read this very training result, which a ``stale/`` copy from an older run may not have."""
+    names = [f"directions/{key}"] + ([] if key == "base" else [f"train/{key}"])
+    folders = {name: stage(run, name) for name in names}
+    missing = [name for name, folder in folders.items() if folder is None]
+    if missing:
+        raise SystemExit(f"{run}: no finished stage {', '.join(missing)}")
+    if key != "base":
+        extracted_from = read_marker(folders[names[0]])["inputs"]["reads"].get(names[1])
+        trained = read_marker(folders[names[1]]).get("result")
+        if extracted_from != trained:
+            raise SystemExit(f"{folders[names[0]]} was extracted from training result {extracted_from}, but "
+                             f"{folders[names[1]]} holds {trained}: rerun the run's directions stage for {key}")
+    return folders
+
+
 def measure(cfg, run: Path, key: str, base, n: int, max_new_tokens: int, batch_size: int, cache: Path) -> dict:
     """One model's column: completions under its own selected direction, and every judge's verdicts on them."""
     rows = read_jsonl(run / "data" / "behaviours.jsonl")[:n]  # the table's behaviours, in the attacks' order
     goals, ids = [r["goal"] for r in rows], [str(r["id"]) for r in rows]
-    directions = Directions.load(stage(run, f"directions/{key}"))
-    model = base if key == "base" else defended_model(base, stage(run, f"train/{key}"), key)
+    stages = read_stages(run, key)
+    directions = Directions.load(stages[f"directions/{key}"])
+    model = base if key == "base" else defended_model(base, stages[f"train/{key}"], key)
     rfa = RFAConfig(direction="selected", max_new_tokens=max_new_tokens, batch_size=batch_size)
     with ablation(model, directions, rfa):
         texts = generate(model, goals, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{COLUMN} {key}")
@@ -84,10 +102,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
     cfg, run, out = load_config(args.config), Path(args.run), Path(args.out)
-    missing = [k for k in args.keys
-               if not stage(run, f"directions/{k}") or (k != "base" and not stage(run, f"train/{k}"))]
-    if missing:
-        raise SystemExit(f"{run}: no finished directions (or training) stage for {', '.join(missing)}")
+    for key in args.keys:
+        read_stages(run, key)  # fail before loading the model
     todo = [k for k in args.keys if not (out / f"{k}.json").exists()]
     written = []
     if todo:

@@ -11,7 +11,7 @@ from conftest import experiment
 from test_pipeline import config, files, tiny_utility_data, write  # noqa: F401 (fixtures)
 
 from refat.pipeline import load_config, plan, resolve_inputs, stage_names
-from refat.storage import read_json, read_jsonl
+from refat.storage import read_json, read_jsonl, write_json
 
 ROOT = Path(__file__).parents[2]
 VALIDATION = [f"Describe a dangerous validation request number {i}." for i in range(5)]
@@ -68,7 +68,7 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
     selected = experiment("defenses_selected")
     argv = ["--config", str(path), "--run", str(out / "tiny"), "--out", str(tmp_path / "selected"), "--n", "3",
             "--max-new-tokens", "3"]
-    with pytest.raises(SystemExit, match="no finished directions .or training. stage for lat$"):
+    with pytest.raises(SystemExit, match="no finished stage directions/lat, train/lat$"):
         selected.main([*argv, "--keys", "base", "lat"])  # nothing is measured
     assert not (tmp_path / "selected").exists()
     written = selected.main([*argv, "--keys", "base", "rt@seed1", "rt"])  # rt's stages wait in stale/
@@ -85,6 +85,10 @@ def test_defenses_table_from_parts(files, tmp_path):  # noqa: F811
     assert selected.main([*argv, "--keys", "base", "rt@seed1"]) == []  # measured: skipped
     assert read_json(tmp_path / "selected" / "rt.json")["direction"]["layer"] == read_json(
         out / "tiny/stale/directions/rt/directions.json")["selection"]["layer"]
+    marker = out / "tiny/stale/directions/rt/stage.json"  # directions left from another training of rt
+    write_json(marker, read_json(marker) | {"inputs": {"config": {}, "reads": {"train/rt": "0" * 16}}})
+    with pytest.raises(SystemExit, match="extracted from training result 0{16}, but .*train/rt holds"):
+        selected.main([*argv, "--keys", "rt"])
 
 
 def test_shipped_defenses_config():
