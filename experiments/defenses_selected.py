@@ -47,29 +47,31 @@ def stage(run: Path, name: str) -> Path | None:
 
 
 def read_stages(run: Path, key: str) -> dict[str, Path]:
-    """The model's finished directions (and training) stage folders, checked to belong together: the directions
-    stage must have read this very training result, which a ``stale/`` copy from an older run may not have."""
-    names = [f"directions/{key}"] + ([] if key == "base" else [f"train/{key}"])
-    folders = {name: stage(run, name) for name in names}
-    missing = [name for name, folder in folders.items() if folder is None]
+    """The model's finished stage folders (``directions``, and ``train`` unless it is the base model), checked to
+    belong together: the directions stage must have read this very training result, which a ``stale/`` copy from
+    an older run may not have."""
+    kinds = ["directions"] + ([] if key == "base" else ["train"])
+    folders = {kind: stage(run, f"{kind}/{key}") for kind in kinds}
+    missing = [f"{kind}/{key}" for kind, folder in folders.items() if folder is None]
     if missing:
         raise SystemExit(f"{run}: no finished stage {', '.join(missing)}")
-    if key != "base":
-        extracted_from = read_marker(folders[names[0]])["inputs"]["reads"].get(names[1])
-        trained = read_marker(folders[names[1]]).get("result")
+    if "train" in folders:
+        extracted_from = read_marker(folders["directions"])["inputs"]["reads"].get(f"train/{key}")
+        trained = read_marker(folders["train"]).get("result")
         if extracted_from != trained:
-            raise SystemExit(f"{folders[names[0]]} was extracted from training result {extracted_from}, but "
-                             f"{folders[names[1]]} holds {trained}: rerun the run's directions stage for {key}")
+            raise SystemExit(f"{folders['directions']} was extracted from training result {extracted_from}, but "
+                             f"{folders['train']} holds {trained}: rerun the run's directions stage for {key}")
     return folders
 
 
-def measure(cfg, run: Path, key: str, base, n: int, max_new_tokens: int, batch_size: int, cache: Path) -> dict:
-    """One model's column: completions under its own selected direction, and every judge's verdicts on them."""
+def measure(cfg, run: Path, key: str, stages: dict[str, Path], base, n: int, max_new_tokens: int, batch_size: int,
+            cache: Path) -> dict:
+    """One model's column (its ``stages`` from :func:`read_stages`): completions under its own selected direction,
+    and every judge's verdicts on them."""
     rows = read_jsonl(run / "data" / "behaviours.jsonl")[:n]  # the table's behaviours, in the attacks' order
     goals, ids = [r["goal"] for r in rows], [str(r["id"]) for r in rows]
-    stages = read_stages(run, key)
-    directions = Directions.load(stages[f"directions/{key}"])
-    model = base if key == "base" else defended_model(base, stages[f"train/{key}"], key)
+    directions = Directions.load(stages["directions"])
+    model = base if "train" not in stages else defended_model(base, stages["train"], key)
     rfa = RFAConfig(direction="selected", max_new_tokens=max_new_tokens, batch_size=batch_size)
     with ablation(model, directions, rfa):
         texts = generate(model, goals, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{COLUMN} {key}")
@@ -102,14 +104,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
     cfg, run, out = load_config(args.config), Path(args.run), Path(args.out)
-    for key in args.keys:
-        read_stages(run, key)  # fail before loading the model
+    stages = {key: read_stages(run, key) for key in args.keys}  # fail before loading the model
     todo = [k for k in args.keys if not (out / f"{k}.json").exists()]
     written = []
     if todo:
         base = load(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.model_revision)
         for key in todo:
-            write_json(out / f"{key}.json", measure(cfg, run, key, base, args.n, args.max_new_tokens,
+            write_json(out / f"{key}.json", measure(cfg, run, key, stages[key], base, args.n, args.max_new_tokens,
                                                     args.batch_size, out / "judge_cache.jsonl"))
             written.append(out / f"{key}.json")
             print(f"written {out / f'{key}.json'}")
