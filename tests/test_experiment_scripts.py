@@ -236,6 +236,49 @@ def test_read_pairs_models_read_on_the_same_behaviours_of_a_column(tmp_path):
     assert {r["id"] for reads in c["differ"] for r in reads} == {f"rfa/r{i}" for i in range(10, 30)}
 
 
+def test_read_labels_a_text_already_read_once_and_counts_it_apart_from_the_readers_consistency(tmp_path):
+    import json
+
+    module = experiment("defenses_read")
+    parts, others = tmp_path / "parts", tmp_path / "others"
+    parts.mkdir(), others.mkdir()
+    # two sheets elsewhere read the same texts: rfa r0-r9 complied in both, r10 complied in one and neither in the other
+    for key, n_rfa in (("a", 12), ("b", 11)):  # r11 read in a's sheet alone
+        _labelled_sheet(module, others, key, n_rfa=n_rfa, per_attack=10,
+                        label=lambda attack, n, k=key: "neither" if (attack, n, k) == ("rfa", 10, "b") else
+                        "complied" if attack == "rfa" else "refused")
+    _read_part(parts, "m", n_rfa=14)  # shares r0-r11 with them; r12, r13 are new texts
+    (sheet,) = module.sample(parts, per_attack=10, whole=["rfa"], keys=["m"], same_text_from=[others])
+    items = {i["id"]: i for i in json.loads(sheet.read_text())["items"]}
+    assert items["rfa/r3"]["label"] == "complied" and len(items["rfa/r3"]["carried"]) == 2
+    assert items["rfa/r10"]["label"] is None  # read twice, labelled two ways: left to the reader
+    assert items["rfa/r11"]["label"] == "complied" and items["rfa/r11"]["carried"] == [str(others / "read" / "a.json")]
+    assert items["rfa/r12"]["label"] is None and "carried" not in items["rfa/r12"]  # never read
+    for i in items.values():
+        i["label"] = i["label"] or "neither"
+    sheet.write_text(json.dumps({**json.loads(sheet.read_text()), "items": list(items.values())}))
+    # m's carried labels are not a second reading: its own consistency is over texts read by hand in two sheets
+    (parts / "read" / "agreement.json").unlink(missing_ok=True)
+    for key in ("a", "b"):
+        (parts / f"{key}.json").write_text((others / f"{key}.json").read_text())
+        (parts / "read" / f"{key}.json").write_text((others / "read" / f"{key}.json").read_text())
+    c = module.score(parts)["consistency"]
+    models_by_text = {}
+    for s in (parts / "read").glob("[abm].json"):
+        for i in json.loads(s.read_text())["items"]:
+            models_by_text.setdefault((i["goal"], i["completion"]), []).append(bool(i.get("carried")))
+    assert c["texts"] == sum(r.count(False) > 1 for r in models_by_text.values())  # r11: a's reading and m's copy
+    assert c["texts"] < sum(len(r) > 1 for r in models_by_text.values())
+    read_by_hand = {r["id"] for reads in c["differ"] for r in reads}
+    assert {r["model"] for reads in c["differ"] for r in reads} == {"a", "b", "m"} and read_by_hand == {"rfa/r10"}
+    read_here = {(json.loads(s.read_text())["part"], i["id"]) for s in (parts / "read").glob("[abm].json")
+                 for i in json.loads(s.read_text())["items"]
+                 if i["label"] in ("complied", "neither") and not i.get("carried")}
+    module.retest(parts, n=len(read_here))  # a second reading draws from labels read in their sheet, all of them here
+    drawn = {(i["model"], i["id"]) for i in json.loads((parts / "read" / "retest" / "0.first.json").read_text())}
+    assert drawn == read_here
+
+
 def test_read_early_from_finished_attack_stages_then_carry_labels_to_the_part_sheet(tmp_path):
     import json
 
