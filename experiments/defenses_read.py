@@ -147,14 +147,16 @@ def same_text(items: list[dict], parts_dirs: Sequence[Path], own: Path) -> int:
 
 
 def carry(source: dict, items: list[dict]) -> int:
-    """Copies ``source`` sheet's labels (and notes) onto the unlabelled ``items`` with the same id, goal and
-    completion (so a label never moves to a text it was not given for); how many were copied."""
+    """Copies ``source`` sheet's labels (notes, ``carried`` marks) onto the unlabelled ``items`` with the same id,
+    goal and completion (so a label never moves to a text it was not given for); how many were copied."""
     known = {i["id"]: i for i in source["items"] if i["label"] is not None}
     n = 0
     for item in items:
         old = known.get(item["id"])
         if item["label"] is None and old and (old["goal"], old["completion"]) == (item["goal"], item["completion"]):
             item["label"], item["note"] = old["label"], old["note"]
+            if "carried" in old:  # a copy stays marked as one
+                item["carried"] = old["carried"]
             n += 1
     return n
 

@@ -257,6 +257,12 @@ def test_read_labels_a_text_already_read_once_and_counts_it_apart_from_the_reade
     for i in items.values():
         i["label"] = i["label"] or "neither"
     sheet.write_text(json.dumps({**json.loads(sheet.read_text()), "items": list(items.values())}))
+    landed = tmp_path / "landed"  # the early sheet's labels carried to the part's: the marks go with them
+    landed.mkdir()
+    (landed / "m.json").write_text((parts / "m.json").read_text())
+    (moved,) = module.sample(landed, per_attack=10, whole=["rfa"], keys=["m"], carry_from=parts / "read")
+    assert [i.get("carried") for i in json.loads(moved.read_text())["items"]] == [i.get("carried") for i in
+                                                                                  sorted(items.values(), key=lambda i: i["id"])]
     # m's carried labels are not a second reading: its own consistency is over texts read by hand in two sheets
     (parts / "read" / "agreement.json").unlink(missing_ok=True)
     for key in ("a", "b"):
