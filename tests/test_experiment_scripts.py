@@ -261,8 +261,8 @@ def test_read_labels_a_text_already_read_once_and_counts_it_apart_from_the_reade
     landed.mkdir()
     (landed / "m.json").write_text((parts / "m.json").read_text())
     (moved,) = module.sample(landed, per_attack=10, whole=["rfa"], keys=["m"], carry_from=parts / "read")
-    assert [i.get("carried") for i in json.loads(moved.read_text())["items"]] == [i.get("carried") for i in
-                                                                                  sorted(items.values(), key=lambda i: i["id"])]
+    marks = [i.get("carried") for i in sorted(items.values(), key=lambda i: i["id"])]
+    assert [i.get("carried") for i in json.loads(moved.read_text())["items"]] == marks
     # m's carried labels are not a second reading: its own consistency is over texts read by hand in two sheets
     (parts / "read" / "agreement.json").unlink(missing_ok=True)
     for key in ("a", "b"):
