@@ -64,7 +64,7 @@ def read_stages(run: Path, key: str) -> dict[str, Path]:
     return folders
 
 
-def measure(cfg, run: Path, key: str, stages: dict[str, Path], base, n: int, max_new_tokens: int, batch_size: int,
+def measure(cfg, run: Path, key: str, stages: dict[str, Path], base, n: int | None, max_new_tokens: int, batch_size: int,
             cache: Path) -> dict:
     """One model's column (its ``stages`` from :func:`read_stages`): completions under its own selected direction,
     and every judge's verdicts on them."""
@@ -93,24 +93,35 @@ def measure(cfg, run: Path, key: str, stages: dict[str, Path], base, n: int, max
             "verdicts": verdicts, "git": git_state(), "run_provenance": read_json(run / "provenance.json").get("git")}
 
 
+def table_column_size(cfg) -> int | None:
+    """How many behaviours the table's RFA column attacks (None: all), so the two columns pair behaviour by
+    behaviour."""
+    rfa = next((a for a in cfg.attacks if a.name == "rfa"), None)
+    if rfa is None:
+        raise SystemExit(f"{cfg.name}: the config has no rfa attack to take the column's size from; pass --n")
+    return rfa.n_behaviours
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(CONFIG))
     p.add_argument("--run", default="runs/defenses", help="the run folder holding the models' stages")
     p.add_argument("--keys", nargs="+", required=True, help="models under test (base, rt, refat@seed1, ...)")
     p.add_argument("--out", default=str(OUT))
-    p.add_argument("--n", type=int, default=100, help="behaviours: the first n, as the table's RFA column")
+    p.add_argument("--n", type=int, default=None,
+                   help="behaviours: the first n (default: as many as the config's RFA column attacks)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
     cfg, run, out = load_config(args.config), Path(args.run), Path(args.out)
+    n = args.n or table_column_size(cfg)
     stages = {key: read_stages(run, key) for key in args.keys}  # fail before loading the model
     todo = [k for k in args.keys if not (out / f"{k}.json").exists()]
     written = []
     if todo:
         base = load(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.model_revision)
         for key in todo:
-            write_json(out / f"{key}.json", measure(cfg, run, key, stages[key], base, args.n, args.max_new_tokens,
+            write_json(out / f"{key}.json", measure(cfg, run, key, stages[key], base, n, args.max_new_tokens,
                                                     args.batch_size, out / "judge_cache.jsonl"))
             written.append(out / f"{key}.json")
             print(f"written {out / f'{key}.json'}")

@@ -112,6 +112,13 @@ def test_shipped_defenses_configs_resolve_offline():
     assert small.model == "qwen2.5-coder-1.5b" and small.seeds == [0] and {a.name for a in small.attacks} == {"rfa", "prefill"}
 
 
+def test_defender_style_column_attacks_as_many_behaviours_as_the_tables_rfa_column():
+    """Both RFA columns pair behaviour by behaviour: without --n the second takes the config's RFA column size."""
+    size = experiment("defenses_selected").table_column_size
+    assert size(load_config(ROOT / "configs" / "defenses.yaml")) == 100
+    assert size(load_config(ROOT / "configs" / "defenses-1.5b.yaml")) == 50
+
+
 def test_options_added_for_the_table_keep_earlier_fingerprints(files):  # noqa: F811
     """An attack's `seeds` and the templates' `choose*` options stay out of the attack stage's fingerprint at their
     defaults (runs made before them keep their stages); set, `choose` is part of it and `seeds` still is not."""
