@@ -64,8 +64,8 @@ def read_stages(run: Path, key: str) -> dict[str, Path]:
     return folders
 
 
-def measure(cfg, run: Path, key: str, stages: dict[str, Path], base, n: int | None, max_new_tokens: int, batch_size: int,
-            cache: Path) -> dict:
+def measure(cfg, run: Path, key: str, stages: dict[str, Path], base, n: int | None, max_new_tokens: int,
+            batch_size: int, cache: Path) -> dict:
     """One model's column (its ``stages`` from :func:`read_stages`): completions under its own selected direction,
     and every judge's verdicts on them."""
     rows = read_jsonl(run / "data" / "behaviours.jsonl")[:n]  # the table's behaviours, in the attacks' order
