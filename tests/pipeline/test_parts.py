@@ -59,6 +59,7 @@ def test_parts_reuse_the_run_and_rebuild_its_tables(full_run, tmp_path, monkeypa
     loaded = parts.load_parts(cfg, tmp_path / "results")
     refat = loaded["refat"]
     assert refat["method"] == "refat" and refat["seed"] == 0 and refat["seconds"]["train/refat"] > 0
+    assert refat["cpu_seconds"].keys() == refat["seconds"].keys() and refat["cpu_seconds"]["train/refat"] > 0
     assert refat["train"]["refat"]["p"] == 1.0 and "revision" in refat["provenance"]["git"]
     assert refat["attacks"]["rfa"]["summary"]["direction"] == "worst-case"
     assert set(refat["outcomes"]) == {"utility", "benign.csv", "rfa refusal"}

@@ -549,3 +549,18 @@ def test_a_stage_with_other_inputs_goes_to_stale_and_switching_back_recomputes_n
     forced.run([Stage("train/x", train, config={"p": 1.0})], None)
     assert forced.report["train/x"]["status"] == "ran" and ran == [0.5, 1.0, 1.0]
     assert [a.read_text() for a in adapters] == ["1.0", "0.5"]
+
+
+def test_a_stage_records_its_cpu_time_beside_the_wall_clock(tmp_path):
+    """A stage that waits (paused, or on a busy shared machine) costs wall time, not CPU time: the marker keeps
+    both, so a run's cost can be stated without correcting for pauses by hand."""
+    import time
+
+    from refat.pipeline.runner import Runner, Stage
+
+    def wait(ctx, folder):
+        time.sleep(0.3)
+
+    Runner(tmp_path).run([Stage("attacks/x", wait)], None)
+    marker = json.loads((tmp_path / "attacks/x/stage.json").read_text())
+    assert marker["seconds"] >= 0.3 and 0 <= marker["cpu_seconds"] < marker["seconds"]

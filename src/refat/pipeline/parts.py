@@ -70,17 +70,19 @@ def measure(cfg: ExperimentConfig, layout: Layout, s: Subject, model: Model | No
     overrefusal = {o.column: [{k: r[k] for k in ("prompt", "completion", "refused")} for r in
                               read_jsonl(layout.overrefusal(s.key, o.label) / "overrefusal_records.jsonl")]
                    for o in cfg.overrefusals}  # the benign prompts' answers, to read beside the rates
-    seconds = {}
+    seconds, cpu_seconds = {}, {}  # wall clock, and the CPU time that pauses and a busy machine do not inflate
     for marker in sorted(layout.root.glob("*/**/stage.json")):
         rel = marker.parent.relative_to(layout.root)
         if rel.parts[0] != "stale" and s.key in rel.parts[1:2]:
-            seconds[rel.as_posix()] = (read_marker(marker.parent) or {}).get("seconds")
+            stage = read_marker(marker.parent) or {}
+            seconds[rel.as_posix()], cpu_seconds[rel.as_posix()] = stage.get("seconds"), stage.get("cpu_seconds")
     prov = read_json(layout.provenance)
     return {"format": FORMAT, "key": s.key, "defense": s.defense.name, "method": s.defense.method, "seed": s.seed,
             "changes": {"pairs": s.defense.pairs, "train": s.defense.train}, "part": part_id(cfg, s.key, model),
             "train": None if s.seed is None else asdict(cfg.train_config(s.defense, s.seed)),
             "outcomes": outcomes(cfg, layout, s), "verdicts": verdicts, "attacks": attacks, "completions": completions,
-            "overrefusal": overrefusal, "seconds": seconds, "provenance": {k: prov.get(k) for k in ("git", "versions", "platform", "data_hashes")}}
+            "overrefusal": overrefusal, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "provenance": {k: prov.get(k) for k in ("git", "versions", "platform", "data_hashes")}}
 
 
 def _check(path: Path, cfg: ExperimentConfig, key: str, model: Model | None = None) -> dict:

@@ -140,17 +140,17 @@ class Runner:
         write_json(folder / "stage.json", {**base, "status": "running"})
         random.seed(self.seed)  # every stage starts from the run's seed, whatever ran before it
         torch.manual_seed(self.seed)
-        t0 = time.perf_counter()
-        try:
+        t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time: what the stage cost, however long it
+        try:                                                    # waited on a shared machine or was paused
             stage.run(context, folder)
         except BaseException as e:  # the marker stays "running": the next run resumes or redoes this stage
             self.report[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
             log.error("[stage %s] failed after %.1f s: %s: %s", name, time.perf_counter() - t0, type(e).__name__, e)
             raise
-        seconds = round(time.perf_counter() - t0, 1)
+        seconds, cpu_seconds = round(time.perf_counter() - t0, 1), round(time.process_time() - cpu0, 1)
         result = digest([fp, uuid.uuid4().hex])  # new on every computation: the stages reading it recompute
         write_json(folder / "stage.json", {**base, "status": "done", "result": result, "seconds": seconds,
-                                           "finished": now()})
-        log.info("[stage %s] done in %.1f s", name, seconds)
+                                           "cpu_seconds": cpu_seconds, "finished": now()})
+        log.info("[stage %s] done in %.1f s (%.1f CPU-seconds, all threads)", name, seconds, cpu_seconds)
         self.report[name] = {"status": "ran", "result": result, "seconds": seconds}
         return result
