@@ -140,8 +140,9 @@ class Runner:
         write_json(folder / "stage.json", {**base, "status": "running"})
         random.seed(self.seed)  # every stage starts from the run's seed, whatever ran before it
         torch.manual_seed(self.seed)
-        t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time: what the stage cost, however long it
-        try:                                                    # waited on a shared machine or was paused
+        # CPU time is what the stage cost, however long it waited on a busy machine or sat paused
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        try:
             stage.run(context, folder)
         except BaseException as e:  # the marker stays "running": the next run resumes or redoes this stage
             self.report[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
