@@ -119,6 +119,13 @@ def test_defender_style_column_attacks_as_many_behaviours_as_the_tables_rfa_colu
     assert size(load_config(ROOT / "configs" / "defenses-1.5b.yaml")) == 50
 
 
+def test_defender_style_column_refuses_an_empty_size(capsys):
+    """`--n 0` is an error naming the option, not a silent fall back to the default size."""
+    with pytest.raises(SystemExit):
+        experiment("defenses_selected").main(["--keys", "base", "--n", "0"])
+    assert "--n: at least 1 behaviour, got 0" in capsys.readouterr().err
+
+
 def test_options_added_for_the_table_keep_earlier_fingerprints(files):  # noqa: F811
     """An attack's `seeds` and the templates' `choose*` options stay out of the attack stage's fingerprint at their
     defaults (runs made before them keep their stages); set, `choose` is part of it and `seeds` still is not."""
