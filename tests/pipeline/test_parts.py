@@ -85,6 +85,7 @@ def test_parts_reuse_the_run_and_rebuild_its_tables(full_run, tmp_path, monkeypa
     compute = read_json(md.parent / "compute.json")  # the cost counted: each stage's wall time, from the parts
     assert compute["refat"]["train seconds"] == round(refat["seconds"]["train/refat"], 1)
     assert "rfa seconds" in compute["refat"] and "train seconds" not in compute["base"]
+    assert compute["refat"]["train CPU seconds"] == round(refat["cpu_seconds"]["train/refat"], 1)
     assert "## Compute cost" in text and "no `compute.json`" not in text
 
     # a later sitting without the run folder: every model is measured already, nothing runs

@@ -196,7 +196,9 @@ def write_report(cfg: ExperimentConfig, parts: dict[str, dict], folder: str | Pa
         write_json(folder / "overrefusal.json", with_seed_means(cfg, {
             k: {r.column: rate(list(o[r.column].values())).to_dict() for r in cfg.overrefusals}
             for k, o in by_item.items()}))
-    write_json(folder / "compute.json", {k: _stage_seconds(k, p["seconds"]) for k, p in parts.items()})
+    write_json(folder / "compute.json", {k: _stage_seconds(k, p["seconds"])
+                                         | _stage_seconds(k, p.get("cpu_seconds") or {}, "CPU seconds")
+                                         for k, p in parts.items()})
     if len(judged) > 1:
         write_json(folder / "judge_agreement.json", judge_agreement(judged, cells))
     if any(judged.values()):
@@ -208,10 +210,11 @@ def write_report(cfg: ExperimentConfig, parts: dict[str, dict], folder: str | Pa
         return render(folder, plots=False, title=cfg.name)[0]
 
 
-def _stage_seconds(key: str, seconds: dict[str, float | None]) -> dict[str, float]:
-    """The report's compute row of one model: each of its stages' wall time on the machine that measured it,
-    ``{"train seconds": …, "rfa seconds": …, "overrefusal edgy seconds": …}``."""
-    return {" ".join(p for p in stage.split("/") if p not in (key, "attacks")) + " seconds": round(s, 1)
+def _stage_seconds(key: str, seconds: dict[str, float | None], unit: str = "seconds") -> dict[str, float]:
+    """The report's compute row of one model: each of its stages' time on the machine that measured it,
+    ``{"train seconds": …, "rfa seconds": …, "overrefusal edgy seconds": …}`` (wall clock), or with
+    ``unit="CPU seconds"`` the CPU time, which pauses do not inflate (parts written before it have none)."""
+    return {" ".join(p for p in stage.split("/") if p not in (key, "attacks")) + f" {unit}": round(s, 1)
             for stage, s in seconds.items() if s is not None}
 
 
