@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
-    cfg, run, out = load_config(args.config), Path(args.run), Path(args.out)
     if args.n is not None and args.n < 1:
         p.error(f"--n: at least 1 behaviour, got {args.n}")
+    cfg, run, out = load_config(args.config), Path(args.run), Path(args.out)
     n = args.n if args.n is not None else table_column_size(cfg)
     stages = {key: read_stages(run, key) for key in args.keys}  # fail before loading the model
     todo = [k for k in args.keys if not (out / f"{k}.json").exists()]
